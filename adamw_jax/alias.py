@@ -1,0 +1,177 @@
+"""Ready-made optimizers: AdamW (decoupled decay) and Adam with an L2 penalty."""
+
+from __future__ import annotations
+
+import optax
+
+from adamw_jax import _validate
+from adamw_jax.decay import (
+    Mask,
+    ScalarOrSchedule,
+    add_decayed_weights,
+    decoupled_weight_decay,
+)
+from adamw_jax.moments import MomentDtype, ScalarOrArray, scale_by_adam
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1: ScalarOrArray = 0.9,
+    b2: ScalarOrArray = 0.999,
+    eps: ScalarOrArray = 1e-8,
+    eps_root: ScalarOrArray = 0.0,
+    weight_decay: ScalarOrSchedule = 1e-2,
+    *,
+    mask: Mask = None,
+    decay_coupling: str = "lr",
+    peak_learning_rate: float | None = None,
+    amsgrad: bool = False,
+    nesterov: bool = False,
+    mu_dtype: MomentDtype = None,
+    nu_dtype: MomentDtype = None,
+) -> optax.GradientTransformation:
+    r"""Adam with decoupled weight decay (AdamW).
+
+    .. math::
+
+      m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+      v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \\
+      w_t = w_{t-1} - \eta_t \frac{m_t / (1 - \beta_1^t)}
+            {\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon} - d_t w_{t-1},
+
+    with :math:`d_t = \eta_t\lambda_t` (``"lr"``), :math:`(\eta_t/\eta_{peak})\lambda_t`
+    (``"schedule"``) or :math:`\lambda_t` (``"none"``) on the leaves ``mask`` selects, and
+    :math:`d_t = 0` elsewhere. The chain of :func:`adamw_jax.scale_by_adam` and
+    :func:`adamw_jax.decoupled_weight_decay`. With ``decay_coupling="lr"`` it takes the
+    same steps as ``optax.adamw`` and ``torch.optim.AdamW`` (up to their order of
+    operations; see :mod:`adamw_jax.compat` for exact ports).
+
+    Args:
+      learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, in [0, inf).
+      eps_root: added to the second moment inside the square root, in [0, inf).
+      weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a schedule.
+      mask: which leaves decay: None (all), a bool pytree like the params, or a callable
+        ``params -> bool pytree`` such as ``adamw_jax.masks.by_ndim(2)``.
+      decay_coupling: ``"lr"`` (default, as PyTorch and Optax), ``"schedule"`` (the paper)
+        or ``"none"`` (independent decay).
+      peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"`` with a
+        learning-rate schedule.
+      amsgrad: use the running maximum of the bias-corrected second moment.
+      nesterov: Nesterov look-ahead on the first moment (as ``optax.nadamw``).
+      mu_dtype: storage dtype of the first moment (None: the params' dtype).
+      nu_dtype: storage dtype of the second moment (None: the params' real dtype).
+
+    Returns:
+      An ``optax.GradientTransformation``; its ``update`` requires ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import adamw_jax
+      >>> params = {"w": jnp.ones(4), "b": jnp.zeros(())}
+      >>> tx = adamw_jax.adamw(1e-2, weight_decay=0.1, mask=adamw_jax.masks.by_ndim(1))
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(lambda p: jnp.sum((p["w"] - 3.0) ** 2) + p["b"] ** 2)(params)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> params["w"].round(4)
+      Array([1.009, 1.009, 1.009, 1.009], dtype=float32)
+
+    References:
+      Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+      Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
+    """
+    return optax.chain(
+        scale_by_adam(
+            b1,
+            b2,
+            eps,
+            eps_root,
+            amsgrad=amsgrad,
+            nesterov=nesterov,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        decoupled_weight_decay(
+            learning_rate,
+            weight_decay,
+            mask=mask,
+            decay_coupling=decay_coupling,
+            peak_learning_rate=peak_learning_rate,
+        ),
+    )
+
+
+def adam(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1: ScalarOrArray = 0.9,
+    b2: ScalarOrArray = 0.999,
+    eps: ScalarOrArray = 1e-8,
+    eps_root: ScalarOrArray = 0.0,
+    l2: ScalarOrSchedule = 0.0,
+    *,
+    mask: Mask = None,
+    amsgrad: bool = False,
+    nesterov: bool = False,
+    mu_dtype: MomentDtype = None,
+    nu_dtype: MomentDtype = None,
+) -> optax.GradientTransformation:
+    r"""Adam with an L2 penalty added to the gradient (the coupling AdamW removes).
+
+    .. math::
+
+      \tilde g_t = g_t + \lambda w_{t-1}, \qquad
+      w_t = w_{t-1} - \eta_t \frac{\hat m_t}{\sqrt{\hat v_t + \epsilon_{root}} + \epsilon}
+
+    where the moments are those of :math:`\tilde g`, so the penalty is rescaled by
+    :math:`1/\sqrt{\hat v}` like the gradient: leaves with large gradients decay less.
+    The chain ``add_decayed_weights(l2) -> scale_by_adam -> scale_by_learning_rate``.
+
+    Args:
+      learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, in [0, inf).
+      eps_root: added to the second moment inside the square root, in [0, inf).
+      l2: :math:`\lambda`, the L2 coefficient, in [0, inf) (the penalty is
+        :math:`\tfrac{\lambda}{2}\lVert w \rVert^2`): a number, a scalar array or a schedule.
+      mask: which leaves are penalized (as in :func:`adamw`).
+      amsgrad: use the running maximum of the bias-corrected second moment.
+      nesterov: Nesterov look-ahead on the first moment.
+      mu_dtype: storage dtype of the first moment (None: the params' dtype).
+      nu_dtype: storage dtype of the second moment (None: the params' real dtype).
+
+    Returns:
+      An ``optax.GradientTransformation``; its ``update`` requires ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import adamw_jax
+      >>> tx = adamw_jax.adam(0.1, l2=1e-3)
+      >>> params = {"w": jnp.ones(2)}
+      >>> updates, _ = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+      >>> updates["w"].round(4)
+      Array([-0.1, -0.1], dtype=float32)
+
+    References:
+      Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
+      Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+    """
+    _validate.check_scalar("learning_rate", learning_rate, low=0.0, allow_schedule=True)
+    _validate.check_scalar("l2", l2, low=0.0, allow_schedule=True)
+    return optax.chain(
+        add_decayed_weights(l2, mask),
+        scale_by_adam(
+            b1,
+            b2,
+            eps,
+            eps_root,
+            amsgrad=amsgrad,
+            nesterov=nesterov,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )

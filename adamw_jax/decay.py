@@ -1,0 +1,241 @@
+"""Weight decay: the L2-style ``add_decayed_weights`` and the decoupled decay of AdamW."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adamw_jax import _validate
+from adamw_jax.moments import safe_increment
+
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], Any]
+Mask = Any  # None, a bool pytree like the params (or a prefix of it), or params -> such a tree.
+
+DECAY_COUPLINGS = ("lr", "schedule", "none")
+
+
+class AddDecayedWeightsState(NamedTuple):
+    """State of :func:`add_decayed_weights`: the step count, for a scheduled decay."""
+
+    count: jax.Array
+
+
+class DecoupledWeightDecayState(NamedTuple):
+    """State of :func:`decoupled_weight_decay`: the step count, for schedules."""
+
+    count: jax.Array
+
+
+def resolve_mask(mask: Mask, params: optax.Params) -> Any:
+    """The bool tree that ``mask`` selects on ``params`` (None when everything decays).
+
+    Args:
+      mask: None, a pytree of bools with the structure of ``params`` (or a prefix of it),
+        or a callable ``params -> such a pytree``.
+      params: the parameters.
+
+    Returns:
+      None, or the tree of bools (Python or array booleans).
+    """
+    if mask is None:
+        return None
+    tree = mask(params) if callable(mask) else mask
+    try:
+        jax.tree.map(lambda m, p: None, tree, params)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            "mask does not match the params: it must have the params' tree structure "
+            f"(or a prefix of it). mask: {jax.tree.structure(tree)}; "
+            f"params: {jax.tree.structure(params)}."
+        ) from err
+    return tree
+
+
+def _map_masked(mask_tree, on, off, updates, params):
+    """Maps ``on(u, p)`` over the leaves the mask selects and ``off(u, p)`` over the rest."""
+    if mask_tree is None:
+        return jax.tree.map(on, updates, params)
+
+    def select(m, u_sub, p_sub):
+        if isinstance(m, (bool, np.bool_)):
+            return jax.tree.map(on if m else off, u_sub, p_sub)
+        return jax.tree.map(lambda u, p: jnp.where(m, on(u, p), off(u, p)), u_sub, p_sub)
+
+    return jax.tree.map(select, mask_tree, updates, params)
+
+
+def _work_dtype(u: jax.Array, p: jax.Array) -> jnp.dtype:
+    return jnp.promote_types(jnp.promote_types(u.dtype, p.dtype), jnp.float32)
+
+
+def _require_params(params, name: str) -> None:
+    if params is None:
+        raise ValueError(f"{name} needs the params: call update(updates, state, params).")
+
+
+def add_decayed_weights(
+    weight_decay: ScalarOrSchedule = 0.0, mask: Mask = None
+) -> optax.GradientTransformation:
+    r"""Adds ``weight_decay * params`` to the updates (an L2 penalty's gradient).
+
+    .. math::
+
+      u \leftarrow u + \lambda_t\, w
+
+    on the leaves ``mask`` selects. A drop-in for ``optax.add_decayed_weights`` that also
+    accepts a schedule. Placed before :func:`adamw_jax.scale_by_adam` it is classic Adam
+    with an L2 penalty; placed after it and before the learning rate it is AdamW.
+
+    Args:
+      weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a schedule.
+      mask: None (all leaves), a bool pytree like the params (or a prefix of it), or a
+        callable ``params -> bool pytree`` (see :mod:`adamw_jax.masks`).
+
+    Returns:
+      An ``optax.GradientTransformation``; its ``update`` requires ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import adamw_jax
+      >>> tx = adamw_jax.add_decayed_weights(0.1)
+      >>> params = {"w": jnp.array([1.0, 2.0])}
+      >>> updates, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+      >>> updates["w"]
+      Array([0.1, 0.2], dtype=float32)
+
+    References:
+      Hanson & Pratt, "Comparing biases for minimal network construction with
+      back-propagation", NeurIPS 1988.
+    """
+    _validate.check_scalar("weight_decay", weight_decay, low=0.0, allow_schedule=True)
+    _validate.check_mask("mask", mask)
+
+    def init_fn(params):
+        del params
+        return AddDecayedWeightsState(jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        _require_params(params, "add_decayed_weights")
+        _validate.check_same_structure("updates", updates, params, "the params")
+        wd = _validate.evaluate(weight_decay, state.count)
+
+        def decay(u, p):
+            c = _work_dtype(u, p)
+            return (u.astype(c) + jnp.asarray(wd, c) * p.astype(c)).astype(u.dtype)
+
+        new = _map_masked(resolve_mask(mask, params), decay, lambda u, p: u, updates, params)
+        return new, AddDecayedWeightsState(safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def decoupled_weight_decay(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    weight_decay: ScalarOrSchedule = 1e-2,
+    *,
+    mask: Mask = None,
+    decay_coupling: str = "lr",
+    peak_learning_rate: float | None = None,
+) -> optax.GradientTransformation:
+    r"""Applies the learning rate and decoupled weight decay to a scaled direction.
+
+    Maps an update direction :math:`u` (e.g. from :func:`adamw_jax.scale_by_adam`) to the
+    step :math:`-\eta_t u - d_t w`, where the decay :math:`d_t` depends on
+    ``decay_coupling``:
+
+    .. math::
+
+      d_t = \begin{cases}
+        \eta_t \lambda_t & \text{"lr" (PyTorch, Optax)} \\
+        (\eta_t / \eta_{peak}) \lambda_t & \text{"schedule" (Loshchilov \& Hutter)} \\
+        \lambda_t & \text{"none" (independent of the step size)}
+      \end{cases}
+
+    and :math:`d_t = 0` on leaves the mask leaves out. With ``"schedule"`` and a learning
+    rate that is not a schedule, :math:`\eta_t / \eta_{peak} = 1` unless
+    ``peak_learning_rate`` is given.
+
+    Args:
+      learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule.
+      weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a schedule.
+      mask: None (all leaves), a bool pytree like the params (or a prefix of it), or a
+        callable ``params -> bool pytree`` (see :mod:`adamw_jax.masks`).
+      decay_coupling: ``"lr"``, ``"schedule"`` or ``"none"``.
+      peak_learning_rate: :math:`\eta_{peak}`, in (0, inf); only with ``"schedule"``, and
+        required there when ``learning_rate`` is a schedule.
+
+    Returns:
+      An ``optax.GradientTransformation``; its ``update`` requires ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import adamw_jax
+      >>> tx = adamw_jax.decoupled_weight_decay(0.1, 0.5, decay_coupling="none")
+      >>> params = {"w": jnp.array([2.0])}
+      >>> updates, _ = tx.update({"w": jnp.array([1.0])}, tx.init(params), params)
+      >>> updates["w"]  # -(0.1 * 1.0 + 0.5 * 2.0)
+      Array([-1.1], dtype=float32)
+
+    References:
+      Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+    """
+    _validate.check_scalar("learning_rate", learning_rate, low=0.0, allow_schedule=True)
+    _validate.check_scalar("weight_decay", weight_decay, low=0.0, allow_schedule=True)
+    _validate.check_choice("decay_coupling", decay_coupling, DECAY_COUPLINGS)
+    _validate.check_mask("mask", mask)
+    if peak_learning_rate is not None:
+        if decay_coupling != "schedule":
+            raise ValueError(
+                "peak_learning_rate is used only with decay_coupling='schedule'; got "
+                f"peak_learning_rate={peak_learning_rate!r} with "
+                f"decay_coupling={decay_coupling!r}."
+            )
+        _validate.check_scalar(
+            "peak_learning_rate", peak_learning_rate, low=0.0, low_inclusive=False
+        )
+    elif decay_coupling == "schedule" and _validate.is_schedule(learning_rate):
+        raise ValueError(
+            "peak_learning_rate must be given (in (0, inf)) when decay_coupling='schedule' "
+            "and learning_rate is a schedule: the decay follows learning_rate(t) / "
+            "peak_learning_rate."
+        )
+    # With "schedule" and no peak the multiplier is 1: the same step as "none".
+    coupling = "none" if decay_coupling == "schedule" and peak_learning_rate is None else (
+        decay_coupling
+    )
+
+    def init_fn(params):
+        del params
+        return DecoupledWeightDecayState(jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        _require_params(params, "decoupled_weight_decay")
+        _validate.check_same_structure("updates", updates, params, "the params")
+        lr = _validate.evaluate(learning_rate, state.count)
+        wd = _validate.evaluate(weight_decay, state.count)
+
+        def plain(u, p):
+            c = _work_dtype(u, p)
+            return (-jnp.asarray(lr, c) * u.astype(c)).astype(u.dtype)
+
+        def decayed(u, p):
+            c = _work_dtype(u, p)
+            eta, lam, uc, pc = jnp.asarray(lr, c), jnp.asarray(wd, c), u.astype(c), p.astype(c)
+            if coupling == "lr":
+                step = eta * (uc + lam * pc)
+            elif coupling == "schedule":
+                step = eta * (uc + (lam / jnp.asarray(peak_learning_rate, c)) * pc)
+            else:
+                step = eta * uc + lam * pc
+            return (-step).astype(u.dtype)
+
+        new = _map_masked(resolve_mask(mask, params), decayed, plain, updates, params)
+        return new, DecoupledWeightDecayState(safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+

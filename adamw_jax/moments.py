@@ -1,0 +1,221 @@
+"""Adam's first and second moment scaling, with bias correction, AMSGrad and Nesterov."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamw_jax import _validate
+
+ScalarOrArray = float | jax.Array
+MomentDtype = Any  # None, a floating dtype (e.g. jnp.bfloat16), or the string "int8".
+
+_INT32_MAX = jnp.iinfo(jnp.int32).max
+
+
+class ScaleByAdamState(NamedTuple):
+    """State of :func:`scale_by_adam`.
+
+    Attributes:
+      count: number of updates taken, int32, saturating at ``2**31 - 1``.
+      mu: first moment, like the params, stored in ``mu_dtype``.
+      nu: second moment, like the params (real even for complex params), in ``nu_dtype``.
+      nu_max: running maximum of the bias-corrected second moment when ``amsgrad``,
+        otherwise an empty ``optax.EmptyState()``.
+    """
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+    nu_max: optax.Updates
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+    """Adds one to an int32 counter, staying at ``2**31 - 1`` instead of wrapping."""
+    return jnp.where(count < _INT32_MAX, count + 1, jnp.int32(_INT32_MAX)).astype(jnp.int32)
+
+
+def _check_moment_dtype(name: str, dtype: MomentDtype) -> None:
+    if dtype is None:
+        return
+    if isinstance(dtype, str) and dtype == "int8":
+        raise NotImplementedError(
+            f'{name}="int8" (blockwise 8-bit storage) is not available yet; use None, '
+            "jnp.float32, jnp.bfloat16 or jnp.float16."
+        )
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError as err:
+        raise ValueError(
+            f'{name} must be None, a floating dtype or "int8"; got {dtype!r}.'
+        ) from err
+    if not jnp.issubdtype(resolved, jnp.inexact):
+        raise ValueError(f'{name} must be None, a floating dtype or "int8"; got {dtype!r}.')
+
+
+def _storage_dtype(name: str, requested: MomentDtype, param: jax.Array, real: bool) -> jnp.dtype:
+    """The dtype a moment of ``param`` is stored in."""
+    param_dtype = jnp.result_type(param)
+    is_complex = jnp.issubdtype(param_dtype, jnp.complexfloating)
+    if requested is None:
+        base = jnp.finfo(param_dtype).dtype if (real and is_complex) else param_dtype
+        return jnp.dtype(base)
+    requested = jnp.dtype(requested)
+    if is_complex and not real and not jnp.issubdtype(requested, jnp.complexfloating):
+        raise ValueError(
+            f"{name}={requested} is real, but a parameter is complex ({param_dtype}); "
+            "use None or a complex dtype for the first moment of complex parameters."
+        )
+    return requested
+
+
+def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """float32 or wider (complex64 or wider for complex inputs)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def scale_by_adam(
+    b1: ScalarOrArray = 0.9,
+    b2: ScalarOrArray = 0.999,
+    eps: ScalarOrArray = 1e-8,
+    eps_root: ScalarOrArray = 0.0,
+    *,
+    amsgrad: bool = False,
+    nesterov: bool = False,
+    bias_correction: bool = True,
+    mu_dtype: MomentDtype = None,
+    nu_dtype: MomentDtype = None,
+) -> optax.GradientTransformation:
+    r"""Rescales updates by Adam's bias-corrected first and second moments.
+
+    With gradient :math:`g_t` at step :math:`t = 1, 2, \dots`:
+
+    .. math::
+
+      m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+      v_t = \beta_2 v_{t-1} + (1 - \beta_2) |g_t|^2, \\
+      \hat m_t = m_t / (1 - \beta_1^t), \qquad \hat v_t = v_t / (1 - \beta_2^t), \\
+      u_t = \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon).
+
+    With ``amsgrad``, :math:`\hat v_t` is replaced by its running maximum
+    :math:`\max(\hat v_{\max}, \hat v_t)` (as ``optax.scale_by_amsgrad`` keeps it). With
+    ``nesterov``, :math:`\hat m_t` is replaced by the look-ahead
+    :math:`\beta_1 m_t / (1 - \beta_1^{t+1}) + (1 - \beta_1) g_t / (1 - \beta_1^t)` (NAdam,
+    as ``optax.nadamw``). Moments are stored in ``mu_dtype``/``nu_dtype`` but computed in
+    float32, or in the parameters' dtype when that is wider.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, in [0, inf).
+      eps_root: added to the second moment inside the square root, in [0, inf).
+      amsgrad: use the running maximum of the bias-corrected second moment.
+      nesterov: use Nesterov's look-ahead on the first moment (NAdam).
+      bias_correction: divide the moments by :math:`1 - \beta^t`; False uses them raw.
+      mu_dtype: storage dtype of the first moment: None (the params' dtype) or a floating
+        dtype such as ``jnp.bfloat16``.
+      nu_dtype: storage dtype of the second moment: None (the params' real dtype) or a
+        floating dtype.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`ScaleByAdamState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import adamw_jax
+      >>> tx = adamw_jax.scale_by_adam()
+      >>> params = {"w": jnp.ones(3)}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([1.0, -2.0, 0.5])}, state)
+      >>> updates["w"].round(3)
+      Array([ 1., -1.,  1.], dtype=float32)
+
+    References:
+      Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
+      Reddi et al., "On the Convergence of Adam and Beyond" (AMSGrad), ICLR 2018.
+      Dozat, "Incorporating Nesterov Momentum into Adam" (NAdam), ICLR workshop 2016.
+    """
+    _validate.check_scalar("b1", b1, low=0.0, high=1.0)
+    _validate.check_scalar("b2", b2, low=0.0, high=1.0)
+    _validate.check_scalar("eps", eps, low=0.0)
+    _validate.check_scalar("eps_root", eps_root, low=0.0)
+    _validate.check_bool("amsgrad", amsgrad)
+    _validate.check_bool("nesterov", nesterov)
+    _validate.check_bool("bias_correction", bias_correction)
+    _check_moment_dtype("mu_dtype", mu_dtype)
+    _check_moment_dtype("nu_dtype", nu_dtype)
+
+    def zeros(name, requested, real):
+        def make(p):
+            return jnp.zeros(jnp.shape(p), _storage_dtype(name, requested, p, real))
+
+        return make
+
+    def init_fn(params: optax.Params) -> ScaleByAdamState:
+        _validate.check_inexact_leaves("params", params)
+        mu = jax.tree.map(zeros("mu_dtype", mu_dtype, real=False), params)
+        nu = jax.tree.map(zeros("nu_dtype", nu_dtype, real=True), params)
+        nu_max = jax.tree.map(jnp.zeros_like, nu) if amsgrad else optax.EmptyState()
+        return ScaleByAdamState(jnp.zeros([], jnp.int32), mu, nu, nu_max)
+
+    def update_fn(updates, state: ScaleByAdamState, params=None):
+        del params
+        _validate.check_same_structure("updates", updates, state.mu, "the state's moments")
+        _validate.check_inexact_leaves("updates", updates)
+        count = safe_increment(state.count)
+
+        def leaf(g, mu, nu, nu_max):
+            c = _compute_dtype(jnp.promote_types(g.dtype, mu.dtype))
+            r = jnp.finfo(c).dtype  # the real counterpart of the compute dtype
+            gc = g.astype(c)
+            beta1, beta2 = jnp.asarray(b1, r), jnp.asarray(b2, r)
+            m = beta1.astype(c) * mu.astype(c) + (1 - beta1).astype(c) * gc
+            g2 = jnp.real(gc * jnp.conj(gc)) if jnp.iscomplexobj(gc) else gc * gc
+            v = beta2 * nu.astype(r) + (1 - beta2) * g2
+            t = count.astype(r)
+            if bias_correction:
+                c1, c2 = 1 - beta1**t, 1 - beta2**t
+            else:
+                c1 = c2 = jnp.ones([], r)
+            v_hat = v / c2
+            if amsgrad:
+                v_hat = jnp.maximum(nu_max.astype(r), v_hat)
+            if nesterov:
+                c1_next = 1 - beta1 ** (t + 1) if bias_correction else c1
+                m_hat = (beta1 / c1_next).astype(c) * m + ((1 - beta1) / c1).astype(c) * gc
+            else:
+                m_hat = m / c1.astype(c)
+            denom = jnp.sqrt(v_hat + jnp.asarray(eps_root, r)) + jnp.asarray(eps, r)
+            u = m_hat / denom.astype(c)
+            new_max = v_hat.astype(nu_max.dtype) if amsgrad else None
+            return u.astype(g.dtype), m.astype(mu.dtype), v.astype(nu.dtype), new_max
+
+        treedef = jax.tree.structure(updates)
+        nu_max_leaves = (
+            jax.tree.leaves(state.nu_max) if amsgrad else [None] * treedef.num_leaves
+        )
+        out = [
+            leaf(g, m, v, vm)
+            for g, m, v, vm in zip(
+                jax.tree.leaves(updates),
+                jax.tree.leaves(state.mu),
+                jax.tree.leaves(state.nu),
+                nu_max_leaves,
+                strict=True,
+            )
+        ]
+        new_updates, mu, nu, nu_max = _unzip(treedef, out, amsgrad, state.nu_max)
+        return new_updates, ScaleByAdamState(count, mu, nu, nu_max)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _unzip(treedef, out, amsgrad: bool, old_nu_max) -> tuple[Any, Any, Any, Any]:
+    updates = jax.tree.unflatten(treedef, [o[0] for o in out])
+    mu = jax.tree.unflatten(treedef, [o[1] for o in out])
+    nu = jax.tree.unflatten(treedef, [o[2] for o in out])
+    nu_max = jax.tree.unflatten(treedef, [o[3] for o in out]) if amsgrad else old_nu_max
+    return updates, mu, nu, nu_max
