@@ -44,9 +44,16 @@ def _concrete_scalar(name: str, value: Any) -> float | None:
     )
 
 
-def check_scalar(name: str, value: Any, *, low: float, high: float | None = None,
-                 high_inclusive: bool = False, low_inclusive: bool = True,
-                 allow_schedule: bool = False) -> None:
+def check_scalar(
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float | None = None,
+    high_inclusive: bool = False,
+    low_inclusive: bool = True,
+    allow_schedule: bool = False,
+) -> None:
     """Raises if a concrete ``value`` is not a finite number in the stated range.
 
     Args:

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from adamw_jax import _validate
-from adamw_jax.moments import safe_increment
+from adamw_jax.moments import compute_dtype, safe_increment
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], Any]
 Mask = Any  # None, a bool pytree like the params (or a prefix of it), or params -> such a tree.
@@ -69,10 +69,6 @@ def _map_masked(mask_tree, on, off, updates, params):
     return jax.tree.map(select, mask_tree, updates, params)
 
 
-def _work_dtype(u: jax.Array, p: jax.Array) -> jnp.dtype:
-    return jnp.promote_types(jnp.promote_types(u.dtype, p.dtype), jnp.float32)
-
-
 def _require_params(params, name: str) -> None:
     if params is None:
         raise ValueError(f"{name} needs the params: call update(updates, state, params).")
@@ -125,7 +121,7 @@ def add_decayed_weights(
         wd = _validate.evaluate(weight_decay, state.count)
 
         def decay(u, p):
-            c = _work_dtype(u, p)
+            c = compute_dtype(u.dtype, p.dtype)
             return (u.astype(c) + jnp.asarray(wd, c) * p.astype(c)).astype(u.dtype)
 
         new = _map_masked(resolve_mask(mask, params), decay, lambda u, p: u, updates, params)
@@ -205,8 +201,8 @@ def decoupled_weight_decay(
             "peak_learning_rate."
         )
     # With "schedule" and no peak the multiplier is 1: the same step as "none".
-    coupling = "none" if decay_coupling == "schedule" and peak_learning_rate is None else (
-        decay_coupling
+    coupling = (
+        "none" if decay_coupling == "schedule" and peak_learning_rate is None else (decay_coupling)
     )
 
     def init_fn(params):
@@ -220,11 +216,11 @@ def decoupled_weight_decay(
         wd = _validate.evaluate(weight_decay, state.count)
 
         def plain(u, p):
-            c = _work_dtype(u, p)
+            c = compute_dtype(u.dtype, p.dtype)
             return (-jnp.asarray(lr, c) * u.astype(c)).astype(u.dtype)
 
         def decayed(u, p):
-            c = _work_dtype(u, p)
+            c = compute_dtype(u.dtype, p.dtype)
             eta, lam, uc, pc = jnp.asarray(lr, c), jnp.asarray(wd, c), u.astype(c), p.astype(c)
             if coupling == "lr":
                 step = eta * (uc + lam * pc)
@@ -238,4 +234,3 @@ def decoupled_weight_decay(
         return new, DecoupledWeightDecayState(safe_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)
-

@@ -72,9 +72,15 @@ def _storage_dtype(name: str, requested: MomentDtype, param: jax.Array, real: bo
     return requested
 
 
-def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    """float32 or wider (complex64 or wider for complex inputs)."""
-    return jnp.promote_types(dtype, jnp.float32)
+def compute_dtype(*dtypes: Any) -> jnp.dtype:
+    """The dtype arithmetic runs in: float32, or the widest of ``dtypes`` when wider.
+
+    Complex when any input is complex. Independent of JAX's dtype-promotion mode.
+    """
+    bits = max([32, *(jnp.finfo(d).bits for d in dtypes)])
+    if any(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes):
+        return jnp.dtype(jnp.complex128 if bits > 32 else jnp.complex64)
+    return jnp.dtype(jnp.float64 if bits > 32 else jnp.float32)
 
 
 def scale_by_adam(
@@ -168,7 +174,7 @@ def scale_by_adam(
         count = safe_increment(state.count)
 
         def leaf(g, mu, nu, nu_max):
-            c = _compute_dtype(jnp.promote_types(g.dtype, mu.dtype))
+            c = compute_dtype(g.dtype, mu.dtype)
             r = jnp.finfo(c).dtype  # the real counterpart of the compute dtype
             gc = g.astype(c)
             beta1, beta2 = jnp.asarray(b1, r), jnp.asarray(b2, r)
@@ -194,9 +200,7 @@ def scale_by_adam(
             return u.astype(g.dtype), m.astype(mu.dtype), v.astype(nu.dtype), new_max
 
         treedef = jax.tree.structure(updates)
-        nu_max_leaves = (
-            jax.tree.leaves(state.nu_max) if amsgrad else [None] * treedef.num_leaves
-        )
+        nu_max_leaves = jax.tree.leaves(state.nu_max) if amsgrad else [None] * treedef.num_leaves
         out = [
             leaf(g, m, v, vm)
             for g, m, v, vm in zip(

@@ -1,0 +1,84 @@
+"""An independent NumPy transcription of DESIGN.md's AdamW update, for comparisons.
+
+Everything runs in float64 NumPy, one step at a time, exactly as the formulas read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def value(hp, step: int) -> float:
+    """A hyperparameter at ``step`` (0-based): a number, or a schedule evaluated there."""
+    return float(hp(np.int32(step))) if callable(hp) else float(hp)
+
+
+def adamw_trajectory(
+    params: dict,
+    grad_fn,
+    steps: int,
+    *,
+    learning_rate=1e-3,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+    weight_decay=1e-2,
+    decay_coupling="lr",
+    peak_learning_rate=None,
+    mask=None,
+    amsgrad=False,
+    nesterov=False,
+    bias_correction=True,
+    l2=0.0,
+) -> dict:
+    """Runs ``steps`` updates; ``grad_fn(params, t)`` gives the gradient dict at step t."""
+    w = {k: np.array(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in w.items()}
+    v = {k: np.zeros_like(x) for k, x in w.items()}
+    vmax = {k: np.zeros_like(x) for k, x in w.items()}
+    for t in range(1, steps + 1):
+        g = {k: np.array(x, np.float64) for k, x in grad_fn(w, t).items()}
+        lr = value(learning_rate, t - 1)
+        wd = value(weight_decay, t - 1)
+        reg = value(l2, t - 1)
+        new_w = {}
+        for k in w:
+            decays = True if mask is None else mask[k]
+            gk = g[k] + (reg * w[k] if decays else 0.0)
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v[k] = b2 * v[k] + (1 - b2) * gk * gk
+            c1 = 1 - b1**t if bias_correction else 1.0
+            c2 = 1 - b2**t if bias_correction else 1.0
+            v_hat = v[k] / c2
+            if amsgrad:
+                vmax[k] = np.maximum(vmax[k], v_hat)
+                v_hat = vmax[k]
+            if nesterov:
+                c1_next = 1 - b1 ** (t + 1) if bias_correction else 1.0
+                m_hat = b1 * m[k] / c1_next + (1 - b1) * gk / c1
+            else:
+                m_hat = m[k] / c1
+            u = m_hat / (np.sqrt(v_hat + eps_root) + eps)
+            if decay_coupling == "lr":
+                d = lr * wd
+            elif decay_coupling == "schedule":
+                d = wd if peak_learning_rate is None else (lr / peak_learning_rate) * wd
+            else:
+                d = wd
+            if not decays:
+                d = 0.0
+            new_w[k] = w[k] - lr * u - d * w[k]
+        w = new_w
+    return w
+
+
+def rel_err(a, b) -> float:
+    """Norm-wise relative error: max |a - b| over max |b| (the leaf's scale)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def max_rel_err(tree_a: dict, tree_b: dict) -> float:
+    """The worst :func:`rel_err` over the leaves of two dicts with the same keys."""
+    return max(rel_err(tree_a[k], tree_b[k]) for k in tree_b)
