@@ -17,7 +17,7 @@ import numpy as np
 
 def _concrete_scalar(name: str, value: Any) -> float | None:
     """Returns ``value`` as a Python float, or None when it cannot be known yet."""
-    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+    if isinstance(value, (bool, str, bytes)):
         raise TypeError(
             f"{name} must be a real number, a scalar array or a schedule; "
             f"got {value!r} of type {type(value).__name__}."
