@@ -1,6 +1,6 @@
 """AdamW for JAX: Adam's moment scaling and decoupled weight decay as Optax transformations."""
 
-from adamw_jax import masks
+from adamw_jax import masks, sharding
 from adamw_jax.alias import adam, adamw
 from adamw_jax.decay import (
     AddDecayedWeightsState,
@@ -22,4 +22,5 @@ __all__ = [
     "decoupled_weight_decay",
     "masks",
     "scale_by_adam",
+    "sharding",
 ]
