@@ -1,0 +1,157 @@
+"""scale_by_adam: moments, bias correction, dtypes, complex parameters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adamw_jax
+from adamw_jax.moments import safe_increment
+
+
+def numpy_scale_by_adam(grads, b1, b2, eps, eps_root, bias_correction):
+    """Adam's update directions for a sequence of gradients, transcribed in NumPy."""
+    m = np.zeros_like(grads[0])
+    v = np.zeros(grads[0].shape)
+    out = []
+    for t, g in enumerate(grads, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * (g * np.conj(g)).real
+        c1, c2 = (1 - b1**t, 1 - b2**t) if bias_correction else (1.0, 1.0)
+        out.append((m / c1) / (np.sqrt(v / c2 + eps_root) + eps))
+    return out
+
+
+def run(tx, grads, dtype):
+    state = tx.init(jnp.zeros(grads[0].shape, dtype))
+    update = jax.jit(tx.update)
+    out = []
+    for g in grads:
+        u, state = update(jnp.asarray(g, dtype), state)
+        out.append(np.asarray(u))
+    return out, state
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_directions_match_numpy_float64(bias_correction):
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=(4, 3)) * 10.0 ** rng.uniform(-3, 1) for _ in range(50)]
+    kw = dict(b1=0.8, b2=0.95, eps=1e-6, eps_root=1e-9)
+    with jax.enable_x64(True):
+        got, state = run(
+            adamw_jax.scale_by_adam(**kw, bias_correction=bias_correction), grads, jnp.float64
+        )
+    want = numpy_scale_by_adam(grads, **kw, bias_correction=bias_correction)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert int(state.count) == 50
+
+
+def test_first_step_is_exactly_bias_corrected():
+    """At t=1 the corrected moments are g and g^2, so the direction is g / (|g| + eps)."""
+    g = jnp.array([3.0, -0.5, 2e-3])
+    tx = adamw_jax.scale_by_adam(eps=0.0)
+    u, _ = tx.update(g, tx.init(jnp.zeros(3)))
+    np.testing.assert_allclose(np.asarray(u), np.sign(np.asarray(g)), rtol=2e-7)
+
+
+def test_complex_params_use_squared_magnitude():
+    rng = np.random.default_rng(1)
+    grads = [rng.normal(size=5) + 1j * rng.normal(size=5) for _ in range(20)]
+    with jax.enable_x64(True):
+        got, state = run(adamw_jax.scale_by_adam(), grads, jnp.complex128)
+    want = numpy_scale_by_adam(grads, 0.9, 0.999, 1e-8, 0.0, True)
+    assert state.nu.dtype == jnp.float64  # the second moment is real
+    assert state.mu.dtype == jnp.complex128
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_float64_params_compute_in_float64():
+    with jax.enable_x64(True):
+        tx = adamw_jax.scale_by_adam()
+        state = tx.init(jnp.zeros(2, jnp.float64))
+        g = jnp.array([1e-30, 1.0], jnp.float64)  # 1e-30**2 underflows float32
+        u, state = tx.update(g, state)
+        assert u.dtype == jnp.float64 and state.nu.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(u), [1e-30 / (1e-30 + 1e-8), 1 / (1 + 1e-8)])
+
+
+def test_low_precision_state_dtypes():
+    params = {"w": jnp.ones((3, 2)), "h": jnp.ones(4, jnp.bfloat16)}
+    tx = adamw_jax.scale_by_adam(mu_dtype=jnp.bfloat16, nu_dtype=jnp.float16, amsgrad=True)
+    state = tx.init(params)
+    assert {x.dtype for x in jax.tree.leaves(state.mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(state.nu)} == {jnp.dtype(jnp.float16)}
+    assert {x.dtype for x in jax.tree.leaves(state.nu_max)} == {jnp.dtype(jnp.float16)}
+    updates, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state)
+    assert updates["w"].dtype == jnp.float32 and updates["h"].dtype == jnp.bfloat16
+    assert {x.dtype for x in jax.tree.leaves(state.mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert state.count.dtype == jnp.int32
+    default = adamw_jax.scale_by_adam().init(params)
+    assert default.mu["h"].dtype == jnp.bfloat16 and default.mu["w"].dtype == jnp.float32
+
+
+def least_squares_loss(tx, steps=300, seed=0):
+    """Minimizes ||A w - y||^2 / n with tx; returns the final loss."""
+    key_a, key_w, key_n = jax.random.split(jax.random.key(seed), 3)
+    a = jax.random.normal(key_a, (64, 16))
+    y = a @ jax.random.normal(key_w, (16,)) + 0.1 * jax.random.normal(key_n, (64,))
+    loss = lambda w: jnp.mean((a @ w - y) ** 2)  # noqa: E731
+
+    def step(carry, _):
+        w, state = carry
+        updates, state = tx.update(jax.grad(loss)(w), state, w)
+        return (optax.apply_updates(w, updates), state), None
+
+    w0 = jnp.zeros(16)
+    (w, _), _ = jax.jit(lambda w0: jax.lax.scan(step, (w0, tx.init(w0)), length=steps))(w0)
+    return float(loss(w)), float(loss(w0))
+
+
+def test_bf16_moments_reach_fp32_loss():
+    fp32, start = least_squares_loss(adamw_jax.adamw(0.05, weight_decay=1e-4))
+    bf16, _ = least_squares_loss(
+        adamw_jax.adamw(0.05, weight_decay=1e-4, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+    )
+    assert fp32 < 0.05 * start  # the problem was actually solved
+    assert abs(bf16 - fp32) <= 0.02 * fp32
+
+
+def test_int8_storage_is_not_yet_silently_accepted():
+    with pytest.raises(NotImplementedError, match="mu_dtype"):
+        adamw_jax.scale_by_adam(mu_dtype="int8")
+
+
+@pytest.mark.parametrize("bad", ["float32x", jnp.int32, "int16", 3])
+def test_bad_moment_dtype(bad):
+    with pytest.raises(ValueError, match="nu_dtype"):
+        adamw_jax.scale_by_adam(nu_dtype=bad)
+
+
+def test_real_mu_dtype_for_complex_params_is_refused():
+    tx = adamw_jax.scale_by_adam(mu_dtype=jnp.float32)
+    with pytest.raises(ValueError, match="complex"):
+        tx.init(jnp.zeros(2, jnp.complex64))
+
+
+def test_count_saturates():
+    top = jnp.int32(np.iinfo(np.int32).max)
+    assert int(safe_increment(top)) == int(top)
+    assert int(safe_increment(jnp.int32(5))) == 6
+    tx = adamw_jax.scale_by_adam()
+    state = tx.init(jnp.zeros(2))._replace(count=top - 1)
+    for _ in range(3):
+        u, state = tx.update(jnp.ones(2), state)
+        assert np.all(np.isfinite(np.asarray(u)))
+    assert int(state.count) == int(top)
+
+
+def test_amsgrad_keeps_the_running_max_of_corrected_v():
+    tx = adamw_jax.scale_by_adam(b1=0.0, b2=0.5, eps=0.0, amsgrad=True)
+    state = tx.init(jnp.zeros(1))
+    _, state = tx.update(jnp.array([4.0]), state)  # v_hat = 16
+    u, state = tx.update(jnp.array([1.0]), state)  # v_hat = (8 + .5) / .75 < 16
+    np.testing.assert_allclose(np.asarray(state.nu_max), [16.0])
+    np.testing.assert_allclose(np.asarray(u), [1.0 / 4.0])
