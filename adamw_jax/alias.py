@@ -152,8 +152,8 @@ def adam(
       >>> tx = adamw_jax.adam(0.1, l2=1e-3)
       >>> params = {"w": jnp.ones(2)}
       >>> updates, _ = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
-      >>> print(updates["w"].round(4))
-      [-0.1 -0.1]
+      >>> [round(float(x), 4) for x in updates["w"]]
+      [-0.1, -0.1]
 
     References:
       Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
