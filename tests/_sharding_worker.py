@@ -1,0 +1,313 @@
+"""The 8-device measurements of ``test_sharding.py``, run in a fresh process.
+
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` only takes effect if it is set before
+JAX starts its CPU backend, which the test process has already done; so the test runs
+``python tests/_sharding_worker.py OUT_DIR`` with that flag, and this script writes what it
+measured to ``OUT_DIR/results.json`` (and the single-process reference of the two-process
+run to ``OUT_DIR/single_process.npz``). The assertions are in ``test_sharding.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import adamw_jax
+from adamw_jax import sharding
+
+STEPS = 50
+COLLECTIVES = re.compile(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)")
+COUPLINGS = ("lr", "schedule", "none")
+MOMENT_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "int8": "int8"}
+
+
+def _moment_dtypes() -> list[str]:
+    """The moment storage dtypes to check: fp32 (None), bf16, and int8 when available."""
+    dtypes = ["float32", "bfloat16"]
+    try:
+        adamw_jax.scale_by_adam(mu_dtype="int8", nu_dtype="int8")
+    except NotImplementedError:
+        return dtypes
+    return [*dtypes, "int8"]
+
+
+def _mesh(shape: tuple[int, ...], names: tuple[str, ...]) -> jax.sharding.Mesh:
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def _problem(specs: dict[str, P]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Initial params and the per-step gradient noise, as host arrays."""
+    rng = np.random.default_rng(1)
+    shapes = {"emb": (64, 16), "w": (16, 64), "b": (64,), "scale": ()}
+    params = {k: rng.normal(size=shapes[k]).astype(np.float32) for k in specs}
+    noise = {k: rng.normal(size=(STEPS, *shapes[k])).astype(np.float32) for k in specs}
+    return params, noise
+
+
+def _tx(coupling: str, dtype: Any) -> optax.GradientTransformation:
+    def lr(t):
+        return 1e-2 * jnp.minimum(1.0, (t.astype(jnp.float32) + 1.0) / 10.0)
+
+    return adamw_jax.adamw(
+        lr,
+        weight_decay=0.1 if coupling != "none" else 1e-3,
+        mask=adamw_jax.masks.by_ndim(2),
+        decay_coupling=coupling,
+        peak_learning_rate=1e-2 if coupling == "schedule" else None,
+        mu_dtype=MOMENT_DTYPES[dtype],
+        nu_dtype=MOMENT_DTYPES[dtype],
+    )
+
+
+def _grads(params, noise):
+    """An elementwise gradient (no reduction, so every layout computes the same numbers)."""
+    return jax.tree.map(lambda p, n: 0.5 * p + n, params, noise)
+
+
+def _make_step(tx, out_shardings=None):
+    def step(params, state, noise):
+        updates, state = tx.update(_grads(params, noise), state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, out_shardings=out_shardings)
+
+
+def _run(tx, host_params, host_noise, shardings=None, zero_axis=None):
+    """``STEPS`` steps; unsharded on one device when ``shardings`` is None."""
+    if shardings is None:
+        params = jax.tree.map(jnp.asarray, host_params)
+        state = tx.init(params)
+        step = _make_step(tx)
+        noise_at = lambda t: {k: jnp.asarray(v[t]) for k, v in host_noise.items()}  # noqa: E731
+    else:
+        params = jax.device_put(host_params, shardings)
+        state = sharding.init(tx, params, zero_axis=zero_axis)
+        state_sh = sharding.state_shardings(tx, params, zero_axis=zero_axis)
+        step = _make_step(tx, out_shardings=(shardings, state_sh))
+        noise_at = lambda t: jax.device_put({k: v[t] for k, v in host_noise.items()}, shardings)  # noqa: E731
+    for t in range(STEPS):
+        params, state = step(params, state, noise_at(t))
+    return params, state
+
+
+def _max_diff(a, b) -> float:
+    diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)
+    return max(jax.tree.leaves(diffs))
+
+
+def _state_bytes_per_device(state) -> dict[str, int]:
+    """Bytes of the state's shards on each device."""
+    per_device: dict[str, int] = {}
+    for leaf in jax.tree.leaves(state):
+        for shard in leaf.addressable_shards:
+            key = str(shard.device.id)
+            per_device[key] = per_device.get(key, 0) + shard.data.nbytes
+    return per_device
+
+
+def _moments(state) -> list[Any]:
+    """The moment leaves (mu and nu) of an ``adamw`` state."""
+    return jax.tree.leaves((state[0].mu, state[0].nu))
+
+
+def _params_leaves_match(tree, params) -> bool:
+    """Whether every leaf of ``tree`` is laid out as the param of the same name."""
+    return all(m.sharding.is_equivalent_to(params[k].sharding, m.ndim) for k, m in tree.items())
+
+
+def check_agreement(results: dict[str, Any]) -> None:
+    """Sharded (2-D mesh) vs unsharded, all couplings and moment dtypes, STEPS steps."""
+    mesh = _mesh((4, 2), ("data", "model"))
+    specs = {"emb": P("data", None), "w": P(None, "model"), "b": P("model"), "scale": P()}
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    host_params, host_noise = _problem(specs)
+    agreement, same_sharding = {}, {}
+    for dtype in _moment_dtypes():
+        for coupling in COUPLINGS:
+            tx = _tx(coupling, dtype)
+            ref_params, _ = _run(tx, host_params, host_noise)
+            params, state = _run(tx, host_params, host_noise, shardings)
+            name = f"{coupling}/{dtype}"
+            agreement[name] = _max_diff(params, ref_params)
+            mu, nu = state[0].mu, state[0].nu
+            same_sharding[name] = {
+                k: [
+                    str(mu[k].sharding.spec),
+                    str(nu[k].sharding.spec),
+                    str(params[k].sharding.spec),
+                    mu[k].sharding == params[k].sharding and nu[k].sharding == params[k].sharding,
+                ]
+                for k in params
+            }
+    results["agreement_max_abs_diff"] = agreement
+    results["moment_vs_param_sharding"] = same_sharding
+
+    # A jitted update step *without* out_shardings must keep the moments where they are too.
+    tx = _tx("lr", "float32")
+    params = jax.device_put(host_params, shardings)
+    state = sharding.init(tx, params)
+    new_params, new_state = _make_step(tx)(
+        params, state, jax.device_put({k: v[0] for k, v in host_noise.items()}, shardings)
+    )
+    results["propagated_moment_sharding_kept"] = (
+        _params_leaves_match(new_state[0].mu, params)
+        and _params_leaves_match(new_state[0].nu, params)
+        and _params_leaves_match(new_params, params)
+    )
+
+    # Plain jit of init, for contrast: where do its moments land?
+    plain = jax.jit(tx.init)(params)
+    results["plain_jit_init_w_devices"] = len(plain[0].mu["w"].sharding.device_set)
+    results["plain_jit_init_w_shard_shape"] = list(
+        plain[0].mu["w"].addressable_shards[0].data.shape
+    )
+
+
+def check_collectives(results: dict[str, Any]) -> None:
+    """Collectives in the compiled optimizer step: none when moments sit with their params."""
+    found = {}
+    cases = {
+        "1d_data": (
+            _mesh((8,), ("data",)),
+            {"emb": P("data", None), "w": P(None, "data"), "b": P("data"), "scale": P()},
+            None,
+        ),
+        "2d_data_model": (
+            _mesh((4, 2), ("data", "model")),
+            {"emb": P("data", "model"), "w": P(None, "model"), "b": P("model"), "scale": P()},
+            None,
+        ),
+        # Positive control: ZeRO-1 with replicated params must gather the updates.
+        "zero1_control": (
+            _mesh((8,), ("data",)),
+            {"emb": P(), "w": P(), "b": P(), "scale": P()},
+            "data",
+        ),
+    }
+    for name, (mesh, specs, zero_axis) in cases.items():
+        shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+        host_params, _ = _problem(specs)
+        params = jax.device_put(host_params, shardings)
+        for dtype in _moment_dtypes():
+            tx = _tx("schedule", dtype)
+            state = sharding.init(tx, params, zero_axis=zero_axis)
+            state_sh = sharding.state_shardings(tx, params, zero_axis=zero_axis)
+
+            def opt_step(p, s, g, tx=tx):
+                updates, s = tx.update(g, s, p)
+                return optax.apply_updates(p, updates), s
+
+            compiled = (
+                jax.jit(opt_step, out_shardings=(shardings, state_sh))
+                .lower(params, state, params)
+                .compile()
+                .as_text()
+            )
+            found[f"{name}/{dtype}"] = sorted(set(COLLECTIVES.findall(compiled)))
+    results["collectives"] = found
+
+
+def check_zero1(results: dict[str, Any]) -> None:
+    """ZeRO-1: params replicated over 8 devices, moments split 8 ways; same trajectory."""
+    mesh = _mesh((8,), ("data",))
+    specs = {"emb": P(), "w": P(), "b": P(), "scale": P()}
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    host_params, host_noise = _problem(specs)
+    tx = _tx("lr", "float32")
+    ref_params, ref_state = _run(tx, host_params, host_noise)
+    params, state = _run(tx, host_params, host_noise, shardings, zero_axis="data")
+    plain_state = sharding.init(tx, jax.device_put(host_params, shardings))
+    moment_bytes_total = sum(m.nbytes for m in _moments(state))
+    scalar_moment_bytes = sum(m.nbytes for m in _moments(state) if m.ndim == 0)
+    moment_bytes = {}
+    for leaf in _moments(state):
+        for shard in leaf.addressable_shards:
+            key = str(shard.device.id)
+            moment_bytes[key] = moment_bytes.get(key, 0) + shard.data.nbytes
+    odd = {
+        "odd": jax.ShapeDtypeStruct((3, 5), jnp.float32, sharding=NamedSharding(mesh, P())),
+        "late": jax.ShapeDtypeStruct((3, 16), jnp.float32, sharding=NamedSharding(mesh, P())),
+    }
+    odd_sh = sharding.state_shardings(tx, odd, zero_axis="data")[0].mu
+    results["zero1"] = {
+        "odd_shape_specs": {k: str(v.spec) for k, v in odd_sh.items()},
+        "max_abs_diff": _max_diff(params, ref_params),
+        "moment_specs": {k: str(state[0].mu[k].sharding.spec) for k in specs},
+        "moment_bytes_total": moment_bytes_total,
+        "scalar_moment_bytes": scalar_moment_bytes,
+        "moment_bytes_per_device": moment_bytes,
+        "state_bytes_per_device": _state_bytes_per_device(state),
+        "state_bytes_per_device_replicated": _state_bytes_per_device(plain_state),
+        "state_bytes_one_device": _state_bytes_per_device(ref_state),
+        "params_still_replicated": all(params[k].sharding.is_fully_replicated for k in params),
+    }
+
+
+def check_abstract(results: dict[str, Any]) -> None:
+    """Abstract params (ShapeDtypeStruct with shardings) give the same placements."""
+    mesh = _mesh((4, 2), ("data", "model"))
+    specs = {"emb": P("data", None), "w": P(None, "model"), "b": P("model"), "scale": P()}
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    host_params, _ = _problem(specs)
+    abstract = {
+        k: jax.ShapeDtypeStruct(v.shape, jnp.float32, sharding=shardings[k])
+        for k, v in host_params.items()
+    }
+    concrete = jax.device_put(host_params, shardings)
+    out = {}
+    for zero_axis in (None, "data"):
+        tx = optax.inject_hyperparams(adamw_jax.adamw)(learning_rate=1e-3)
+        abstract_state = sharding.init(tx, abstract, zero_axis=zero_axis)
+        concrete_state = sharding.init(tx, concrete, zero_axis=zero_axis)
+        out[str(zero_axis)] = {
+            "all_abstract": all(
+                isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract_state)
+            ),
+            "same_structure": jax.tree.structure(abstract_state)
+            == jax.tree.structure(concrete_state),
+            "same_shardings": all(
+                a.sharding == c.sharding and a.shape == c.shape and a.dtype == c.dtype
+                for a, c in zip(
+                    jax.tree.leaves(abstract_state), jax.tree.leaves(concrete_state), strict=True
+                )
+            ),
+            "eval_shape_shapes_match": [
+                x.shape for x in jax.tree.leaves(jax.eval_shape(tx.init, abstract))
+            ]
+            == [x.shape for x in jax.tree.leaves(concrete_state)],
+        }
+    results["abstract"] = out
+
+
+def main(out_dir: str) -> None:
+    jax.config.update("jax_numpy_dtype_promotion", "strict")
+    results: dict[str, Any] = {"device_count": jax.device_count()}
+    if jax.device_count() != 8:
+        raise SystemExit(f"expected 8 devices, got {jax.device_count()}: is XLA_FLAGS set?")
+    results["moment_dtypes"] = _moment_dtypes()
+    check_agreement(results)
+    check_collectives(results)
+    check_zero1(results)
+    check_abstract(results)
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _distributed_worker
+
+    single = _distributed_worker.train(_mesh((4, 2), ("data", "model")))
+    np.savez(os.path.join(out_dir, "single_process.npz"), **single)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,296 @@
+"""Tests of adamw_jax.sharding: state placed like the params, ZeRO-1, multi-process training.
+
+The multi-device checks need 8 CPU devices, which JAX only creates if
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` is set before its backend starts;
+this process has started it already, so they run in fresh processes
+(``_sharding_worker.py``, ``_distributed_worker.py``) and are asserted here. The checks of
+the matching logic itself run in this process on a one-device mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import adamw_jax
+from adamw_jax import sharding
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+TOL = 1e-6
+
+
+def _env(device_count: int) -> dict[str, str]:
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = " ".join(f for f in flags.split() if "xla_force_host_platform_device_count" not in f)
+    env = dict(
+        os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={device_count}"
+    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env.pop("JAX_PLATFORMS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _int8_available() -> bool:
+    try:
+        adamw_jax.scale_by_adam(mu_dtype="int8", nu_dtype="int8")
+    except NotImplementedError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory) -> tuple[dict, Path]:
+    """Runs the 8-device worker once; its measurements and its output folder."""
+    out = tmp_path_factory.mktemp("sharding")
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "_sharding_worker.py"), str(out)],
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_worker_sees_eight_devices(eight_devices):
+    results, _ = eight_devices
+    assert results["device_count"] == 8
+
+
+def test_sharded_steps_match_unsharded(eight_devices):
+    results, _ = eight_devices
+    dtypes = ["float32", "bfloat16"] + (["int8"] if _int8_available() else [])
+    assert results["moment_dtypes"] == dtypes
+    diffs = results["agreement_max_abs_diff"]
+    assert set(diffs) == {f"{c}/{d}" for c in ("lr", "schedule", "none") for d in dtypes}
+    bad = {k: v for k, v in diffs.items() if not v <= TOL}
+    assert not bad, f"sharded and unsharded AdamW differ after 50 steps: {bad}"
+
+
+def test_moments_are_sharded_like_their_params(eight_devices):
+    results, _ = eight_devices
+    for case, leaves in results["moment_vs_param_sharding"].items():
+        for name, (mu_spec, nu_spec, param_spec, same) in leaves.items():
+            assert same, f"{case} {name}: mu {mu_spec}, nu {nu_spec}, param {param_spec}"
+    # A step jitted without out_shardings keeps them there too.
+    assert results["propagated_moment_sharding_kept"]
+
+
+def test_optimizer_step_has_no_collectives(eight_devices):
+    results, _ = eight_devices
+    found = results["collectives"]
+    for mesh in ("1d_data", "2d_data_model"):
+        cases = {k: v for k, v in found.items() if k.startswith(mesh + "/")}
+        assert cases and all(v == [] for v in cases.values()), cases
+    # The detector does see collectives where they are needed (ZeRO-1 gathers updates).
+    controls = {k: v for k, v in found.items() if k.startswith("zero1_control/")}
+    assert controls and all("all-gather" in v for v in controls.values()), controls
+
+
+def test_zero1_holds_one_eighth_of_the_moments_per_device(eight_devices):
+    results, _ = eight_devices
+    z = results["zero1"]
+    assert z["max_abs_diff"] <= TOL
+    assert z["params_still_replicated"]
+    per_device = z["moment_bytes_per_device"]
+    assert sorted(per_device) == [str(i) for i in range(8)]
+    # An eighth of every moment, plus a full copy of the moments of the scalar param.
+    scalar = z["scalar_moment_bytes"]
+    split = z["moment_bytes_total"] - scalar
+    assert scalar == 8 and split % 8 == 0
+    assert all(b == split // 8 + scalar for b in per_device.values()), per_device
+    # The whole state adds two int32 step counts on every device.
+    one_device = z["state_bytes_one_device"]["0"]
+    assert one_device == z["moment_bytes_total"] + 8
+    assert all(b == split // 8 + scalar + 8 for b in z["state_bytes_per_device"].values())
+    assert all(b == one_device for b in z["state_bytes_per_device_replicated"].values())
+    assert z["moment_specs"]["w"] == "P('data', None)"
+    assert z["moment_specs"]["scale"] == "P()"
+    # Leaves with no dimension divisible by 8 stay as their param; others split the first one.
+    assert z["odd_shape_specs"] == {"odd": "P()", "late": "P(None, 'data')"}
+
+
+def test_abstract_init_matches_concrete(eight_devices):
+    results, _ = eight_devices
+    for zero_axis, checks in results["abstract"].items():
+        assert all(checks.values()), (zero_axis, checks)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(eight_devices, tmp_path):
+    _, out = eight_devices
+    single = np.load(out / "single_process.npz")
+    result_path = tmp_path / "two_processes.npz"
+    port = _free_port()
+    env = _env(4)
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(TESTS / "_distributed_worker.py"),
+                str(port),
+                str(i),
+                str(result_path),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=120)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    elapsed = time.perf_counter() - start
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    multi = np.load(result_path)
+    assert sorted(multi.files) == sorted(single.files)
+    for name in single.files:
+        np.testing.assert_allclose(multi[name], single[name], rtol=0, atol=TOL, err_msg=name)
+    print(f"two-process jax.distributed run: {elapsed:.1f} s")
+
+
+# ---- the matching itself, in this process, on a one-device mesh -------------------------
+
+
+@pytest.fixture
+def mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+
+
+@pytest.fixture
+def params(mesh) -> dict[str, jax.Array]:
+    specs = {"w": P(None, "model"), "emb": P("data", None), "b": P("model"), "s": P()}
+    shapes = {"w": (4, 6), "emb": (8, 4), "b": (6,), "s": ()}
+    return {
+        k: jax.device_put(jnp.ones(shapes[k], jnp.float32), NamedSharding(mesh, specs[k]))
+        for k in specs
+    }
+
+
+def _check_placement(tx, params, state_sh):
+    """Every state leaf shaped like a param of the same name has its sharding; others P()."""
+    state = jax.eval_shape(tx.init, params)
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    shardings = jax.tree.leaves(state_sh)
+    assert len(leaves) == len(shardings)
+    matched = 0
+    for (path, leaf), sh in zip(leaves, shardings, strict=True):
+        last = path[-1]
+        name = getattr(last, "key", None)
+        if name in params and leaf.shape == params[name].shape:
+            assert sh == params[name].sharding, jax.tree_util.keystr(path)
+            matched += 1
+        else:
+            assert sh.spec == P(), jax.tree_util.keystr(path)
+    return matched
+
+
+@pytest.mark.parametrize(
+    "make_tx, expected_matches",
+    [
+        (lambda: adamw_jax.adamw(1e-3), 8),
+        (lambda: adamw_jax.adamw(1e-3, amsgrad=True, mu_dtype=jnp.bfloat16), 12),
+        (lambda: optax.inject_hyperparams(adamw_jax.adamw)(learning_rate=1e-3), 8),
+        (lambda: optax.MultiSteps(adamw_jax.adamw(1e-3), 4), 12),
+        (lambda: optax.chain(optax.clip_by_global_norm(1.0), adamw_jax.adam(1e-3, l2=1e-4)), 8),
+        # masked: "b" and "s" are MaskedNodes in the inner state; matched by key path.
+        (
+            lambda: optax.masked(
+                adamw_jax.adamw(1e-3), {"w": True, "emb": True, "b": False, "s": False}
+            ),
+            4,
+        ),
+    ],
+)
+def test_state_leaves_matched_through_wrappers(params, make_tx, expected_matches):
+    tx = make_tx()
+    assert _check_placement(tx, params, sharding.state_shardings(tx, params)) == expected_matches
+    state = sharding.init(tx, params)
+    assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state)) == jax.tree.leaves(
+        sharding.state_shardings(tx, params)
+    )
+
+
+def test_params_as_a_single_array(mesh):
+    w = jax.device_put(jnp.ones((4, 2)), NamedSharding(mesh, P("data")))
+    state_sh = sharding.state_shardings(adamw_jax.adamw(1e-3), w)
+    assert state_sh[0].mu == w.sharding and state_sh[0].nu == w.sharding
+    assert state_sh[0].count.spec == P() and state_sh[1].count.spec == P()
+
+
+def test_leaf_of_another_shape_is_replicated(params):
+    """A state leaf matched to a param but laid out differently (here flattened)."""
+
+    def init_fn(p):
+        return {"flat": jax.tree.map(lambda x: jnp.zeros(x.size, x.dtype), p), "same": p}
+
+    tx = optax.GradientTransformation(init_fn, lambda u, s, p=None: (u, s))
+    state_sh = sharding.state_shardings(tx, params)
+    # Matrices flatten to another shape: replicated. Vectors keep their shape and sharding.
+    assert state_sh["flat"]["w"].spec == P() and state_sh["flat"]["emb"].spec == P()
+    assert state_sh["flat"]["b"] == params["b"].sharding
+    assert state_sh["same"]["w"] == params["w"].sharding
+
+
+def test_zero_axis_splits_first_free_dimension(params):
+    state_sh = sharding.state_shardings(adamw_jax.adamw(1e-3), params, zero_axis="data")
+    mu = state_sh[0].mu
+    assert mu["w"].spec == P("data", "model")  # dim 0 was free
+    assert mu["emb"] == params["emb"].sharding  # already split over "data"
+    assert mu["b"] == params["b"].sharding  # its only dimension is taken
+    assert mu["s"].spec == P()
+    assert state_sh[0].count.spec == P()
+
+
+def test_bad_arguments(params, mesh):
+    tx = adamw_jax.adamw(1e-3)
+    with pytest.raises(ValueError, match=r"zero_axis must be one of the mesh axes.*'batch'"):
+        sharding.state_shardings(tx, params, zero_axis="batch")
+    with pytest.raises(ValueError, match="params carry no sharding"):
+        sharding.state_shardings(tx, {"w": np.ones(3, np.float32)})
+    other = Mesh(np.array(jax.devices()[:1]), ("x",))
+    mixed = {
+        "a": jax.device_put(jnp.ones(2), NamedSharding(mesh, P())),
+        "b": jax.device_put(jnp.ones(2), NamedSharding(other, P())),
+    }
+    with pytest.raises(ValueError, match="one mesh"):
+        sharding.state_shardings(tx, mixed)
+    single = {"w": jax.device_put(jnp.ones(2), jax.devices()[0])}
+    with pytest.raises(ValueError, match="zero_axis='data' needs params placed with a Named"):
+        sharding.state_shardings(tx, single, zero_axis="data")
+    # Single-device params without a mesh: the state is placed on that device.
+    assert all(
+        s.device_set == {jax.devices()[0]}
+        for s in jax.tree.leaves(sharding.state_shardings(tx, single))
+    )
