@@ -1,6 +1,6 @@
 """AdamW for JAX: Adam's moment scaling and decoupled weight decay as Optax transformations."""
 
-from adamw_jax import masks, sharding
+from adamw_jax import compat, masks, schedules, sharding
 from adamw_jax.alias import adam, adamw
 from adamw_jax.decay import (
     AddDecayedWeightsState,
@@ -19,8 +19,10 @@ __all__ = [
     "adam",
     "adamw",
     "add_decayed_weights",
+    "compat",
     "decoupled_weight_decay",
     "masks",
     "scale_by_adam",
+    "schedules",
     "sharding",
 ]
