@@ -26,8 +26,11 @@ def _concrete_scalar(name: str, value: Any) -> float | None:
         if np.ndim(value) != 0:
             raise ValueError(f"{name} must be a scalar; got shape {np.shape(value)}.")
         return None
-    if isinstance(value, (int, float, np.number)):
-        return float(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float's range
+            return math.inf
     if isinstance(value, (np.ndarray, jax.Array)):
         if value.ndim != 0:
             raise ValueError(f"{name} must be a scalar; got shape {value.shape}.")

@@ -154,7 +154,9 @@ def decoupled_weight_decay(
 
     and :math:`d_t = 0` on leaves the mask leaves out. With ``"schedule"`` and a learning
     rate that is not a schedule, :math:`\eta_t / \eta_{peak} = 1` unless
-    ``peak_learning_rate`` is given.
+    ``peak_learning_rate`` is given. The step is computed in float32 or the wider of the
+    update's and the parameter's dtypes, and returned in the parameter's dtype (so a
+    bfloat16 direction applied to float32 params loses nothing further).
 
     Args:
       learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule.
@@ -217,7 +219,7 @@ def decoupled_weight_decay(
 
         def plain(u, p):
             c = compute_dtype(u.dtype, p.dtype)
-            return (-jnp.asarray(lr, c) * u.astype(c)).astype(u.dtype)
+            return (-jnp.asarray(lr, c) * u.astype(c)).astype(p.dtype)
 
         def decayed(u, p):
             c = compute_dtype(u.dtype, p.dtype)
@@ -228,7 +230,7 @@ def decoupled_weight_decay(
                 step = eta * (uc + (lam / jnp.asarray(peak_learning_rate, c)) * pc)
             else:
                 step = eta * uc + lam * pc
-            return (-step).astype(u.dtype)
+            return (-step).astype(p.dtype)
 
         new = _map_masked(resolve_mask(mask, params), decayed, plain, updates, params)
         return new, DecoupledWeightDecayState(safe_increment(state.count))
