@@ -1,0 +1,186 @@
+"""The examples run end to end in their fast modes, and checkpoints resume bit for bit."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import struct
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import adamw_jax
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _load(name: str):
+    """Imports ``examples/<name>.py`` as a module, without putting examples/ on sys.path."""
+    module_name = f"_example_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up while building
+    spec.loader.exec_module(module)
+    return module
+
+
+def _same_bits(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+# --------------------------------------------------------------------------------- digits
+def test_digits_split_is_fixed_disjoint_and_complete():
+    digits = _load("train_digits")
+    a, b = digits.load_splits(0), digits.load_splits(0)
+    sizes = {k: len(v[1]) for k, v in a.items()}
+    assert sum(sizes.values()) == 1797  # every image of load_digits, once
+    assert sizes == {"train": 1078, "val": 359, "test": 360}
+    rows = {k: {x.tobytes() for x in v[0]} for k, v in a.items()}
+    # Some digits images are exact duplicates of each other, so allow a handful of overlaps.
+    assert len(rows["train"] & rows["test"]) < 10
+    for k in a:
+        assert _same_bits(a[k][0], b[k][0]) and _same_bits(a[k][1], b[k][1])
+
+
+def test_digits_quick_run_beats_chance_and_writes_png(tmp_path):
+    digits = _load("train_digits")
+    out = tmp_path / "curves.png"
+    result = digits.main(["--quick", "--out", str(out), "--no-progress"])
+    assert set(result) == {"AdamW", "Adam+L2", "out"}
+    for name in ("AdamW", "Adam+L2"):
+        run = result[name]
+        assert run["test_acc"] > 0.8, (name, run["test_acc"])  # chance is 0.1
+        history = run["history"]
+        assert history["step"][-1] == 150
+        assert history["train_loss"][-1] < 0.5 * history["train_loss"][0]
+        assert run["train_loss"] < math.log(10) / 4  # uniform guessing: ln 10
+        assert run["weight_norm"] > 0 and run["wall_time"] > 0
+    # Same coefficient, different coupling: the two runs must actually differ.
+    assert result["AdamW"]["weight_norm"] != result["Adam+L2"]["weight_norm"]
+    png = out.read_bytes()
+    assert png[:8] == PNG_SIGNATURE
+    assert png[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (1000, 400)  # figsize (10, 4) at 100 dpi
+    assert len(png) > 10_000  # curves, labels and legends, not an empty canvas
+
+
+# ------------------------------------------------------------------- char transformer LM
+@pytest.fixture(scope="module")
+def lm_runs(tmp_path_factory):
+    """An uninterrupted run, and one interrupted at step 6 and resumed (checkpoints every 4)."""
+    lm = _load("char_transformer")
+    base = ["--small", "--steps", "12", "--save-every", "4", "--no-progress"]
+    full_dir = tmp_path_factory.mktemp("full")
+    cut_dir = tmp_path_factory.mktemp("cut")
+    # optax.MultiSteps divides by its int32 micro-step count and optax's schedules mix int32
+    # steps with Python floats: both are rejected under the suite's strict dtype promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        full = lm.main([*base, "--ckpt-dir", str(full_dir)])
+        cut = lm.main([*base, "--ckpt-dir", str(cut_dir), "--stop-after", "6"])
+        resumed = lm.main([*base, "--ckpt-dir", str(cut_dir), "--resume"])
+    return {"full": full, "cut": cut, "resumed": resumed, "cut_dir": cut_dir, "base": base}
+
+
+def test_char_transformer_loss_falls(lm_runs):
+    lm = _load("char_transformer")
+    full = lm_runs["full"]
+    vocab = lm.CharData(lm.load_text()).vocab_size
+    losses = full["losses"]
+    assert len(losses) == 12
+    assert losses[0] > math.log(vocab) - 0.5  # starts near uniform guessing
+    assert np.mean(losses[-3:]) < losses[0] - 0.8
+    assert full["val_loss"] < math.log(vocab) - 0.8
+    assert full["bpc"] == pytest.approx(full["val_loss"] / math.log(2))
+    assert full["sample"].startswith("The ")
+    assert len(full["sample"]) == len("The ") + lm.SMALL["sample_chars"]
+    # 12 optimizer steps of 2 accumulated micro-batches each.
+    assert int(full["state"]["step"]) == 24
+    assert int(full["state"]["opt_state"].gradient_step) == 12
+
+
+def test_char_transformer_resume_is_bitwise_identical(lm_runs):
+    full, cut, resumed = lm_runs["full"], lm_runs["cut"], lm_runs["resumed"]
+    assert cut["end_step"] == 6
+    # The interruption came after step 6; the latest checkpoint is step 4: 5 and 6 rerun.
+    assert (resumed["start_step"], resumed["end_step"]) == (4, 12)
+    assert jax.tree.structure(full["state"]) == jax.tree.structure(resumed["state"])
+    full_leaves = jax.tree.leaves(full["state"])
+    resumed_leaves = jax.tree.leaves(resumed["state"])
+    assert len(full_leaves) > 100  # params, both moments, the accumulator, counters
+    mismatched = [
+        i
+        for i, (a, b) in enumerate(zip(full_leaves, resumed_leaves, strict=True))
+        if not _same_bits(a, b)
+    ]
+    assert mismatched == []
+    # The steps the resumed run took saw the same batches: identical losses, to the bit.
+    assert resumed["losses"] == full["losses"][4:]
+    # ...and the comparison can fail: the interrupted state differs from the final one.
+    cut_params = jax.tree.leaves(cut["state"]["params"])
+    assert not all(
+        _same_bits(a, b)
+        for a, b in zip(cut_params, jax.tree.leaves(full["state"]["params"]), strict=True)
+    )
+
+
+def test_char_transformer_resume_with_other_optimizer_structure_raises(lm_runs):
+    lm = _load("char_transformer")
+    argv = [*lm_runs["base"], "--ckpt-dir", str(lm_runs["cut_dir"]), "--resume", "--amsgrad"]
+    expected = r"in the target but not in checkpoint 4 .*nu_max\.\* \(\d+ leaves\)"
+    with jax.numpy_dtype_promotion("standard"), pytest.raises(ValueError, match=expected):
+        lm.main(argv)
+
+
+def _opt_tree(tx, params):
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros([], jnp.int32)}
+
+
+def test_restore_helper_checks_structure_shapes_and_dtypes(tmp_path):
+    lm = _load("char_transformer")
+    params = {"dense": {"kernel": jnp.arange(6.0).reshape(3, 2), "bias": jnp.ones(2)}}
+    saved = _opt_tree(adamw_jax.adamw(1e-3), params)
+    saved["opt_state"][0].mu["dense"]["kernel"] += 0.25  # something non-trivial to restore
+    manager = lm.checkpoint_manager(tmp_path)
+    lm.save_checkpoint(manager, 3, saved, {"data_position": 6})
+
+    # Same configuration: restores every leaf exactly, and the metadata.
+    fresh = _opt_tree(adamw_jax.adamw(1e-3), jax.tree.map(jnp.zeros_like, params))
+    restored, meta = lm.restore_checkpoint(manager, 3, fresh)
+    assert meta == {"data_position": 6}
+    assert jax.tree.structure(restored) == jax.tree.structure(saved)
+    assert all(
+        _same_bits(a, b)
+        for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), strict=True)
+    )
+
+    # AMSGrad keeps one more moment: missing from the checkpoint.
+    with pytest.raises(ValueError, match=r"in the target but not in checkpoint 3.*nu_max"):
+        lm.restore_checkpoint(manager, 3, _opt_tree(adamw_jax.adamw(amsgrad=True), params))
+    # Another moment dtype: orbax alone would cast silently.
+    with pytest.raises(
+        ValueError,
+        match=r"mu\.dense\.kernel: saved \(3, 2\) float32, "
+        r"target \(3, 2\) bfloat16",
+    ):
+        lm.restore_checkpoint(manager, 3, _opt_tree(adamw_jax.adamw(mu_dtype=jnp.bfloat16), params))
+    # Another model size.
+    wider = {"dense": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)}}
+    with pytest.raises(
+        ValueError,
+        match=r"params\.dense\.kernel: saved \(3, 2\) float32, "
+        r"target \(4, 2\) float32",
+    ):
+        lm.restore_checkpoint(manager, 3, _opt_tree(adamw_jax.adamw(), wider))
+    # Another chain (Adam + L2 has an extra state for the penalty): extra leaves on disk.
+    with pytest.raises(ValueError, match="does not match"):
+        lm.restore_checkpoint(manager, 3, _opt_tree(adamw_jax.adam(l2=1e-2), params))
+    manager.close()
