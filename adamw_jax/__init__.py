@@ -1,6 +1,6 @@
 """AdamW for JAX: Adam's moment scaling and decoupled weight decay as Optax transformations."""
 
-from adamw_jax import compat, masks, schedules, sharding
+from adamw_jax import compat, masks, quantize, schedules, sharding
 from adamw_jax.alias import adam, adamw
 from adamw_jax.decay import (
     AddDecayedWeightsState,
@@ -9,20 +9,27 @@ from adamw_jax.decay import (
     decoupled_weight_decay,
 )
 from adamw_jax.moments import ScaleByAdamState, scale_by_adam
+from adamw_jax.precision import LowPrecisionUpdateState, low_precision_update
+from adamw_jax.quantize import QuantizedArray, state_nbytes
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AddDecayedWeightsState",
     "DecoupledWeightDecayState",
+    "LowPrecisionUpdateState",
+    "QuantizedArray",
     "ScaleByAdamState",
     "adam",
     "adamw",
     "add_decayed_weights",
     "compat",
     "decoupled_weight_decay",
+    "low_precision_update",
     "masks",
+    "quantize",
     "scale_by_adam",
     "schedules",
     "sharding",
+    "state_nbytes",
 ]

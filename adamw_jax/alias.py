@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from adamw_jax import _validate
+from adamw_jax import _validate, precision
 from adamw_jax.decay import (
     Mask,
     ScalarOrSchedule,
@@ -29,6 +29,9 @@ def adamw(
     nesterov: bool = False,
     mu_dtype: MomentDtype = None,
     nu_dtype: MomentDtype = None,
+    block_size: int = 256,
+    min_quantize_size: int = 4096,
+    param_update: str | None = None,
 ) -> optax.GradientTransformation:
     r"""Adam with decoupled weight decay (AdamW).
 
@@ -61,8 +64,16 @@ def adamw(
         learning-rate schedule.
       amsgrad: use the running maximum of the bias-corrected second moment.
       nesterov: Nesterov look-ahead on the first moment (as ``optax.nadamw``).
-      mu_dtype: storage dtype of the first moment (None: the params' dtype).
-      nu_dtype: storage dtype of the second moment (None: the params' real dtype).
+      mu_dtype: storage dtype of the first moment (None: the params' dtype), or
+        ``"int8"`` (blockwise 8-bit, see :func:`adamw_jax.scale_by_adam`).
+      nu_dtype: storage dtype of the second moment (None: the params' real dtype), or
+        ``"int8"``.
+      block_size: with ``"int8"`` moments, elements per quantization block, in [1, inf).
+      min_quantize_size: with ``"int8"`` moments, leaves smaller than this, in [0, inf),
+        stay float32.
+      param_update: None, or how updates land on bfloat16/float16 params so that small
+        steps and the decay are not rounded away: ``"compensated"`` (Kahan buffer in the
+        state) or ``"stochastic_rounding"`` (see :func:`adamw_jax.low_precision_update`).
 
     Returns:
       An ``optax.GradientTransformation``; its ``update`` requires ``params``.
@@ -83,7 +94,9 @@ def adamw(
       Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
       Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
     """
-    return optax.chain(
+    if param_update is not None:
+        _validate.check_choice("param_update", param_update, (None, *precision.METHODS))
+    steps = [
         scale_by_adam(
             b1,
             b2,
@@ -93,6 +106,8 @@ def adamw(
             nesterov=nesterov,
             mu_dtype=mu_dtype,
             nu_dtype=nu_dtype,
+            block_size=block_size,
+            min_quantize_size=min_quantize_size,
         ),
         decoupled_weight_decay(
             learning_rate,
@@ -101,7 +116,10 @@ def adamw(
             decay_coupling=decay_coupling,
             peak_learning_rate=peak_learning_rate,
         ),
-    )
+    ]
+    if param_update is not None:
+        steps.append(precision.low_precision_update(param_update))
+    return optax.chain(*steps)
 
 
 def adam(
@@ -117,6 +135,8 @@ def adam(
     nesterov: bool = False,
     mu_dtype: MomentDtype = None,
     nu_dtype: MomentDtype = None,
+    block_size: int = 256,
+    min_quantize_size: int = 4096,
 ) -> optax.GradientTransformation:
     r"""Adam with an L2 penalty added to the gradient (the coupling AdamW removes).
 
@@ -140,8 +160,13 @@ def adam(
       mask: which leaves are penalized (as in :func:`adamw`).
       amsgrad: use the running maximum of the bias-corrected second moment.
       nesterov: Nesterov look-ahead on the first moment.
-      mu_dtype: storage dtype of the first moment (None: the params' dtype).
-      nu_dtype: storage dtype of the second moment (None: the params' real dtype).
+      mu_dtype: storage dtype of the first moment (None: the params' dtype), or
+        ``"int8"`` (blockwise 8-bit, see :func:`adamw_jax.scale_by_adam`).
+      nu_dtype: storage dtype of the second moment (None: the params' real dtype), or
+        ``"int8"``.
+      block_size: with ``"int8"`` moments, elements per quantization block, in [1, inf).
+      min_quantize_size: with ``"int8"`` moments, leaves smaller than this, in [0, inf),
+        stay float32.
 
     Returns:
       An ``optax.GradientTransformation``; its ``update`` requires ``params``.
@@ -172,6 +197,8 @@ def adam(
             nesterov=nesterov,
             mu_dtype=mu_dtype,
             nu_dtype=nu_dtype,
+            block_size=block_size,
+            min_quantize_size=min_quantize_size,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -119,11 +119,6 @@ def test_bf16_moments_reach_fp32_loss():
     assert abs(bf16 - fp32) <= 0.02 * fp32
 
 
-def test_int8_storage_is_not_yet_silently_accepted():
-    with pytest.raises(NotImplementedError, match="mu_dtype"):
-        adamw_jax.scale_by_adam(mu_dtype="int8")
-
-
 @pytest.mark.parametrize("bad", ["float32x", jnp.int32, "int16", 3])
 def test_bad_moment_dtype(bad):
     with pytest.raises(ValueError, match="nu_dtype"):

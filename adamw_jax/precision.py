@@ -1,0 +1,155 @@
+r"""Updates that survive bfloat16 and float16 parameters.
+
+``optax.apply_updates`` adds an update to a parameter in the parameter's dtype. In bfloat16
+(8 significant bits) a change smaller than half a unit in the last place is rounded away:
+with ``lr=1e-3`` and ``weight_decay=1e-2`` AdamW's per-step decay factor ``1e-5`` is far
+below bfloat16's resolution (about ``4e-3`` relative), so the decay, and every small
+update, silently vanishes. :func:`low_precision_update`, last in a chain, rewrites each
+update of a low-precision leaf into ``new - w``, where ``new`` is the parameter the step
+should land on, rounded one of two ways:
+
+* ``"compensated"``: Kahan summation. The part of the step lost to rounding is kept in a
+  buffer (in the parameter's dtype, so bfloat16 params plus buffer take 4 bytes) and added
+  to the next step.
+* ``"stochastic_rounding"``: rounds up or down with probabilities that make the rounding
+  unbiased, using a key derived from a seed and the step count (no extra buffer).
+
+``new - w`` is exactly representable whenever ``new`` and ``w`` are within a factor of 2
+of each other (Sterbenz), so ``optax.apply_updates`` then lands exactly on ``new``; the
+compensated buffer also records any rare remainder. Leaves of float32 or wider pass
+through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adamw_jax import _validate
+from adamw_jax.moments import safe_increment
+
+METHODS = ("compensated", "stochastic_rounding")
+
+
+class LowPrecisionUpdateState(NamedTuple):
+    """State of :func:`low_precision_update`.
+
+    Attributes:
+      count: number of updates taken, int32 (the stochastic rounding key's step).
+      compensation: with ``"compensated"``, the rounding remainder per leaf, like the
+        params for low-precision leaves and a scalar zero for the others; otherwise
+        ``optax.EmptyState()``.
+    """
+
+    count: jax.Array
+    compensation: Any
+
+
+def _is_low_precision(dtype: Any) -> bool:
+    dtype = jnp.dtype(dtype)
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+
+
+def _stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
+    """Rounds float32 ``x`` to ``dtype``: to either neighbour, unbiased in expectation."""
+    nearest = x.astype(dtype)
+    near32 = nearest.astype(jnp.float32)
+    direction = jnp.where(near32 < x, jnp.inf, -jnp.inf).astype(dtype)
+    other = jnp.nextafter(nearest, direction)
+    gap = other.astype(jnp.float32) - near32
+    safe_gap = jnp.where(gap != 0, gap, 1.0)
+    p_other = jnp.where((gap != 0) & jnp.isfinite(gap), (x - near32) / safe_gap, 0.0)
+    return jnp.where(jax.random.uniform(key, x.shape) < p_other, other, nearest)
+
+
+def low_precision_update(method: str = "compensated", *, seed: int = 0):
+    r"""Makes small updates land on bfloat16/float16 parameters.
+
+    For a low-precision leaf :math:`w` with incoming update :math:`u`:
+
+    .. math::
+
+      \text{compensated:}\quad y = u + c, \quad w' = \operatorname{round}(w + y),
+      \quad c \leftarrow y - (w' - w), \\
+      \text{stochastic rounding:}\quad w' = \operatorname{round}_{\text{stoch}}(w + u),
+
+    computed in float32; the emitted update is :math:`w' - w`, so that
+    ``optax.apply_updates(params, updates)`` gives :math:`w'`.
+
+    Args:
+      method: ``"compensated"`` (Kahan buffer in the state) or ``"stochastic_rounding"``
+        (random key from ``seed`` and the step count).
+      seed: an int, the stochastic rounding's base key.
+
+    Returns:
+      An ``optax.GradientTransformation``; place it last in a chain. Its ``update``
+      requires ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import adamw_jax
+      >>> params = {"w": jnp.ones(3, jnp.bfloat16)}
+      >>> tx = adamw_jax.low_precision_update("compensated")
+      >>> state = tx.init(params)
+      >>> for _ in range(1000):  # 1000 steps of -1e-4: plain bfloat16 would stay at 1
+      ...     updates, state = tx.update({"w": jnp.full(3, -1e-4, jnp.bfloat16)}, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> params["w"]
+      Array([0.902344, 0.902344, 0.902344], dtype=bfloat16)
+
+    References:
+      Kahan, "Further remarks on reducing truncation errors", CACM 1965.
+      Zamirai et al., "Revisiting BFloat16 Training", arXiv:2010.06192, 2020.
+      Gupta et al., "Deep Learning with Limited Numerical Precision", ICML 2015.
+    """
+    _validate.check_choice("method", method, METHODS)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int; got {seed!r}.")
+
+    def init_fn(params):
+        _validate.check_inexact_leaves("params", params)
+
+        def zeros(p):
+            dtype = jnp.result_type(p)
+            return jnp.zeros(jnp.shape(p) if _is_low_precision(dtype) else (), dtype)
+
+        comp = jax.tree.map(zeros, params) if method == "compensated" else optax.EmptyState()
+        return LowPrecisionUpdateState(jnp.zeros([], jnp.int32), comp)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("low_precision_update needs the params: call update(u, s, params).")
+        _validate.check_same_structure("updates", updates, params, "the params")
+        treedef = jax.tree.structure(params)
+        u_leaves, p_leaves = treedef.flatten_up_to(updates), jax.tree.leaves(params)
+        if method == "compensated":
+            c_leaves = treedef.flatten_up_to(state.compensation)
+        else:
+            c_leaves = [None] * len(p_leaves)
+        key = jax.random.fold_in(jax.random.key(seed), state.count)
+        new_u, new_c = [], []
+        for i, (u, p, c) in enumerate(zip(u_leaves, p_leaves, c_leaves, strict=True)):
+            if not _is_low_precision(p.dtype):
+                new_u.append(u)
+                new_c.append(c)
+                continue
+            p32 = p.astype(jnp.float32)
+            y = u.astype(jnp.float32) + (c.astype(jnp.float32) if c is not None else 0.0)
+            if method == "compensated":
+                target = (p32 + y).astype(p.dtype)
+            else:
+                target = _stochastic_round(p32 + y, p.dtype, jax.random.fold_in(key, i))
+            step = (target.astype(jnp.float32) - p32).astype(p.dtype)
+            new_u.append(step.astype(u.dtype))
+            if c is not None:
+                landed = (p + step).astype(p.dtype)  # what optax.apply_updates computes
+                new_c.append((y - (landed.astype(jnp.float32) - p32)).astype(c.dtype))
+        comp = jax.tree.unflatten(treedef, new_c) if method == "compensated" else optax.EmptyState()
+        new_updates = jax.tree.unflatten(treedef, new_u)
+        return new_updates, LowPrecisionUpdateState(safe_increment(state.count), comp)
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,232 @@
+"""Tests of blockwise 8-bit storage (adamw_jax.quantize) and of the memory-lean moments."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adamw_jax
+from adamw_jax import quantize
+
+TOP = 1.9375  # both code books' largest value
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_code_books_are_monotone_with_exact_zero(signed):
+    book = quantize.code_book(signed)
+    assert book.dtype == np.float32
+    assert np.all(np.diff(book) > 0)
+    assert book[-1] == TOP
+    if signed:
+        assert len(book) == 255 and book[127] == 0.0
+        np.testing.assert_array_equal(book[:127], -book[:127:-1])
+    else:
+        assert len(book) == 256 and book[0] == 0.0
+    # Small-float books: relative steps shrink to at most 2**-4 in the top binades.
+    top = book[book >= 1.0]
+    assert np.max(np.diff(top) / top[:-1]) <= 2.0**-4
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_encoding_picks_the_nearest_code(signed):
+    book = quantize.code_book(signed)
+    positive = book[book >= 0]
+    y = np.concatenate([np.linspace(0.0, TOP, 20001), positive, positive * (1 + 1e-6)])
+    y = np.minimum(y, TOP).astype(np.float32)
+    chosen = positive[np.asarray(quantize._encode(jnp.asarray(y), signed))]
+    best = np.min(np.abs(positive[None, :] - y[:, None]), axis=1)
+    np.testing.assert_array_equal(np.abs(chosen - y), best)  # nearest (ties either way)
+
+
+def _inputs(kind: str) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    shape = (7, 700)  # 700 = 2 full blocks of 256 and a short one of 188
+    if kind == "normal":
+        return rng.normal(size=shape).astype(np.float32)
+    if kind == "heavy_tailed":  # Student t with 1.5 degrees of freedom, spanning decades
+        rows = 10.0 ** rng.uniform(-3, 3, size=(shape[0], 1))
+        return (rng.standard_t(1.5, size=shape) * rows).astype(np.float32)
+    return np.zeros(shape, np.float32)
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy_tailed", "zeros"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_round_trip_error_is_bounded_per_block(kind, signed):
+    x = _inputs(kind)
+    if not signed:
+        x = np.abs(x)
+    q = jax.jit(quantize.quantize, static_argnames=("signed", "block_size"))(
+        jnp.asarray(x), signed=signed, block_size=256
+    )
+    assert q.codes.dtype == (jnp.int8 if signed else jnp.uint8)
+    assert q.codes.shape == x.shape and q.scales.shape == (7, 3)
+    assert q.scales.dtype == jnp.float32
+    back = np.asarray(quantize.dequantize(q, block_size=256))
+    # Independent per-block scale: largest magnitude of each block over the top code.
+    padded = np.pad(np.abs(x), [(0, 0), (0, 3 * 256 - 700)])
+    scale = padded.reshape(7, 3, 256).max(axis=-1) / TOP
+    np.testing.assert_allclose(np.asarray(q.scales), scale, rtol=1e-6)
+    per_elem_scale = np.repeat(scale, 256, axis=1)[:, :700]
+    floor = 2.0**-11 if signed else 2.0**-19
+    bound = 2.0**-5 * np.abs(x) + floor * per_elem_scale
+    err = np.abs(back - x)
+    assert np.all(err <= bound * (1 + 1e-5) + 1e-30), float(np.max(err / (bound + 1e-30)))
+    assert np.all(back[x == 0] == 0.0) and np.all(np.sign(back) * np.sign(x) >= 0)
+    if kind == "zeros":
+        assert np.all(np.asarray(q.scales) == 0) and np.all(back == 0)
+    else:
+        # The largest magnitude of every block comes back to float32 rounding.
+        blocks = np.pad(back, [(0, 0), (0, 68)]).reshape(7, 3, 256)
+        np.testing.assert_allclose(np.abs(blocks).max(-1), scale * TOP, rtol=1e-6)
+
+
+def test_scalars_and_keep_nonzero():
+    def round_trip(x, signed, keep_nonzero=False):
+        q = quantize.quantize(x, signed=signed, keep_nonzero=keep_nonzero)
+        return q, quantize.dequantize(q)
+
+    round_trip = jax.jit(round_trip, static_argnums=(1, 2))
+    q, back = round_trip(jnp.float32(-2.5), True)
+    assert q.codes.shape == () and q.scales.shape == ()
+    assert float(back) == -2.5
+    x = jnp.array([1.0, 1e-9, 0.0])  # 1e-9 is below the smallest unsigned code
+    _, plain = round_trip(x, False)
+    _, kept = round_trip(x, False, True)
+    assert float(plain[1]) == 0.0 and float(kept[1]) > 0.0 and float(kept[2]) == 0.0
+
+
+def test_bad_block_size():
+    with pytest.raises(ValueError, match="block_size"):
+        quantize.quantize(jnp.ones(3), signed=True, block_size=0)
+    with pytest.raises(ValueError, match="block_size"):
+        adamw_jax.adamw(1e-3, mu_dtype="int8", block_size=-4)
+    with pytest.raises(ValueError, match="min_quantize_size"):
+        adamw_jax.scale_by_adam(nu_dtype="int8", min_quantize_size=-1)
+    with pytest.raises(TypeError, match="block_size"):
+        adamw_jax.scale_by_adam(nu_dtype="int8", block_size=2.5)
+    with pytest.raises(ValueError, match="complex"):
+        adamw_jax.scale_by_adam(mu_dtype="int8").init(jnp.zeros((80, 80), jnp.complex64))
+
+
+def test_int8_state_dtypes_shapes_and_bytes():
+    params = {"kernel": jnp.ones((64, 300)), "bias": jnp.ones(300), "norm": jnp.ones((16, 16))}
+    tx = adamw_jax.scale_by_adam(mu_dtype="int8", nu_dtype="int8", amsgrad=True)
+    state = tx.init(params)
+    mu, nu = state.mu["kernel"], state.nu["kernel"]
+    assert isinstance(mu, adamw_jax.QuantizedArray) and isinstance(nu, adamw_jax.QuantizedArray)
+    assert (mu.codes.dtype, mu.codes.shape) == (jnp.int8, (64, 300))
+    assert (nu.codes.dtype, nu.codes.shape) == (jnp.uint8, (64, 300))
+    assert mu.scales.shape == nu.scales.shape == (64, 2) and mu.scales.dtype == jnp.float32
+    assert isinstance(state.nu_max["kernel"], adamw_jax.QuantizedArray)
+    for small in ("bias", "norm"):  # fewer than 4096 elements: float32
+        for tree in (state.mu, state.nu, state.nu_max):
+            assert tree[small].dtype == jnp.float32 and tree[small].shape == params[small].shape
+    # Per moment: 1 byte per kernel element + 4 per block; small leaves 4 bytes each.
+    per_moment = 64 * 300 + 64 * 2 * 4 + 4 * (300 + 256)
+    assert adamw_jax.state_nbytes(state) == 3 * per_moment + 4
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, new_state = jax.jit(tx.update)(grads, state)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    assert all(
+        a.dtype == b.dtype and a.shape == b.shape
+        for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True)
+    )
+    np.testing.assert_allclose(np.asarray(updates["kernel"]), 1.0, rtol=1e-6)  # m̂ / sqrt(v̂)
+    # A large transformer-like kernel costs about 2.03 bytes per parameter for both moments.
+    big = {"w": jax.ShapeDtypeStruct((1024, 4096), jnp.float32)}
+    abstract = jax.eval_shape(adamw_jax.adamw(1e-3, mu_dtype="int8", nu_dtype="int8").init, big)
+    assert adamw_jax.state_nbytes(abstract) / (1024 * 4096) <= 2.1
+
+
+def _least_squares(tx, steps=500):
+    """Adam on ||A W - Y||^2; returns the per-step losses and the final W."""
+    ka, kw, kn = jax.random.split(jax.random.key(0), 3)
+    a = jax.random.normal(ka, (256, 64))
+    y = a @ jax.random.normal(kw, (64, 96)) + 0.1 * jax.random.normal(kn, (256, 96))
+
+    def loss(w):
+        return jnp.mean((a @ w - y) ** 2)
+
+    def step(carry, _):
+        w, state = carry
+        value, grad = jax.value_and_grad(loss)(w)
+        updates, state = tx.update(grad, state, w)
+        return (optax.apply_updates(w, updates), state), value
+
+    w0 = jnp.zeros((64, 96))  # 6144 elements: quantized
+    (w, _), losses = jax.jit(lambda w0: jax.lax.scan(step, (w0, tx.init(w0)), length=steps))(w0)
+    return np.asarray(losses), np.asarray(w)
+
+
+def test_int8_moments_track_fp32_on_least_squares():
+    ref_losses, ref_w = _least_squares(adamw_jax.adamw(1e-2, weight_decay=1e-2))
+    losses, w = _least_squares(
+        adamw_jax.adamw(1e-2, weight_decay=1e-2, mu_dtype="int8", nu_dtype="int8")
+    )
+    assert ref_losses[-1] < 0.005 * ref_losses[0]  # the problem is solved
+    # Stated bound: every step's loss within 15% of fp32's, the final one within 10%, and
+    # the final weights within 3% (relative norm of the difference).
+    assert np.max(np.abs(losses - ref_losses) / ref_losses) <= 0.15
+    assert abs(losses[-1] - ref_losses[-1]) <= 0.10 * ref_losses[-1]
+    assert np.linalg.norm(w - ref_w) <= 0.03 * np.linalg.norm(ref_w)
+
+
+def test_float16_second_moment_survives_tiny_gradients():
+    b2 = 0.999
+    g = 1e-4 * jax.random.normal(jax.random.key(1), (5000,))
+    # The failure mode: (1 - b2) g^2 underflows float16, so v stored as is would be 0 and the
+    # step m̂ / (sqrt(0) + eps) would be ~1e4 instead of ~1.
+    assert np.mean(np.asarray(((1 - b2) * g * g).astype(jnp.float16)) == 0) > 0.99
+    ref = adamw_jax.scale_by_adam(b2=b2)
+    half = adamw_jax.scale_by_adam(b2=b2, mu_dtype=jnp.float16, nu_dtype=jnp.float16)
+    s_ref, s_half = ref.init(g), half.init(g)
+    ref_update, half_update = jax.jit(ref.update), jax.jit(half.update)
+    typical = np.abs(np.asarray(g)) > 2e-5  # float16 subnormals are coarse below this
+    for t in range(5):
+        grad = g * (1.0 + 0.1 * t)
+        u_ref, s_ref = ref_update(grad, s_ref)
+        u_half, s_half = half_update(grad, s_half)
+        assert float(jnp.max(jnp.abs(u_half))) <= 2.0  # Adam's steps are ~1, not ~1e4
+        np.testing.assert_allclose(
+            np.asarray(u_half)[typical], np.asarray(u_ref)[typical], rtol=0.03
+        )
+    # Gradients so small that even the square root underflows still give bounded steps.
+    tiny = jnp.full(4, 1e-9)
+    u, _ = half.update(tiny, half.init(tiny))
+    assert np.all(np.isfinite(np.asarray(u))) and float(jnp.max(jnp.abs(u))) <= 1.0
+
+
+def test_int8_state_checkpoint_round_trip_is_exact(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    params = {"w": jax.random.normal(jax.random.key(2), (64, 128)), "b": jnp.zeros(128)}
+    tx = adamw_jax.adamw(1e-3, mu_dtype="int8", nu_dtype="int8")
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: 0.1 * p + 0.01, params)
+    update = jax.jit(tx.update)
+    _, state = update(grads, state, params)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "state", state)
+        ckpt.wait_until_finished()
+        restored = ckpt.restore(tmp_path / "state", jax.eval_shape(lambda: state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    next_a, _ = update(grads, restored, params)
+    next_b, _ = update(grads, state, params)
+    for a, b in zip(jax.tree.leaves(next_a), jax.tree.leaves(next_b), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_state_nbytes_counts_every_array():
+    tree = {"a": jnp.zeros((3, 5), jnp.bfloat16), "b": np.zeros(7, np.int64), "c": 1.0}
+    assert adamw_jax.state_nbytes(tree) == 3 * 5 * 2 + 7 * 8
+    assert math.isclose(
+        adamw_jax.state_nbytes(adamw_jax.adamw(1e-3).init({"w": jnp.zeros((50, 20))})),
+        2 * 1000 * 4 + 2 * 4,
+    )
