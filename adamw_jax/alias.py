@@ -29,8 +29,8 @@ def adamw(
     nesterov: bool = False,
     mu_dtype: MomentDtype = None,
     nu_dtype: MomentDtype = None,
-    block_size: int = 256,
-    min_quantize_size: int = 4096,
+    block_size: int | None = None,
+    min_quantize_size: int | None = None,
     param_update: str | None = None,
 ) -> optax.GradientTransformation:
     r"""Adam with decoupled weight decay (AdamW).
@@ -68,9 +68,10 @@ def adamw(
         ``"int8"`` (blockwise 8-bit, see :func:`adamw_jax.scale_by_adam`).
       nu_dtype: storage dtype of the second moment (None: the params' real dtype), or
         ``"int8"``.
-      block_size: with ``"int8"`` moments, elements per quantization block, in [1, inf).
+      block_size: with ``"int8"`` moments, elements per quantization block, in [1, inf);
+        None means 256.
       min_quantize_size: with ``"int8"`` moments, leaves smaller than this, in [0, inf),
-        stay float32.
+        stay float32; None means 4096.
       param_update: None, or how updates land on bfloat16/float16 params so that small
         steps and the decay are not rounded away: ``"compensated"`` (Kahan buffer in the
         state) or ``"stochastic_rounding"`` (see :func:`adamw_jax.low_precision_update`).
@@ -135,8 +136,8 @@ def adam(
     nesterov: bool = False,
     mu_dtype: MomentDtype = None,
     nu_dtype: MomentDtype = None,
-    block_size: int = 256,
-    min_quantize_size: int = 4096,
+    block_size: int | None = None,
+    min_quantize_size: int | None = None,
 ) -> optax.GradientTransformation:
     r"""Adam with an L2 penalty added to the gradient (the coupling AdamW removes).
 
@@ -164,9 +165,10 @@ def adam(
         ``"int8"`` (blockwise 8-bit, see :func:`adamw_jax.scale_by_adam`).
       nu_dtype: storage dtype of the second moment (None: the params' real dtype), or
         ``"int8"``.
-      block_size: with ``"int8"`` moments, elements per quantization block, in [1, inf).
+      block_size: with ``"int8"`` moments, elements per quantization block, in [1, inf);
+        None means 256.
       min_quantize_size: with ``"int8"`` moments, leaves smaller than this, in [0, inf),
-        stay float32.
+        stay float32; None means 4096.
 
     Returns:
       An ``optax.GradientTransformation``; its ``update`` requires ``params``.

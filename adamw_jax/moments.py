@@ -15,6 +15,8 @@ ScalarOrArray = float | jax.Array
 MomentDtype = Any  # None, a floating dtype (e.g. jnp.bfloat16), or the string "int8".
 
 _INT32_MAX = jnp.iinfo(jnp.int32).max
+DEFAULT_BLOCK_SIZE = 256
+DEFAULT_MIN_QUANTIZE_SIZE = 4096
 
 
 class ScaleByAdamState(NamedTuple):
@@ -95,8 +97,8 @@ def scale_by_adam(
     bias_correction: bool = True,
     mu_dtype: MomentDtype = None,
     nu_dtype: MomentDtype = None,
-    block_size: int = 256,
-    min_quantize_size: int = 4096,
+    block_size: int | None = None,
+    min_quantize_size: int | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by Adam's bias-corrected first and second moments.
 
@@ -114,7 +116,10 @@ def scale_by_adam(
     ``nesterov``, :math:`\hat m_t` is replaced by the look-ahead
     :math:`\beta_1 m_t / (1 - \beta_1^{t+1}) + (1 - \beta_1) g_t / (1 - \beta_1^t)` (NAdam,
     as ``optax.nadamw``). Moments are stored in ``mu_dtype``/``nu_dtype`` but computed in
-    float32, or in the parameters' dtype when that is wider.
+    float32, or in the parameters' dtype when that is wider; the direction is returned in
+    the wider of the gradient's and the first moment's dtype. Where the denominator is
+    exactly zero (``eps = 0`` and a zero second moment, i.e. no gradient yet) the direction
+    is 0 rather than 0/0.
 
     Args:
       b1: decay of the first moment, in [0, 1).
@@ -130,9 +135,10 @@ def scale_by_adam(
         floating dtype, or ``"int8"``. With float16 the square root of the moment is
         stored, so that small gradients' squares do not underflow to 0.
       block_size: with ``"int8"``, elements per quantization block along each leaf's last
-        axis, in [1, inf).
+        axis, in [1, inf); None means 256. (None rather than a number keeps it out of
+        ``optax.inject_hyperparams``'s numeric, traced hyperparameters.)
       min_quantize_size: with ``"int8"``, leaves with fewer elements than this, in
-        [0, inf), are stored in float32 (biases, norm scales).
+        [0, inf), are stored in float32 (biases, norm scales); None means 4096.
 
     ``"int8"`` stores a moment as blockwise 8-bit codes with one float32 scale per block
     (:mod:`adamw_jax.quantize`): about 1.02 bytes per element instead of 4. The update
@@ -165,7 +171,13 @@ def scale_by_adam(
     _validate.check_bool("bias_correction", bias_correction)
     _check_moment_dtype("mu_dtype", mu_dtype)
     _check_moment_dtype("nu_dtype", nu_dtype)
+    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    min_quantize_size = (
+        DEFAULT_MIN_QUANTIZE_SIZE if min_quantize_size is None else min_quantize_size
+    )
     _storage.check_options(block_size, min_quantize_size)
+
+    eps_is_positive = _is_positive_constant(eps)
 
     def zeros(name, requested, real):
         def make(p):
@@ -213,11 +225,14 @@ def scale_by_adam(
                 m_hat = (beta1 / c1_next).astype(c) * m + ((1 - beta1) / c1).astype(c) * gc
             else:
                 m_hat = m / c1.astype(c)
-            denom = jnp.sqrt(v_hat + jnp.asarray(eps_root, r)) + jnp.asarray(eps, r)
-            u = m_hat / denom.astype(c)
+            denom = (jnp.sqrt(v_hat + jnp.asarray(eps_root, r)) + jnp.asarray(eps, r)).astype(c)
+            u = m_hat / denom
+            if not eps_is_positive:  # a zero second moment gives a zero direction, not 0/0
+                u = jnp.where(denom == 0, jnp.zeros([], c), u)
             new_max = _storage.store_second(v_hat, nu_max, block_size) if amsgrad else None
             new_mu = _storage.store(m, mu, block_size)
-            return u.astype(g.dtype), new_mu, _storage.store_second(v, nu, block_size), new_max
+            out_dtype = _wider(g.dtype, _storage.dtype_of(mu))
+            return u.astype(out_dtype), new_mu, _storage.store_second(v, nu, block_size), new_max
 
         treedef = jax.tree.structure(updates)
         nu_max_leaves = _storage.leaves(state.nu_max) if amsgrad else [None] * treedef.num_leaves
@@ -235,6 +250,26 @@ def scale_by_adam(
         return new_updates, ScaleByAdamState(count, mu, nu, nu_max)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_positive_constant(x: Any) -> bool:
+    """Whether ``x`` is known, before tracing, to be a number > 0."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    try:
+        return float(x) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def _wider(a: Any, b: Any) -> jnp.dtype:
+    """The wider of two inexact dtypes (complex when either is)."""
+    bits = max(jnp.finfo(a).bits, jnp.finfo(b).bits)
+    if jnp.issubdtype(a, jnp.complexfloating) or jnp.issubdtype(b, jnp.complexfloating):
+        return jnp.dtype(jnp.complex128 if bits > 32 else jnp.complex64)
+    if bits == 16:  # float16 and bfloat16 are not ordered: keep the gradient's
+        return jnp.dtype(a) if jnp.finfo(a).bits == 16 else jnp.dtype(b)
+    return jnp.dtype(a) if jnp.finfo(a).bits >= jnp.finfo(b).bits else jnp.dtype(b)
 
 
 def _unzip(treedef, out, amsgrad: bool, old_nu_max) -> tuple[Any, Any, Any, Any]:

@@ -159,3 +159,43 @@ def test_step_count_saturates_without_wrapping():
 def test_each_bad_hyperparameter_names_itself(name, value):
     with pytest.raises((ValueError, TypeError), match=name):
         adamw_jax.adamw(**{name: value})
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_eps_zero_with_zero_gradients_gives_no_nan(amsgrad):
+    tx = adamw_jax.adamw(1e-2, eps=0.0, weight_decay=0.1, amsgrad=amsgrad)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    for g in (jnp.zeros(3), jnp.array([0.0, 2.0, 0.0]), jnp.zeros(3)):
+        updates, state = tx.update({"w": g}, state, params)
+        params = optax.apply_updates(params, updates)
+    w = np.asarray(params["w"])
+    assert np.all(np.isfinite(w))
+    np.testing.assert_allclose(w[[0, 2]], (1 - 1e-3) ** 3, rtol=1e-6)  # decay only
+    assert w[1] < w[0]  # the leaf with a gradient moved
+
+
+def test_eps_zero_is_also_safe_when_traced():
+    tx = optax.inject_hyperparams(adamw_jax.adamw)(learning_rate=1e-2, eps=0.0)
+    params = {"w": jnp.ones(2)}
+    updates, _ = jax.jit(tx.update)({"w": jnp.zeros(2)}, tx.init(params), params)
+    assert np.all(np.isfinite(np.asarray(updates["w"])))
+
+
+def test_mixed_param_and_gradient_dtypes():
+    """Computed in the wider dtype; the step comes back in the param's dtype."""
+    params = {"w": jnp.linspace(-1.0, 1.0, 4)}
+    tx = adamw_jax.adamw(1e-2, weight_decay=0.1)
+    state = tx.init(params)
+    grads16 = {"w": jnp.array([0.5, -0.25, 1.0, 3.0], jnp.bfloat16)}
+    updates, state = tx.update(grads16, state, params)
+    assert updates["w"].dtype == jnp.float32 and state[0].mu["w"].dtype == jnp.float32
+    want, _ = tx.update(
+        jax.tree.map(lambda g: g.astype(jnp.float32), grads16), tx.init(params), params
+    )
+    np.testing.assert_array_equal(updates["w"], want["w"])
+    with jax.enable_x64(True):
+        grads64 = {"w": jnp.array([0.5, -0.25, 1.0, 3.0], jnp.float64)}
+        updates, state = tx.update(grads64, tx.init(params), params)
+        assert updates["w"].dtype == jnp.float32
+        assert state[0].mu["w"].dtype == jnp.float32
