@@ -192,7 +192,7 @@ def quantize(
     xf = x.astype(jnp.float32).reshape(shape or (1,))
     xb = _blocks(xf, block_size)
     magnitude = jnp.abs(xb) if signed else jnp.maximum(xb, 0.0)
-    absmax = jnp.max(magnitude, axis=-1)
+    absmax = jax.lax.reduce_max(magnitude, (magnitude.ndim - 1,))
     top = jnp.float32(code_book_max(signed))
     scales = absmax / top
     inverse = jnp.where(absmax > 0, top / jnp.where(absmax > 0, absmax, 1.0), 0.0)
