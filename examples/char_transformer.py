@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -332,6 +333,40 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, target: Any):
 
 
 # ------------------------------------------------------------------------------- training
+class Compiled(NamedTuple):
+    """The jitted functions of one configuration."""
+
+    create_state: Callable[[jax.Array], train_state.TrainState]
+    train_step: Callable[..., Any]
+    eval_loss: Callable[..., jax.Array]
+    generate: Callable[..., jax.Array]
+
+
+@functools.lru_cache(maxsize=4)
+def build(cfg: Config, vocab_size: int) -> Compiled:
+    """The model, the optimizer and the jitted functions of a configuration.
+
+    Cached, so that runs in one process with the same configuration (an interrupted run and
+    its resumption, in the tests) share the same functions and compile them once.
+    """
+    model = CharTransformer(vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.block)
+    tx = make_optimizer(cfg)
+
+    def create_state(key: jax.Array) -> train_state.TrainState:
+        params = model.init(key, jnp.zeros((1, cfg.block), jnp.int32))["params"]
+        state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+        return state.replace(step=jnp.zeros([], jnp.int32))  # an array, so it checkpoints
+
+    return Compiled(
+        # Jitted: one compilation instead of one per initializer and optimizer-state leaf.
+        create_state=jax.jit(create_state),
+        # The train state (params, optimizer state) is donated: updated in place.
+        train_step=jax.jit(train_step, donate_argnums=(0,)),
+        eval_loss=jax.jit(eval_loss, static_argnums=(1,)),
+        generate=jax.jit(generate, static_argnums=(1, 5)),
+    )
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     d = Config()
     p = argparse.ArgumentParser(
@@ -404,20 +439,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cfg: Config = args.config
     data = CharData(load_text())
-    model = CharTransformer(data.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.block)
-    params = model.init(jax.random.key(args.seed), jnp.zeros((1, cfg.block), jnp.int32))
-    state = train_state.TrainState.create(
-        apply_fn=model.apply, params=params["params"], tx=make_optimizer(cfg)
-    )
-    state = state.replace(step=jnp.zeros([], jnp.int32))  # an array, so it checkpoints
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    run = build(cfg, data.vocab_size)
+    key = jax.random.key(args.seed)
+    abstract = jax.eval_shape(run.create_state, key)  # shapes and dtypes, nothing computed
+    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
     print(
         f"text: {len(data.train) + len(data.val):,} chars, vocab {data.vocab_size}; "
         f"model: {n_params:,} params; {cfg.steps} steps x {cfg.accum} micro-batches of "
         f"{cfg.batch_size}x{cfg.block}; jax on {jax.default_backend()}"
     )
     print(
-        masks.describe(masks.by_name(), state.params).splitlines()[-1]
+        masks.describe(masks.by_name(), abstract.params).splitlines()[-1]
         + " (no decay on biases, LayerNorm scales, embeddings)"
     )
 
@@ -425,9 +457,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     micro = 0  # the data position: index of the next micro-batch
     if args.resume and manager is not None and manager.latest_step() is not None:
         step = manager.latest_step()
-        target = {"params": state.params, "opt_state": state.opt_state, "step": state.step}
+        target = {"params": abstract.params, "opt_state": abstract.opt_state, "step": abstract.step}
         restored, meta = restore_checkpoint(manager, step, target)
-        state = state.replace(**restored)
+        state = abstract.replace(**restored)
         micro = int(meta["data_position"])
         if micro != int(state.step) or micro != step * cfg.accum:
             raise ValueError(
@@ -435,11 +467,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"{int(state.step)} with accum={cfg.accum}"
             )
         print(f"resumed from step {step} in {args.ckpt_dir} (data position {micro})")
-    elif args.resume:
-        print(f"no checkpoint in {args.ckpt_dir}: starting from scratch")
+    else:
+        if args.resume:
+            print(f"no checkpoint in {args.ckpt_dir}: starting from scratch")
+        # Committed to the device, as restored arrays are: a fresh and a resumed run then
+        # use the same compiled step (jit specializes on where its inputs are committed).
+        state = jax.device_put(run.create_state(key), jax.devices()[0])
 
-    step_fn = jax.jit(train_step, donate_argnums=(0,))
-    eval_fn = jax.jit(eval_loss, static_argnums=(1,))
     vx, vy = zip(
         *(
             CharData.batch(data.val, args.seed + 1, i, cfg.batch_size, cfg.block)
@@ -463,13 +497,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         total = 0.0
         for _ in range(cfg.accum):
             x, y = CharData.batch(data.train, args.seed, micro, cfg.batch_size, cfg.block)
-            state, loss = step_fn(state, jnp.asarray(x), jnp.asarray(y))
+            state, loss = run.train_step(state, jnp.asarray(x), jnp.asarray(y))
             micro += 1
             total += float(loss)
         losses.append(total / cfg.accum)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if step % args.eval_every == 0 and step != cfg.steps:
-            val = float(eval_fn(state.params, state.apply_fn, *val_batches))
+            val = float(run.eval_loss(state.params, state.apply_fn, *val_batches))
             bar.write(
                 f"step {step:5d}  train loss {losses[-1]:.3f}  val {val:.3f} nats/char "
                 f"= {val / math.log(2):.3f} bits/char"
@@ -484,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     bar.close()
     wall = time.perf_counter() - t0
 
-    val = float(eval_fn(state.params, state.apply_fn, *val_batches))
+    val = float(run.eval_loss(state.params, state.apply_fn, *val_batches))
     print(
         f"after {end_step} steps: val loss {val:.4f} nats/char, {val / math.log(2):.4f} "
         f"bits/char; {wall:.1f} s"
@@ -492,8 +526,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     prompt = "The "
     buf = np.zeros(cfg.block, np.int32)
     buf[: len(prompt)] = data.encode(prompt)
-    gen = jax.jit(generate, static_argnums=(1, 5))
-    out = gen(
+    out = run.generate(
         state.params,
         state.apply_fn,
         jax.random.key(args.seed + 2),

@@ -135,7 +135,7 @@ def test_char_transformer_resume_is_bitwise_identical(lm_runs):
 def test_char_transformer_resume_with_other_optimizer_structure_raises(lm_runs):
     lm = _load("char_transformer")
     argv = [*lm_runs["base"], "--ckpt-dir", str(lm_runs["cut_dir"]), "--resume", "--amsgrad"]
-    expected = r"in the target but not in checkpoint 4 .*nu_max\.\* \(\d+ leaves\)"
+    expected = r"in the target but not in checkpoint \d+ .*nu_max\.\* \(\d+ leaves\)"
     with jax.numpy_dtype_promotion("standard"), pytest.raises(ValueError, match=expected):
         lm.main(argv)
 
