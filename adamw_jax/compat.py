@@ -91,6 +91,19 @@ def _from_real(x: jax.Array, like: jax.Array) -> jax.Array:
     return x.astype(like.dtype)
 
 
+def _opaque(x: jax.Array, zero: jax.Array) -> jax.Array:
+    """``x`` unchanged, but hidden from XLA's floating point rewrites.
+
+    XLA fuses a multiply into a following add (one rounding, FMA) and turns a division by a
+    broadcast scalar into a multiplication by its reciprocal; PyTorch's separate kernels do
+    neither. XOR-ing the bits with ``zero`` (an int32 that is 0 at run time but unknown at
+    compile time) keeps ``x`` rounded as computed and makes it a plain array.
+    """
+    int_dtype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(x.dtype).itemsize]
+    bits = jax.lax.bitcast_convert_type(x, int_dtype)
+    return jax.lax.bitcast_convert_type(bits ^ zero.astype(int_dtype), x.dtype)
+
+
 def _one_minus(beta: Any, dtype: jnp.dtype) -> jax.Array:
     """``1 - beta``, in Python's double precision when ``beta`` is a number."""
     if isinstance(beta, (int, float, np.number)):
@@ -208,6 +221,7 @@ def torch_adamw(
         step_size = eta / _bias_correction(beta1, count, s)
         bc2_sqrt = jnp.sqrt(_bias_correction(beta2, count, s))
         w1, w2 = _one_minus(beta1, s), _one_minus(beta2, s)
+        zero = (state.count < 0).astype(jnp.int32)  # 0 when run, unknown when compiled
 
         def leaf(g, p, m, v, v_max, _):
             c = _elementwise_dtype(jnp.finfo(p.dtype).dtype)
@@ -215,7 +229,7 @@ def torch_adamw(
             mr, vr = _as_real(m).astype(c), _as_real(v).astype(c)
             if maximize:
                 gr = -gr
-            new_p = pr * decay_factor.astype(c)
+            new_p = _opaque(pr * decay_factor.astype(c), zero)  # rounded before the add
             # torch.lerp(m, g, w): m + w * (g - m) for w < 0.5, else g - (g - m) * (1 - w).
             wc = w1.astype(c)
             small = mr + wc * (gr - mr)
@@ -224,13 +238,15 @@ def torch_adamw(
                 new_m = small if 1.0 - float(beta1) < 0.5 else large
             else:
                 new_m = jnp.where(wc < 0.5, small, large)
-            new_v = vr * jnp.asarray(beta2, s).astype(c) + (w2.astype(c) * gr) * gr
+            new_v = (w2.astype(c) * gr) * gr + vr * jnp.asarray(beta2, s).astype(c)
             if amsgrad:
                 new_max = jnp.maximum(_as_real(v_max).astype(c), new_v)
                 second = new_max
             else:
                 new_max, second = None, new_v
-            denom = jnp.sqrt(second) / bc2_sqrt.astype(c) + jnp.asarray(eps, s).astype(c)
+            # A true division (XLA would multiply by the reciprocal of a broadcast scalar).
+            divisor = _opaque(jnp.broadcast_to(bc2_sqrt.astype(c), second.shape), zero)
+            denom = jnp.sqrt(second) / divisor + jnp.asarray(eps, s).astype(c)
             new_p = new_p + ((-step_size).astype(c) * new_m) / denom
             return (
                 _from_real(new_p, p) - p,
