@@ -16,6 +16,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
+from adamw_jax.quantize import QuantizedArray
+
 
 def _sharding_of(leaf: Any) -> Sharding | None:
     """The sharding a param leaf carries (a ``jax.Array`` or a ``ShapeDtypeStruct``), if any."""
@@ -57,12 +59,16 @@ def _mesh_axes(entry: Any) -> tuple[str, ...]:
     return (entry,)
 
 
-def _split_over(sharding: Sharding, shape: tuple[int, ...], axis: str) -> Sharding:
+def _split_over(
+    sharding: Sharding, shape: tuple[int, ...], axis: str, last_quantum: int | None = 1
+) -> Sharding:
     """``sharding``, additionally split over mesh ``axis`` along the first free dimension.
 
     The dimension chosen is the first one not already sharded whose size is a positive
-    multiple of the axis' size. Leaves already split over ``axis``, and leaves with no such
-    dimension (scalars, odd sizes), keep ``sharding``.
+    multiple of the axis' size; for the last dimension, each piece must moreover be a
+    multiple of ``last_quantum`` (a quantized leaf's block length; None: never the last).
+    Leaves already split over ``axis``, and leaves with no such dimension (scalars, odd
+    sizes), keep ``sharding``.
     """
     if not isinstance(sharding, NamedSharding):
         return sharding
@@ -71,43 +77,93 @@ def _split_over(sharding: Sharding, shape: tuple[int, ...], axis: str) -> Shardi
         return sharding
     size = sharding.mesh.shape[axis]
     for i, (dim, entry) in enumerate(zip(shape, spec, strict=True)):
-        if entry is None and dim > 0 and dim % size == 0:
-            new_spec = PartitionSpec(*spec[:i], axis, *spec[i + 1 :])
-            return NamedSharding(sharding.mesh, new_spec, memory_kind=sharding.memory_kind)
+        if entry is not None or dim <= 0 or dim % size:
+            continue
+        if i == len(shape) - 1 and (last_quantum is None or (dim // size) % last_quantum):
+            continue
+        new_spec = PartitionSpec(*spec[:i], axis, *spec[i + 1 :])
+        return NamedSharding(sharding.mesh, new_spec, memory_kind=sharding.memory_kind)
     return sharding
 
 
-def _param_index_per_state_leaf(state: Any, params: Any) -> list[int | None]:
-    """For every leaf of ``state`` (in flattening order), the index of its param or None.
+def _block_length(codes_shape: tuple[int, ...], scales_shape: tuple[int, ...]) -> int | None:
+    """The block length of a quantized leaf (None when its last axis is not whole blocks)."""
+    if not codes_shape or not scales_shape or scales_shape[-1] == 0:
+        return None
+    n, n_blocks = codes_shape[-1], scales_shape[-1]
+    return n // n_blocks if n % n_blocks == 0 else None
 
-    Two passes. First, every subtree of ``state`` with exactly the params' tree structure
-    (the moments of ``scale_by_adam``, ``MultiSteps``' accumulated gradients, at any depth
-    inside ``optax.chain``, ``inject_hyperparams`` or ``MultiSteps``) is zipped with the
-    params position by position. Then each leaf still unmatched is given the param whose key
-    path is the longest suffix of the leaf's key path: this covers trees that are the params'
+
+def _scales_sharding(
+    codes_sharding: Sharding,
+    codes_shape: tuple[int, ...],
+    scales_shape: tuple[int, ...],
+    replicated: Sharding,
+) -> Sharding:
+    """Where a quantized leaf's per-block scales go, given where its codes are.
+
+    The scales have the codes' leading dimensions, sharded the same way; along the last
+    axis they are split like the codes when every shard holds whole blocks, and otherwise
+    replicated over that axis' mesh axes.
+    """
+    if not isinstance(codes_sharding, NamedSharding):
+        return codes_sharding if len(codes_sharding.device_set) == 1 else replicated
+    if not scales_shape:
+        return NamedSharding(codes_sharding.mesh, PartitionSpec())
+    spec = tuple(codes_sharding.spec) + (None,) * (len(codes_shape) - len(codes_sharding.spec))
+    last = spec[-1]
+    pieces = int(np.prod([codes_sharding.mesh.shape[a] for a in _mesh_axes(last)]))
+    block = _block_length(codes_shape, scales_shape)
+    if block is None or scales_shape[-1] % pieces:
+        last = None
+    return NamedSharding(
+        codes_sharding.mesh,
+        PartitionSpec(*spec[:-1], last),
+        memory_kind=codes_sharding.memory_kind,
+    )
+
+
+def _is_quantized(node: Any) -> bool:
+    return isinstance(node, QuantizedArray)
+
+
+def _param_index_per_state_unit(state: Any, params: Any) -> list[int | None]:
+    """For every unit of ``state``, the index of its param or None.
+
+    A unit is a leaf, or a whole :class:`~adamw_jax.quantize.QuantizedArray` (codes and
+    scales), in the order of ``jax.tree.leaves(state, is_leaf=_is_quantized)``. Two passes.
+    First, every subtree of ``state`` with exactly the params' tree structure (the moments
+    of ``scale_by_adam``, ``MultiSteps``' accumulated gradients, at any depth inside
+    ``optax.chain``, ``inject_hyperparams`` or ``MultiSteps``) is zipped with the params
+    position by position. Then each unit still unmatched is given the param whose key path
+    is the longest suffix of the unit's key path: this covers trees that are the params'
     with some leaves masked out (``optax.masked`` replaces them by ``optax.MaskedNode``).
     """
     params_treedef = jax.tree.structure(params)
     num_params = params_treedef.num_leaves
 
     def is_params_like(node: Any) -> bool:
-        return jax.tree.structure(node) == params_treedef
+        return jax.tree.structure(node, is_leaf=_is_quantized) == params_treedef
 
     def positions(node: Any) -> Any:
         if is_params_like(node):
             return jax.tree.unflatten(params_treedef, list(range(num_params)))
         return -1
 
-    index_tree = jax.tree.map(positions, state, is_leaf=is_params_like)
+    index_tree = jax.tree.map(
+        positions, state, is_leaf=lambda node: _is_quantized(node) or is_params_like(node)
+    )
     indices: list[int | None] = [None if i < 0 else i for i in jax.tree.leaves(index_tree)]
 
     param_paths = {
         tuple(path): i for i, (path, _) in enumerate(jax.tree_util.tree_leaves_with_path(params))
     }
-    state_paths = [tuple(path) for path, _ in jax.tree_util.tree_leaves_with_path(state)]
-    if len(state_paths) != len(indices):  # defensive: both flatten the same tree
+    unit_paths = [
+        tuple(path) for path, _ in jax.tree_util.tree_leaves_with_path(state, is_leaf=_is_quantized)
+    ]
+    if len(unit_paths) != len(indices):  # defensive: both flatten the same tree
         raise AssertionError("state flattening mismatch")
-    for k, path in enumerate(state_paths):
+    for k, path in enumerate(unit_paths):
         if indices[k] is not None:
             continue
         for start in range(len(path) + 1):
@@ -133,7 +189,13 @@ def state_shardings(
 
     * a leaf with its param's shape gets its param's sharding (with ``zero_axis``,
       additionally split over that mesh axis, see below);
-    * a leaf whose shape differs from its param's (for example a moment stored in another
+    * an ``"int8"`` moment (a :class:`~adamw_jax.quantize.QuantizedArray`): its codes,
+      shaped like the param, get the param's sharding; its per-block scales are sharded
+      like the codes on the leading axes and, along the last axis, like the codes when each
+      shard holds whole blocks (each shard's length there a multiple of ``block_size``),
+      otherwise replicated over that axis (correct, but the step then communicates to find
+      each block's scale);
+    * any other leaf whose shape differs from its param's (a moment stored in another
       layout) is replicated over the params' devices: correct, but it costs every device a
       full copy and the update step a reshard;
     * every other leaf (step counts, injected hyperparameters) is replicated.
@@ -141,7 +203,8 @@ def state_shardings(
     With ``zero_axis`` (ZeRO stage 1), every param-shaped state leaf is also split over the
     mesh axis ``zero_axis``, along its first dimension that is not already sharded and whose
     size is a multiple of the axis' size; leaves with no such dimension keep their param's
-    sharding. Use it when the params are replicated over a data-parallel axis: each device
+    sharding (for an ``"int8"`` moment, the last axis is chosen only if the pieces hold whole
+    blocks). Use it when the params are replicated over a data-parallel axis: each device
     then holds ``1/N`` of the moments, at the price of an all-gather of the updates per step.
 
     Args:
@@ -192,19 +255,30 @@ def state_shardings(
             raise ValueError(f"zero_axis must be one of the mesh axes {names}; got {zero_axis!r}.")
 
     abstract_state = jax.eval_shape(tx.init, params)
-    state_leaves, state_treedef = jax.tree.flatten(abstract_state)
-    indices = _param_index_per_state_leaf(abstract_state, params)
+    units, state_treedef = jax.tree.flatten(abstract_state, is_leaf=_is_quantized)
+    indices = _param_index_per_state_unit(abstract_state, params)
 
-    out = []
-    for leaf, index in zip(state_leaves, indices, strict=True):
-        sharding = replicated
-        if index is not None:
-            param = param_leaves[index]
-            if np.shape(leaf) == np.shape(param) and param_shardings[index] is not None:
-                sharding = param_shardings[index]
-                if zero_axis is not None:
-                    sharding = _split_over(sharding, np.shape(leaf), zero_axis)
-        out.append(sharding)
+    def like_param(shape, index, last_quantum=1):
+        """The param's sharding (ZeRO-split) if ``shape`` is the param's, else replicated."""
+        if index is None or param_shardings[index] is None:
+            return replicated
+        if tuple(shape) != tuple(np.shape(param_leaves[index])):
+            return replicated
+        sharding = param_shardings[index]
+        if zero_axis is not None:
+            sharding = _split_over(sharding, tuple(shape), zero_axis, last_quantum)
+        return sharding
+
+    out: list[Any] = []
+    for unit, index in zip(units, indices, strict=True):
+        if _is_quantized(unit):
+            codes_shape, scales_shape = tuple(unit.codes.shape), tuple(unit.scales.shape)
+            block = _block_length(codes_shape, scales_shape)
+            codes = like_param(codes_shape, index, last_quantum=block)
+            scales = _scales_sharding(codes, codes_shape, scales_shape, replicated)
+            out.append(QuantizedArray(codes, scales))
+        else:
+            out.append(like_param(np.shape(unit), index))
     return jax.tree.unflatten(state_treedef, out)
 
 

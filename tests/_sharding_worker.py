@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import time
 from typing import Any
 
 import jax
@@ -28,6 +29,7 @@ from adamw_jax import sharding
 STEPS = 50
 COLLECTIVES = re.compile(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)")
 COUPLINGS = ("lr", "schedule", "none")
+SPECS_2D = {"emb": P("data", None), "w": P(None, "model"), "b": P("model"), "scale": P()}
 MOMENT_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "int8": "int8"}
 
 
@@ -58,15 +60,21 @@ def _tx(coupling: str, dtype: Any) -> optax.GradientTransformation:
     def lr(t):
         return 1e-2 * jnp.minimum(1.0, (t.astype(jnp.float32) + 1.0) / 10.0)
 
-    return adamw_jax.adamw(
-        lr,
-        weight_decay=0.1 if coupling != "none" else 1e-3,
-        mask=adamw_jax.masks.by_ndim(2),
-        decay_coupling=coupling,
-        peak_learning_rate=1e-2 if coupling == "schedule" else None,
-        mu_dtype=MOMENT_DTYPES[dtype],
-        nu_dtype=MOMENT_DTYPES[dtype],
-    )
+    decay = {
+        "weight_decay": 0.1 if coupling != "none" else 1e-3,
+        "mask": adamw_jax.masks.by_ndim(2),
+        "decay_coupling": coupling,
+        "peak_learning_rate": 1e-2 if coupling == "schedule" else None,
+    }
+    if dtype == "int8":
+        # adamw's chain, with blocks small enough for these small leaves (and whole blocks
+        # in every shard of the meshes used here).
+        adam = adamw_jax.scale_by_adam(
+            mu_dtype="int8", nu_dtype="int8", block_size=8, min_quantize_size=64
+        )
+        return optax.chain(adam, adamw_jax.decoupled_weight_decay(lr, **decay))
+    stored = MOMENT_DTYPES[dtype]
+    return adamw_jax.adamw(lr, **decay, mu_dtype=stored, nu_dtype=stored)
 
 
 def _grads(params, noise):
@@ -100,6 +108,18 @@ def _run(tx, host_params, host_noise, shardings=None, zero_axis=None):
     return params, state
 
 
+_REFERENCES: dict[tuple[str, str], Any] = {}
+
+
+def _reference(coupling: str, dtype: str):
+    """Final (params, state) of the unsharded run (one device), once per configuration."""
+    key = (coupling, dtype)
+    if key not in _REFERENCES:
+        host_params, host_noise = _problem(SPECS_2D)
+        _REFERENCES[key] = _run(_tx(coupling, dtype), host_params, host_noise)
+    return _REFERENCES[key]
+
+
 def _max_diff(a, b) -> float:
     diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)
     return max(jax.tree.leaves(diffs))
@@ -125,28 +145,41 @@ def _params_leaves_match(tree, params) -> bool:
     return all(m.sharding.is_equivalent_to(params[k].sharding, m.ndim) for k, m in tree.items())
 
 
+def _placement(moment, param) -> dict[str, Any]:
+    """A moment's sharding spec(s) and whether they are laid out as its param."""
+    if isinstance(moment, adamw_jax.QuantizedArray):
+        codes, scales = moment.codes.sharding, moment.scales.sharding
+        return {
+            "quantized": True,
+            "spec": str(codes.spec),
+            "scales_spec": str(scales.spec),
+            "param_spec": str(param.sharding.spec),
+            "same": codes == param.sharding
+            and scales.is_equivalent_to(param.sharding, moment.scales.ndim),
+        }
+    return {
+        "quantized": False,
+        "spec": str(moment.sharding.spec),
+        "param_spec": str(param.sharding.spec),
+        "same": moment.sharding == param.sharding,
+    }
+
+
 def check_agreement(results: dict[str, Any]) -> None:
     """Sharded (2-D mesh) vs unsharded, all couplings and moment dtypes, STEPS steps."""
     mesh = _mesh((4, 2), ("data", "model"))
-    specs = {"emb": P("data", None), "w": P(None, "model"), "b": P("model"), "scale": P()}
-    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
-    host_params, host_noise = _problem(specs)
+    shardings = {k: NamedSharding(mesh, s) for k, s in SPECS_2D.items()}
+    host_params, host_noise = _problem(SPECS_2D)
     agreement, same_sharding = {}, {}
     for dtype in _moment_dtypes():
         for coupling in COUPLINGS:
             tx = _tx(coupling, dtype)
-            ref_params, _ = _run(tx, host_params, host_noise)
+            ref_params, _ = _reference(coupling, dtype)
             params, state = _run(tx, host_params, host_noise, shardings)
             name = f"{coupling}/{dtype}"
             agreement[name] = _max_diff(params, ref_params)
-            mu, nu = state[0].mu, state[0].nu
             same_sharding[name] = {
-                k: [
-                    str(mu[k].sharding.spec),
-                    str(nu[k].sharding.spec),
-                    str(params[k].sharding.spec),
-                    mu[k].sharding == params[k].sharding and nu[k].sharding == params[k].sharding,
-                ]
+                k: [_placement(state[0].mu[k], params[k]), _placement(state[0].nu[k], params[k])]
                 for k in params
             }
     results["agreement_max_abs_diff"] = agreement
@@ -217,6 +250,20 @@ def check_collectives(results: dict[str, Any]) -> None:
     results["collectives"] = found
 
 
+def _moment_bytes(state) -> dict[str, Any]:
+    """Bytes of the moments: in all, of the scalar ones, and on each device."""
+    per_device: dict[str, int] = {}
+    for leaf in _moments(state):
+        for shard in leaf.addressable_shards:
+            key = str(shard.device.id)
+            per_device[key] = per_device.get(key, 0) + shard.data.nbytes
+    return {
+        "moment_bytes_total": sum(m.nbytes for m in _moments(state)),
+        "scalar_moment_bytes": sum(m.nbytes for m in _moments(state) if m.ndim == 0),
+        "moment_bytes_per_device": per_device,
+    }
+
+
 def check_zero1(results: dict[str, Any]) -> None:
     """ZeRO-1: params replicated over 8 devices, moments split 8 ways; same trajectory."""
     mesh = _mesh((8,), ("data",))
@@ -224,16 +271,9 @@ def check_zero1(results: dict[str, Any]) -> None:
     shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
     host_params, host_noise = _problem(specs)
     tx = _tx("lr", "float32")
-    ref_params, ref_state = _run(tx, host_params, host_noise)
+    ref_params, ref_state = _reference("lr", "float32")
     params, state = _run(tx, host_params, host_noise, shardings, zero_axis="data")
     plain_state = sharding.init(tx, jax.device_put(host_params, shardings))
-    moment_bytes_total = sum(m.nbytes for m in _moments(state))
-    scalar_moment_bytes = sum(m.nbytes for m in _moments(state) if m.ndim == 0)
-    moment_bytes = {}
-    for leaf in _moments(state):
-        for shard in leaf.addressable_shards:
-            key = str(shard.device.id)
-            moment_bytes[key] = moment_bytes.get(key, 0) + shard.data.nbytes
     odd = {
         "odd": jax.ShapeDtypeStruct((3, 5), jnp.float32, sharding=NamedSharding(mesh, P())),
         "late": jax.ShapeDtypeStruct((3, 16), jnp.float32, sharding=NamedSharding(mesh, P())),
@@ -243,14 +283,39 @@ def check_zero1(results: dict[str, Any]) -> None:
         "odd_shape_specs": {k: str(v.spec) for k, v in odd_sh.items()},
         "max_abs_diff": _max_diff(params, ref_params),
         "moment_specs": {k: str(state[0].mu[k].sharding.spec) for k in specs},
-        "moment_bytes_total": moment_bytes_total,
-        "scalar_moment_bytes": scalar_moment_bytes,
-        "moment_bytes_per_device": moment_bytes,
+        **_moment_bytes(state),
         "state_bytes_per_device": _state_bytes_per_device(state),
         "state_bytes_per_device_replicated": _state_bytes_per_device(plain_state),
         "state_bytes_one_device": _state_bytes_per_device(ref_state),
         "params_still_replicated": all(params[k].sharding.is_fully_replicated for k in params),
     }
+    for dtype in _moment_dtypes()[1:]:
+        tx = _tx("lr", dtype)
+        ref_params, _ = _reference("lr", dtype)
+        params, state = _run(tx, host_params, host_noise, shardings, zero_axis="data")
+        results["zero1"][dtype] = {"max_abs_diff": _max_diff(params, ref_params)}
+        results["zero1"][dtype].update(_moment_bytes(state))
+
+
+def check_int8_blocks(results: dict[str, Any]) -> None:
+    """Where int8 moments' scales go when shards do or do not hold whole blocks (8)."""
+    if "int8" not in _moment_dtypes():
+        return
+    tx = _tx("lr", "int8")
+    out = {}
+    cases = {
+        "model_aligned": ((4, 2), ("data", "model"), (16, 64), P(None, "model"), None),
+        "model_ragged": ((4, 2), ("data", "model"), (16, 60), P(None, "model"), None),
+        "zero_first_dim": ((8,), ("data",), (8, 24), P(), "data"),
+        "zero_last_dim_aligned": ((8,), ("data",), (3, 64), P(), "data"),
+        "zero_last_dim_ragged": ((8,), ("data",), (3, 32), P(), "data"),
+    }
+    for name, (mesh_shape, axes, shape, spec, zero_axis) in cases.items():
+        mesh = _mesh(mesh_shape, axes)
+        param = {"p": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec))}
+        mu = sharding.state_shardings(tx, param, zero_axis=zero_axis)[0].mu["p"]
+        out[name] = [str(mu.codes.spec), str(mu.scales.spec)]
+    results["int8_blocks"] = out
 
 
 def check_abstract(results: dict[str, Any]) -> None:
@@ -295,10 +360,13 @@ def main(out_dir: str) -> None:
     if jax.device_count() != 8:
         raise SystemExit(f"expected 8 devices, got {jax.device_count()}: is XLA_FLAGS set?")
     results["moment_dtypes"] = _moment_dtypes()
-    check_agreement(results)
-    check_collectives(results)
-    check_zero1(results)
+    seconds = {}
+    for check in (check_agreement, check_collectives, check_zero1, check_int8_blocks):
+        start = time.perf_counter()
+        check(results)
+        seconds[check.__name__] = round(time.perf_counter() - start, 2)
     check_abstract(results)
+    results["seconds"] = seconds
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _distributed_worker

@@ -87,9 +87,15 @@ def test_sharded_steps_match_unsharded(eight_devices):
 
 def test_moments_are_sharded_like_their_params(eight_devices):
     results, _ = eight_devices
+    quantized = 0
     for case, leaves in results["moment_vs_param_sharding"].items():
-        for name, (mu_spec, nu_spec, param_spec, same) in leaves.items():
-            assert same, f"{case} {name}: mu {mu_spec}, nu {nu_spec}, param {param_spec}"
+        for name, moments in leaves.items():
+            for moment in moments:  # mu, nu
+                assert moment["same"], (case, name, moment)
+                quantized += moment["quantized"]
+    # int8 moments were placed as QuantizedArrays (codes and scales), not plain arrays:
+    # mu and nu of 3 leaves, for 3 couplings.
+    assert quantized == (18 if _int8_available() else 0)
     # A step jitted without out_shardings keeps them there too.
     assert results["propagated_moment_sharding_kept"]
 
@@ -126,6 +132,27 @@ def test_zero1_holds_one_eighth_of_the_moments_per_device(eight_devices):
     assert z["moment_specs"]["scale"] == "P()"
     # Leaves with no dimension divisible by 8 stay as their param; others split the first one.
     assert z["odd_shape_specs"] == {"odd": "P()", "late": "P(None, 'data')"}
+    # bf16 and int8 moments: same trajectory, and 1/8 of their bytes per device too.
+    for dtype in ["bfloat16"] + (["int8"] if _int8_available() else []):
+        zd = z[dtype]
+        assert zd["max_abs_diff"] <= TOL, (dtype, zd)
+        split = zd["moment_bytes_total"] - zd["scalar_moment_bytes"]
+        assert split % 8 == 0, (dtype, zd)
+        expected = split // 8 + zd["scalar_moment_bytes"]
+        assert set(zd["moment_bytes_per_device"].values()) == {expected}, (dtype, zd)
+
+
+@pytest.mark.skipif(not _int8_available(), reason="int8 moments are not in this build")
+def test_int8_scales_follow_whole_blocks(eight_devices):
+    """Scales are split like the codes only where every shard holds whole blocks of 8."""
+    results, _ = eight_devices
+    assert results["int8_blocks"] == {
+        "model_aligned": ["P(None, 'model')", "P(None, 'model')"],
+        "model_ragged": ["P(None, 'model')", "P(None, None)"],
+        "zero_first_dim": ["P('data', None)", "P('data', None)"],
+        "zero_last_dim_aligned": ["P(None, 'data')", "P(None, 'data')"],
+        "zero_last_dim_ragged": ["P()", "P(None, None)"],
+    }
 
 
 def test_abstract_init_matches_concrete(eight_devices):
