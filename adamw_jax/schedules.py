@@ -120,6 +120,7 @@ def cosine_warm_restarts(
     )
     table = None if float(period_mult) == 1.0 else _restart_table(period0, float(period_mult))
 
+    @jax.jit
     def schedule(step):
         step = jnp.asarray(step)
         dtype = jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
