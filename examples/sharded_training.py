@@ -133,7 +133,12 @@ def main(argv: Sequence[str] | None = None) -> float:
     parser.add_argument("--batch", type=int, default=256, help="global batch size")
     parser.add_argument("--embed", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--model-parallel", type=int, default=2)
+    parser.add_argument(
+        "--model-parallel",
+        type=int,
+        default=None,
+        help='size of the "model" axis (default: 2 when the device count is even, else 1)',
+    )
     parser.add_argument("--zero", action="store_true", help="ZeRO-1: split moments over data")
     parser.add_argument("--quick", action="store_true", help="a tiny model and 20 steps")
     parser.add_argument("--seed", type=int, default=0)
@@ -150,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> float:
     lookup[np.frombuffer("".join(chars).encode(), np.uint8)] = np.arange(len(chars))
     data = lookup[ids]
 
+    if args.model_parallel is None:
+        args.model_parallel = 2 if jax.device_count() % 2 == 0 else 1
+    if args.model_parallel < 1 or jax.device_count() % args.model_parallel:
+        parser.error(f"--model-parallel={args.model_parallel} must divide {jax.device_count()}")
     mesh = make_mesh(args.model_parallel)
     if args.batch % mesh.shape["data"]:
         parser.error(f"--batch={args.batch} must be a multiple of the data axis {mesh.shape}")
