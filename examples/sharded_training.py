@@ -29,8 +29,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -206,4 +204,6 @@ def main(argv: Sequence[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
+    # Before JAX starts its backend (importing it does not): 8 devices on a CPU-only host.
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     main(sys.argv[1:])
