@@ -317,3 +317,20 @@ def test_torch_adamw_under_inject_hyperparams_takes_the_same_steps():
     injected = _run_jax(optax.inject_hyperparams(compat.torch_adamw)(**kwargs), params, grads)
     np.testing.assert_allclose(injected["w"], plain["w"], rtol=1e-6)
     assert np.all(plain["w"] != params["w"])
+
+
+@pytest.mark.parametrize("t_mult", [1, 2, 3])
+def test_cosine_warm_restarts_matches_pytorchs_scheduler_stepped_per_iteration(t_mult):
+    torch = _import("torch")
+    opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        opt, T_0=7, T_mult=t_mult, eta_min=1e-3
+    )
+    want = []
+    for _ in range(400):
+        want.append(opt.param_groups[0]["lr"])  # the lr the next optimizer.step uses
+        opt.step()
+        sched.step()
+    ours = schedules.cosine_warm_restarts(0.1, first_period=7, period_mult=t_mult, min_value=1e-3)
+    got = np.asarray(ours(jnp.arange(400, dtype=jnp.int32)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
