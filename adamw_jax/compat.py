@@ -399,6 +399,13 @@ def keras_adamw(
 
     def init_fn(params):
         _validate.check_inexact_leaves("params", params)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+            if jnp.iscomplexobj(leaf):
+                raise TypeError(
+                    f"params at {leaf_path(path)} are complex ({jnp.result_type(leaf)}); "
+                    "keras_adamw ports Keras, whose variables are real. Use torch_adamw or "
+                    "adamw_jax.adamw for complex parameters."
+                )
         mu = jax.tree.map(jnp.zeros_like, params)
         nu = jax.tree.map(jnp.zeros_like, params)
         nu_max = jax.tree.map(jnp.zeros_like, params) if amsgrad else optax.EmptyState()

@@ -309,6 +309,11 @@ def test_update_needs_params_with_the_same_structure(factory):
         tx.update({"v": jnp.ones(3)}, state, params)
 
 
+def test_keras_adamw_refuses_complex_params():
+    with pytest.raises(TypeError, match=re.escape("params at ['z'] are complex")):
+        compat.keras_adamw().init({"z": jnp.ones(2, jnp.complex64)})
+
+
 def test_torch_adamw_under_inject_hyperparams_takes_the_same_steps():
     params = {"w": np.linspace(-1.0, 1.0, 5, dtype=np.float32)}
     grads = {"w": np.array([[0.3, -2.0, 1e-3, 4.0, -0.5]] * 3, np.float32)}
