@@ -1,6 +1,6 @@
 """AdamW for JAX: Adam's moment scaling and decoupled weight decay as Optax transformations."""
 
-from adamw_jax import compat, masks, quantize, schedules, sharding
+from adamw_jax import compat, fused, masks, quantize, schedules, sharding
 from adamw_jax.alias import adam, adamw
 from adamw_jax.decay import (
     AddDecayedWeightsState,
@@ -8,6 +8,7 @@ from adamw_jax.decay import (
     add_decayed_weights,
     decoupled_weight_decay,
 )
+from adamw_jax.fused import FusedAdamW, fused_adamw
 from adamw_jax.moments import ScaleByAdamState, scale_by_adam
 from adamw_jax.precision import LowPrecisionUpdateState, low_precision_update
 from adamw_jax.quantize import QuantizedArray, state_nbytes
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AddDecayedWeightsState",
     "DecoupledWeightDecayState",
+    "FusedAdamW",
     "LowPrecisionUpdateState",
     "QuantizedArray",
     "ScaleByAdamState",
@@ -25,6 +27,8 @@ __all__ = [
     "add_decayed_weights",
     "compat",
     "decoupled_weight_decay",
+    "fused",
+    "fused_adamw",
     "low_precision_update",
     "masks",
     "quantize",

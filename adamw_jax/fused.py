@@ -1,0 +1,331 @@
+"""A fused AdamW step: params, moments and decay updated in one pass over memory.
+
+:func:`adamw_jax.adamw` is an Optax transformation: its ``update`` returns updates that
+``optax.apply_updates`` then adds to the params. Under ``jax.jit`` on CPU, XLA turns that
+into several loops over memory per leaf. :func:`fused_adamw` takes the whole step at once,
+``(params, grads, state) -> (params, state)``: on CPU it calls a small C++ kernel (an XLA FFI
+custom call, built by ``pip install``) that reads the params, gradients and moments of every
+leaf once, writes the new ones in place of the donated inputs, and shares the work with
+XLA's intra-op threads. Elsewhere (GPU, TPU, the kernel not built, a dtype it does not take)
+it runs the same step as ``adamw``'s XLA code. Its state *is* ``adamw(...)``'s state, so
+the two can be swapped mid-training and checkpoints are interchangeable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adamw_jax import _moment_storage, _validate
+from adamw_jax.alias import adamw
+from adamw_jax.decay import DecoupledWeightDecayState, Mask, ScalarOrSchedule, resolve_mask
+from adamw_jax.moments import MomentDtype, ScalarOrArray, ScaleByAdamState, safe_increment
+
+BACKENDS = ("auto", "kernel", "xla")
+_TARGET = "adamw_jax_fused_adamw"
+PROBE_TARGET = "adamw_jax_stream_probe"  # the same-traffic bandwidth probe of the benchmark
+_EXTENSION = "adamw_jax._fused_adamw_kernel"
+_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+# The decay modes of the kernel's `coupling` attribute.
+_LR_COUPLED, _INDEPENDENT = 1, 2
+
+
+class FusedAdamW(NamedTuple):
+    """The two functions of :func:`fused_adamw`.
+
+    Attributes:
+      init: ``params -> state``, the same state as ``adamw(...).init(params)``.
+      step: ``(params, grads, state) -> (params, state)``: one AdamW step. Jit it with the
+        params and state donated (``jax.jit(step, donate_argnums=(0, 2))``) so that it runs
+        in place.
+      kernel_used: ``(params, grads, state) -> bool``: whether ``step`` takes the C++
+        kernel for these arguments (False means the XLA path).
+    """
+
+    init: Callable[[optax.Params], optax.OptState]
+    step: Callable[[optax.Params, optax.Updates, optax.OptState], tuple[Any, Any]]
+    kernel_used: Callable[[optax.Params, optax.Updates, optax.OptState], bool]
+
+
+@functools.cache
+def kernel_available() -> bool:
+    """Whether the C++ kernel was built and loads into this JAX (CPU only).
+
+    Registers the custom call on first use and runs one tiny step through it, so that a
+    kernel built against an incompatible ``jaxlib`` reports False instead of failing later.
+    """
+    try:
+        spec = importlib.util.find_spec(_EXTENSION)
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.origin:
+        return False
+    try:
+        library = ctypes.CDLL(spec.origin)
+        handler = jax.ffi.pycapsule(library.AdamwJaxFusedAdamw)
+        jax.ffi.register_ffi_target(_TARGET, handler, platform="cpu")
+        probe = jax.ffi.pycapsule(library.AdamwJaxStreamProbe)
+        jax.ffi.register_ffi_target(PROBE_TARGET, probe, platform="cpu")
+        one = jnp.ones([1], jnp.float32)
+        hyper = jnp.zeros([12], jnp.float32).at[4].set(1.0).at[5].set(1.0)
+        out = _call([(one, one, one, one, None)], hyper, np.ones([1], np.uint8), _LR_COUPLED)
+        jax.block_until_ready(out)
+    except Exception:  # any failure to load or run means: use the XLA path
+        return False
+    return True
+
+
+def _call(leaves, hyper, flags, coupling: int, nesterov: bool = False):
+    """Runs the kernel on ``[(p, g, m, v, v_max or None), ...]``; returns its outputs."""
+    amsgrad = leaves[0][4] is not None
+    operands, results, aliases = [hyper, jnp.asarray(flags, jnp.uint8)], [], {}
+    for p, g, m, v, v_max in leaves:
+        ins = [p, g, m, v, v_max] if amsgrad else [p, g, m, v]
+        for position in (0, 2, 3, 4) if amsgrad else (0, 2, 3):
+            aliases[len(operands) + position] = len(results)
+            x = ins[position]
+            results.append(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
+        operands += ins
+    call = jax.ffi.ffi_call(_TARGET, results, input_output_aliases=aliases)
+    return call(
+        *operands,
+        amsgrad=np.int64(amsgrad),
+        nesterov=np.int64(nesterov),
+        coupling=np.int64(coupling),
+    )
+
+
+def fused_adamw(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1: ScalarOrArray = 0.9,
+    b2: ScalarOrArray = 0.999,
+    eps: ScalarOrArray = 1e-8,
+    eps_root: ScalarOrArray = 0.0,
+    weight_decay: ScalarOrSchedule = 1e-2,
+    *,
+    mask: Mask = None,
+    decay_coupling: str = "lr",
+    peak_learning_rate: float | None = None,
+    amsgrad: bool = False,
+    nesterov: bool = False,
+    mu_dtype: MomentDtype = None,
+    nu_dtype: MomentDtype = None,
+    block_size: int = 256,
+    min_quantize_size: int = 4096,
+    param_update: str | None = None,
+    backend: str = "auto",
+) -> FusedAdamW:
+    r"""AdamW as one fused step ``(params, grads, state) -> (params, state)``.
+
+    The step of :func:`adamw_jax.adamw` followed by ``optax.apply_updates``:
+
+    .. math::
+
+      m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+      v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \\
+      w_t = w_{t-1} - \eta_t \frac{m_t / (1 - \beta_1^t)}
+            {\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon} - d_t w_{t-1},
+
+    with the same arguments, state and numbers (to a few ulps). On CPU, float32 params and
+    gradients with float32 or bfloat16 moments, and a mask of one bool per leaf, run
+    through a C++ kernel that reads and writes each leaf's params and moments once: 28
+    bytes per parameter, against about 40 for the XLA code of the two-part Optax step.
+    Everything else (other platforms or dtypes, ``"int8"`` moments, ``param_update``,
+    element-wise masks, the kernel not built) runs ``adamw``'s XLA code.
+
+    Args:
+      learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, in [0, inf).
+      eps_root: added to the second moment inside the square root, in [0, inf).
+      weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a schedule.
+      mask: which leaves decay, as in :func:`adamw_jax.adamw`.
+      decay_coupling: ``"lr"``, ``"schedule"`` or ``"none"``, as in :func:`adamw_jax.adamw`.
+      peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"``.
+      amsgrad: use the running maximum of the bias-corrected second moment.
+      nesterov: Nesterov look-ahead on the first moment.
+      mu_dtype: storage dtype of the first moment (None: the params' dtype).
+      nu_dtype: storage dtype of the second moment (None: the params' real dtype).
+      block_size: with ``"int8"`` moments, elements per quantization block, in [1, inf).
+      min_quantize_size: with ``"int8"`` moments, leaves smaller than this, in [0, inf),
+        stay float32.
+      param_update: None, or how updates land on low-precision params (as in
+        :func:`adamw_jax.adamw`; runs the XLA code).
+      backend: ``"auto"`` (the kernel when it applies, else XLA), ``"kernel"`` (raise a
+        ValueError when it does not apply) or ``"xla"`` (always the XLA code).
+
+    Returns:
+      A :class:`FusedAdamW` of ``init``, ``step`` and ``kernel_used``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import adamw_jax
+      >>> opt = adamw_jax.fused_adamw(0.1, weight_decay=0.0)
+      >>> params = {"w": jnp.ones(3)}
+      >>> state = opt.init(params)
+      >>> step = jax.jit(opt.step, donate_argnums=(0, 2))
+      >>> params, state = step(params, {"w": jnp.array([1.0, -2.0, 0.0])}, state)
+      >>> params["w"]
+      Array([0.9, 1.1, 1. ], dtype=float32)
+
+    References:
+      Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+      Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
+    """
+    tx = adamw(
+        learning_rate,
+        b1,
+        b2,
+        eps,
+        eps_root,
+        weight_decay,
+        mask=mask,
+        decay_coupling=decay_coupling,
+        peak_learning_rate=peak_learning_rate,
+        amsgrad=amsgrad,
+        nesterov=nesterov,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        block_size=block_size,
+        min_quantize_size=min_quantize_size,
+        param_update=param_update,
+    )
+    _validate.check_choice("backend", backend, BACKENDS)
+    if decay_coupling == "schedule" and peak_learning_rate is not None:
+        coupling, peak = _LR_COUPLED, peak_learning_rate
+    else:
+        coupling, peak = (_LR_COUPLED if decay_coupling == "lr" else _INDEPENDENT), None
+
+    def xla_step(params, grads, state):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    def plan(params, grads, state):
+        """The per-leaf decay flags when the kernel applies, else None."""
+        if backend == "xla" or jax.default_backend() != "cpu" or not kernel_available():
+            return None
+        if _moment_storage.is_int8(mu_dtype) or _moment_storage.is_int8(nu_dtype):
+            return None
+        if param_update is not None:
+            return None
+        return _kernel_plan(mask, params, grads, state)
+
+    def kernel_used(params, grads, state) -> bool:
+        return plan(params, grads, state) is not None
+
+    def step(params, grads, state):
+        flags = plan(params, grads, state)
+        if flags is None:
+            if backend == "kernel":
+                raise ValueError(
+                    'backend="kernel" but the fused kernel does not apply here: it needs the '
+                    "CPU backend, the built kernel (kernel_available() is "
+                    f"{kernel_available()}), float32 params and grads, float32 or bfloat16 "
+                    "moments and a mask of one bool per leaf."
+                )
+            return xla_step(params, grads, state)
+        adam_state, decay_state = state
+        hyper = _hyper(
+            b1, b2, eps, eps_root, learning_rate, weight_decay, peak, adam_state, decay_state
+        )
+        p_leaves, treedef = jax.tree.flatten(params)
+        if not p_leaves:
+            return xla_step(params, grads, state)
+        per_leaf = zip(
+            p_leaves,
+            treedef.flatten_up_to(grads),
+            jax.tree.leaves(adam_state.mu),
+            jax.tree.leaves(adam_state.nu),
+            jax.tree.leaves(adam_state.nu_max) if amsgrad else [None] * len(p_leaves),
+            strict=True,
+        )
+        out = _call(list(per_leaf), hyper, flags, coupling, nesterov)
+        width = 4 if amsgrad else 3
+        columns = [jax.tree.unflatten(treedef, out[k::width]) for k in range(width)]
+        new_adam = ScaleByAdamState(
+            safe_increment(adam_state.count),
+            columns[1],
+            columns[2],
+            columns[3] if amsgrad else adam_state.nu_max,
+        )
+        return columns[0], (new_adam, DecoupledWeightDecayState(safe_increment(decay_state.count)))
+
+    return FusedAdamW(tx.init, step, kernel_used)
+
+
+def _hyper(b1, b2, eps, eps_root, learning_rate, weight_decay, peak, adam_state, decay_state):
+    """The kernel's 12 float32 scalars for this step, computed as ``adamw``'s XLA code does."""
+    r = jnp.float32
+    beta1, beta2 = jnp.asarray(b1, r), jnp.asarray(b2, r)
+    t = safe_increment(adam_state.count).astype(r)
+    c1, c2 = 1 - beta1**t, 1 - beta2**t
+    lr = jnp.asarray(_validate.evaluate(learning_rate, decay_state.count), r)
+    wd = jnp.asarray(_validate.evaluate(weight_decay, decay_state.count), r)
+    if peak is not None:
+        wd = wd / jnp.asarray(peak, r)
+    values = [
+        beta1,
+        1 - beta1,
+        beta2,
+        1 - beta2,
+        1 / c1,
+        1 / c2,
+        jnp.asarray(eps, r),
+        jnp.asarray(eps_root, r),
+        lr,
+        wd,
+        beta1 / (1 - beta1 ** (t + 1)),
+        (1 - beta1) / c1,
+    ]
+    return jnp.stack([jnp.reshape(x, []) for x in values])
+
+
+def _kernel_plan(mask, params, grads, state):
+    """Per-leaf uint8 decay flags if the kernel can take these arguments, else None."""
+    if not (isinstance(state, tuple) and len(state) == 2):
+        return None
+    adam_state, _ = state
+    p_leaves, treedef = jax.tree.flatten(params)
+    try:
+        g_leaves = treedef.flatten_up_to(grads)
+        moments = [treedef.flatten_up_to(adam_state.mu), treedef.flatten_up_to(adam_state.nu)]
+    except (ValueError, TypeError, AttributeError):
+        return None
+    f32 = jnp.dtype(jnp.float32)
+    for p, g, m, v in zip(p_leaves, g_leaves, *moments, strict=True):
+        if not all(isinstance(x, (jax.Array, np.ndarray)) for x in (p, g, m, v)):
+            return None
+        if jnp.result_type(p) != f32 or jnp.result_type(g) != f32:
+            return None
+        if jnp.result_type(m) not in _KERNEL_DTYPES or jnp.result_type(v) not in _KERNEL_DTYPES:
+            return None
+        if not jnp.shape(p) == jnp.shape(g) == jnp.shape(m) == jnp.shape(v):
+            return None
+    return _decay_flags(mask, params, len(p_leaves))
+
+
+def _decay_flags(mask, params, num_leaves: int):
+    """One uint8 per leaf, 1 where the mask selects it; None for an element-wise mask."""
+    tree = resolve_mask(mask, params)
+    if tree is None:
+        return np.ones([num_leaves], np.uint8)
+    flags: list[Any] = []
+
+    def expand(m, subtree):
+        flags.extend([m] * len(jax.tree.leaves(subtree)))
+
+    jax.tree.map(expand, tree, params)
+    if any(jnp.ndim(m) != 0 for m in flags):
+        return None
+    if all(isinstance(m, (bool, np.bool_)) for m in flags):
+        return np.asarray(flags, np.uint8)
+    return jnp.stack([jnp.asarray(m).astype(jnp.uint8) for m in flags])

@@ -1,0 +1,62 @@
+"""``python -m adamw_jax.benchmark --quick`` runs and reports every column for every tree."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from adamw_jax import benchmark
+
+JAX_ROWS = (
+    "bandwidth probe",
+    "adamw_jax.adamw (Optax protocol)",
+    "adamw_jax.fused_adamw",
+    "optax.adamw",
+)
+TORCH_ROWS = ("torch AdamW foreach=False", "torch AdamW foreach=True", "torch AdamW fused=True")
+FIELDS = (
+    "median_ms",
+    "min_ms",
+    "max_ms",
+    "ratio_to_optax",
+    "percent_of_limit",
+    "compile_s",
+    "peak_mb",
+    "note",
+    "times_ms",
+)
+
+
+def test_quick_run_prints_and_writes_every_column(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert benchmark.main(["--quick", "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("| contender") == len(benchmark.TREES)
+    for line in printed.splitlines():
+        if line.startswith("| contender"):
+            assert [c.strip() for c in line.strip("|").split("|")] == list(benchmark.COLUMNS)
+    record = json.loads(path.read_text())
+    assert [t["tree"] for t in record["trees"]] == list(benchmark.TREES)
+    for tree in record["trees"]:
+        assert tree["params"] > 0 and tree["leaves"] >= 1 and tree["probe_gb_per_s"] > 0
+        names = [r["contender"] for r in tree["rows"]]
+        has_torch = importlib.util.find_spec("torch") is not None
+        assert names == [*JAX_ROWS, *(TORCH_ROWS if has_torch else ())]
+        for row in tree["rows"]:
+            assert set(FIELDS) <= set(row)
+            assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+            assert len(row["times_ms"]) == record["setup"]["rounds"]
+            assert row["ratio_to_optax"] > 0 and row["percent_of_limit"] > 0
+            assert row["contender"] in printed
+        for row in tree["rows"][: len(JAX_ROWS)]:
+            assert row["compile_s"] > 0 and row["peak_mb"] >= 0
+        optax_row = tree["rows"][JAX_ROWS.index("optax.adamw")]
+        assert optax_row["ratio_to_optax"] == 1.0
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--scale", "0"])
+    assert "--scale" in capsys.readouterr().err
