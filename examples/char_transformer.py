@@ -100,14 +100,14 @@ class CharData:
 @dataclasses.dataclass(frozen=True)
 class Config:
     d_model: int = 128
-    n_layers: int = 4
+    n_layers: int = 3
     n_heads: int = 4
-    block: int = 128
-    batch_size: int = 32
+    block: int = 64
+    batch_size: int = 16
     accum: int = 2  # micro-batches per optimizer step
-    steps: int = 600  # optimizer steps
+    steps: int = 1000  # optimizer steps
     lr: float = 3e-3
-    warmup: int = 60
+    warmup: int = 100
     weight_decay: float = 0.1
     clip: float = 1.0
     amsgrad: bool = False
@@ -372,7 +372,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Character-level Transformer (Flax Linen) on Python's help topics, "
         "trained with adamw_jax.adamw; checkpoints and resumes with orbax.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--steps",
@@ -381,7 +380,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"optimizer steps (default {d.steps}; {SMALL['steps']} with --small)",
     )
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate ({d.lr})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help="AdamW's decoupled decay (%(default)s; not on biases, norms, embeddings)",
+    )
     p.add_argument(
         "--accum", type=int, default=None, help=f"micro-batches per optimizer step ({d.accum})"
     )
@@ -389,16 +393,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--batch-size", type=int, default=None, help=f"sequences per micro-batch ({d.batch_size})"
     )
     p.add_argument("--amsgrad", action="store_true", help="AdamW with AMSGrad")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init, the batches, sampling")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of init, batches, sampling (%(default)s)"
+    )
     p.add_argument("--small", action="store_true", help="tiny model, few steps (a smoke test)")
     p.add_argument(
-        "--ckpt-dir", default="checkpoints/char_transformer", help="where checkpoints go"
+        "--ckpt-dir",
+        default="checkpoints/char_transformer",
+        help="where checkpoints go (%(default)s)",
     )
     p.add_argument(
-        "--save-every", type=int, default=100, help="optimizer steps between checkpoints (0: never)"
+        "--save-every",
+        type=int,
+        default=100,
+        help="optimizer steps between checkpoints, 0: never (%(default)s)",
     )
     p.add_argument(
-        "--eval-every", type=int, default=100, help="optimizer steps between validation evaluations"
+        "--eval-every",
+        type=int,
+        default=100,
+        help="optimizer steps between evaluations (%(default)s)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir"
@@ -410,7 +424,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="stop after this many optimizer steps, as if interrupted (the "
         "schedule still spans --steps)",
     )
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = p.parse_args(argv)
     overrides = dict(SMALL) if args.small else {}
     for name in ("steps", "lr", "accum", "batch_size"):
@@ -461,6 +475,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         restored, meta = restore_checkpoint(manager, step, target)
         state = abstract.replace(**restored)
         micro = int(meta["data_position"])
+        if meta.get("seed", args.seed) != args.seed:
+            raise ValueError(
+                f"checkpoint {step} was written with --seed {meta['seed']}, this run has "
+                f"--seed {args.seed}: the data order would not continue; pass the same seed"
+            )
         if micro != int(state.step) or micro != step * cfg.accum:
             raise ValueError(
                 f"checkpoint {step}: data position {micro} does not match step "

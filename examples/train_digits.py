@@ -23,6 +23,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -226,21 +227,21 @@ def plot(results: dict[str, dict[str, Any]], path: str, title: str) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="AdamW vs Adam+L2 on scikit-learn's digits with a Flax NNX MLP.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps per run")
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate (both optimizers)")
-    p.add_argument(
+    add = p.add_argument
+    add("--steps", type=int, default=1500, help="optimizer steps per run (%(default)s)")
+    add("--lr", type=float, default=2e-3, help="learning rate of both runs (%(default)s)")
+    add(
         "--weight-decay",
         type=float,
         default=1e-2,
-        help="AdamW's decay coefficient, and Adam's L2 coefficient",
+        help="AdamW's decay coefficient and Adam's L2 coefficient (%(default)s)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="examples per step")
-    p.add_argument("--hidden", type=int, default=256, help="width of the hidden layers")
-    p.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, init and batches")
-    p.add_argument("--out", default="digits_adamw.png", help="where to write the PNG plot")
+    add("--batch-size", type=int, default=64, help="examples per step (%(default)s)")
+    add("--hidden", type=int, default=256, help="width of the hidden layers (%(default)s)")
+    add("--eval-every", type=int, default=50, help="steps between evaluations (%(default)s)")
+    add("--seed", type=int, default=0, help="seed of split, init, batches (%(default)s)")
+    add("--out", default="out/digits_adamw.png", help="the PNG plot (%(default)s)")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -276,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     results = {name: train_one(name, tx, data, args) for name, tx in make_optimizers(args).items()}
     print(format_table(results))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     plot(
         results,
         args.out,
