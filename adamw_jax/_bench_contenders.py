@@ -131,19 +131,9 @@ def optax_step(tx: optax.GradientTransformation):
 
 def probe_step(params, grads, state):
     """Reads p, g, m, v and writes p, m, v once: the step's memory traffic, no arithmetic."""
+    if fused.kernel_available() and jax.default_backend() == "cpu" and jax.tree.leaves(params):
+        return fused.stream_probe(params, grads, *state)
     m, v = state
-    leaves = jax.tree.leaves(params)
-    if fused.kernel_available() and jax.default_backend() == "cpu" and leaves:
-        operands, results, aliases = [], [], {}
-        for p, g, mm, vv in zip(leaves, *(jax.tree.leaves(t) for t in (grads, m, v)), strict=True):
-            for position in (0, 2, 3):
-                aliases[len(operands) + position] = len(results)
-                results.append(jax.ShapeDtypeStruct(p.shape, p.dtype))
-            operands += [p, g, mm, vv]
-        out = jax.ffi.ffi_call(fused.PROBE_TARGET, results, input_output_aliases=aliases)(*operands)
-        treedef = jax.tree.structure(params)
-        p, m, v = (jax.tree.unflatten(treedef, out[k::3]) for k in range(3))
-        return p, (m, v)
     add = jax.tree.map
     return add(jnp.add, params, grads), (add(jnp.add, m, grads), add(jnp.add, v, grads))
 

@@ -33,6 +33,7 @@ BACKENDS = ("auto", "kernel", "xla")
 _TARGET = "adamw_jax_fused_adamw"
 PROBE_TARGET = "adamw_jax_stream_probe"  # the same-traffic bandwidth probe of the benchmark
 _EXTENSION = "adamw_jax._fused_adamw_kernel"
+_LEAVES_PER_CALL = 64
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # The decay modes of the kernel's `coupling` attribute.
 _LR_COUPLED, _INDEPENDENT = 1, 2
@@ -83,24 +84,64 @@ def kernel_available() -> bool:
     return True
 
 
+def _aliased_call(target, groups, operands_fn, outputs, **attributes):
+    """Calls ``target`` once per group of leaves, its outputs aliased to inputs.
+
+    ``operands_fn(group_index, group)`` gives the leading (non-leaf) operands of a call;
+    ``outputs`` the positions, within a leaf's inputs, of the inputs it overwrites. XLA's
+    alias analysis grows steeply with the aliases of one call, so leaves travel in groups
+    of at most ``_LEAVES_PER_CALL``.
+    """
+    out = []
+    for k, group in enumerate(groups):
+        operands, results, aliases = list(operands_fn(k, group)), [], {}
+        for ins in group:
+            for position in outputs:
+                aliases[len(operands) + position] = len(results)
+                x = ins[position]
+                results.append(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
+            operands += ins
+        call = jax.ffi.ffi_call(target, results, input_output_aliases=aliases)
+        out += call(*operands, **attributes)
+    return out
+
+
+def _groups(items: list) -> list[list]:
+    return [items[k : k + _LEAVES_PER_CALL] for k in range(0, len(items), _LEAVES_PER_CALL)]
+
+
 def _call(leaves, hyper, flags, coupling: int, nesterov: bool = False):
-    """Runs the kernel on ``[(p, g, m, v, v_max or None), ...]``; returns its outputs."""
+    """Runs the kernel on ``[(p, g, m, v, v_max or None), ...]``; returns its outputs.
+
+    The outputs are ``p, m, v[, v_max]`` per leaf, in order, each aliased to its input.
+    """
     amsgrad = leaves[0][4] is not None
-    operands, results, aliases = [hyper, jnp.asarray(flags, jnp.uint8)], [], {}
-    for p, g, m, v, v_max in leaves:
-        ins = [p, g, m, v, v_max] if amsgrad else [p, g, m, v]
-        for position in (0, 2, 3, 4) if amsgrad else (0, 2, 3):
-            aliases[len(operands) + position] = len(results)
-            x = ins[position]
-            results.append(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
-        operands += ins
-    call = jax.ffi.ffi_call(_TARGET, results, input_output_aliases=aliases)
-    return call(
-        *operands,
+    per_leaf = [[p, g, m, v, v_max] if amsgrad else [p, g, m, v] for p, g, m, v, v_max in leaves]
+    flags = jnp.asarray(flags, jnp.uint8)
+    return _aliased_call(
+        _TARGET,
+        _groups(per_leaf),
+        lambda k, _: [hyper, flags[k * _LEAVES_PER_CALL : (k + 1) * _LEAVES_PER_CALL]],
+        (0, 2, 3, 4) if amsgrad else (0, 2, 3),
         amsgrad=np.int64(amsgrad),
         nesterov=np.int64(nesterov),
         coupling=np.int64(coupling),
     )
+
+
+def stream_probe(params, grads, mu, nu):
+    """The benchmark's bandwidth probe: ``p + g, m + g, v + g`` in place, float32 leaves.
+
+    The same memory traffic and call structure as the kernel's step (read 4 arrays, write
+    3), with one addition per element: what the machine can move in this pattern. Needs
+    :func:`kernel_available`; returns ``(params, (mu, nu))``.
+    """
+    treedef = jax.tree.structure(params)
+    columns = [treedef.flatten_up_to(t) for t in (params, grads, mu, nu)]
+    per_leaf = [list(x) for x in zip(*columns, strict=True)]
+    out = _aliased_call(PROBE_TARGET, _groups(per_leaf), lambda k, _: [], (0, 2, 3))
+    p, m, v = (jax.tree.unflatten(treedef, out[k::3]) for k in range(3))
+    return p, (m, v)
 
 
 def fused_adamw(
