@@ -64,21 +64,28 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--blocks", type=int, default=None, help="blocks of the 'gpt' tree")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--round-seconds", type=float, default=None, help="per contender")
+    parser.add_argument(
+        "--pause", type=float, default=None, help="seconds of idle before each contender"
+    )
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and rounds (tests)")
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
     args = parser.parse_args(argv)
-    defaults = (1 / 1024, 40, 2, 2, 0.0) if args.quick else (1.0, 1000, 12, 7, 0.3)
-    names = ("scale", "leaves", "blocks", "rounds", "round_seconds")
+    defaults = (1 / 1024, 40, 2, 2, 0.0, 0.0) if args.quick else (1.0, 1000, 12, 7, 0.3, 0.05)
+    names = ("scale", "leaves", "blocks", "rounds", "round_seconds", "pause")
     for name, default in zip(names, defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, default)
-    if min(args.leaves, args.blocks, args.rounds) < 1 or args.scale <= 0 or args.round_seconds < 0:
-        parser.error("--scale must be > 0, --leaves, --blocks, --rounds >= 1, --round-seconds >= 0")
+    if min(args.leaves, args.blocks, args.rounds) < 1 or args.scale <= 0:
+        parser.error("--scale must be > 0; --leaves, --blocks and --rounds >= 1")
+    if min(args.round_seconds, args.pause) < 0:
+        parser.error("--round-seconds and --pause must be >= 0")
     return args
 
 
-def _time_rounds(contenders: list[bc.Contender], rounds: int, round_seconds: float) -> None:
+def _time_rounds(
+    contenders: list[bc.Contender], rounds: int, round_seconds: float, pause: float
+) -> None:
     """Fills each contender's ``times_ms``: ms per step, one entry per round."""
     steps = {}
     for c in contenders:  # warm up, and size each contender's round
@@ -92,6 +99,7 @@ def _time_rounds(contenders: list[bc.Contender], rounds: int, round_seconds: flo
     for r in range(rounds):
         shift = r % len(contenders)  # rotate the order so that no one always goes first
         for c in contenders[shift:] + contenders[:shift]:
+            time.sleep(pause)  # lets the previous contender's worker threads go idle
             n = steps[c.name]
             start = time.perf_counter()
             for _ in range(n):
@@ -163,7 +171,7 @@ def run_tree(name: str, args: argparse.Namespace) -> dict:
     contenders = bc.jax_contenders(params, grads)
     if not args.no_torch:
         contenders += bc.torch_contenders(params, grads)
-    _time_rounds(contenders, args.rounds, args.round_seconds)
+    _time_rounds(contenders, args.rounds, args.round_seconds, args.pause)
     rows = _rows(contenders)
     probe_ms = next(r["median_ms"] for r in rows if r["contender"] == _PROBE)
     record = {
