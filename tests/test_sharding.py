@@ -46,14 +46,6 @@ def _env(device_count: int) -> dict[str, str]:
     return env
 
 
-def _int8_available() -> bool:
-    try:
-        adamw_jax.scale_by_adam(mu_dtype="int8", nu_dtype="int8")
-    except NotImplementedError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory) -> tuple[dict, Path]:
     """Runs the 8-device worker once; its measurements and its output folder."""
@@ -77,7 +69,7 @@ def test_worker_sees_eight_devices(eight_devices):
 
 def test_sharded_steps_match_unsharded(eight_devices):
     results, _ = eight_devices
-    dtypes = ["float32", "bfloat16"] + (["int8"] if _int8_available() else [])
+    dtypes = ["float32", "bfloat16", "int8"]
     assert results["moment_dtypes"] == dtypes
     diffs = results["agreement_max_abs_diff"]
     assert set(diffs) == {f"{c}/{d}" for c in ("lr", "schedule", "none") for d in dtypes}
@@ -95,7 +87,7 @@ def test_moments_are_sharded_like_their_params(eight_devices):
                 quantized += moment["quantized"]
     # int8 moments were placed as QuantizedArrays (codes and scales), not plain arrays:
     # mu and nu of 3 leaves, for 3 couplings.
-    assert quantized == (18 if _int8_available() else 0)
+    assert quantized == 18
     # A step jitted without out_shardings keeps them there too.
     assert results["propagated_moment_sharding_kept"]
 
@@ -133,7 +125,7 @@ def test_zero1_holds_one_eighth_of_the_moments_per_device(eight_devices):
     # Leaves with no dimension divisible by 8 stay as their param; others split the first one.
     assert z["odd_shape_specs"] == {"odd": "P()", "late": "P(None, 'data')"}
     # bf16 and int8 moments: same trajectory, and 1/8 of their bytes per device too.
-    for dtype in ["bfloat16"] + (["int8"] if _int8_available() else []):
+    for dtype in ["bfloat16", "int8"]:
         zd = z[dtype]
         assert zd["max_abs_diff"] <= TOL, (dtype, zd)
         split = zd["moment_bytes_total"] - zd["scalar_moment_bytes"]
@@ -142,7 +134,6 @@ def test_zero1_holds_one_eighth_of_the_moments_per_device(eight_devices):
         assert set(zd["moment_bytes_per_device"].values()) == {expected}, (dtype, zd)
 
 
-@pytest.mark.skipif(not _int8_available(), reason="int8 moments are not in this build")
 def test_int8_scales_follow_whole_blocks(eight_devices):
     """Scales are split like the codes only where every shard holds whole blocks of 8."""
     results, _ = eight_devices
