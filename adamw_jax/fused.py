@@ -159,8 +159,8 @@ def fused_adamw(
     nesterov: bool = False,
     mu_dtype: MomentDtype = None,
     nu_dtype: MomentDtype = None,
-    block_size: int = 256,
-    min_quantize_size: int = 4096,
+    block_size: int | None = None,
+    min_quantize_size: int | None = None,
     param_update: str | None = None,
     backend: str = "auto",
 ) -> FusedAdamW:
@@ -196,9 +196,10 @@ def fused_adamw(
       nesterov: Nesterov look-ahead on the first moment.
       mu_dtype: storage dtype of the first moment (None: the params' dtype).
       nu_dtype: storage dtype of the second moment (None: the params' real dtype).
-      block_size: with ``"int8"`` moments, elements per quantization block, in [1, inf).
+      block_size: with ``"int8"`` moments, elements per quantization block, in [1, inf);
+        None means 256.
       min_quantize_size: with ``"int8"`` moments, leaves smaller than this, in [0, inf),
-        stay float32.
+        stay float32; None means 4096.
       param_update: None, or how updates land on low-precision params (as in
         :func:`adamw_jax.adamw`; runs the XLA code).
       backend: ``"auto"`` (the kernel when it applies, else XLA), ``"kernel"`` (raise a
