@@ -9,12 +9,16 @@ Three formats, chosen per leaf:
   the square root is stored as the smallest positive float16 rather than 0;
 * ``"int8"``: blockwise 8-bit codes (:mod:`adamw_jax.quantize`); the second moment is
   quantized as its square root with the unsigned code book, the first with the signed one.
-  Leaves with fewer than ``min_quantize_size`` elements stay float32.
+  Leaves with fewer than ``min_quantize_size`` elements stay float32. In the optimizer
+  step each block's scale comes from a tight bound of its new largest magnitude, found
+  from the gradient and the old codes (:func:`update_leaf`), so that the new values are
+  encoded in the same elementwise pass that computes them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,13 +67,42 @@ def int8_zeros(
     return quantize.zeros(shape, signed=not real, block_size=block_size)
 
 
+class _Bounded(NamedTuple):
+    """A quantized moment, and a bound of each block's new largest magnitude.
+
+    What :func:`update_leaf` hands the step instead of a :class:`QuantizedArray`: loading
+    it loads ``stored``; storing a new value encodes it with ``absmax`` as the blocks'
+    largest magnitudes (see :func:`update_leaf`).
+    """
+
+    stored: QuantizedArray
+    absmax: jax.Array
+
+
+def _unwrap(stored: Any) -> Any:
+    return stored.stored if isinstance(stored, _Bounded) else stored
+
+
+def _quantize(value: jax.Array, like: Any, block_size: int, signed: bool) -> QuantizedArray:
+    """``value`` (float32) blockwise quantized; the second moment's root keeps tiny values."""
+    if isinstance(like, _Bounded):
+        absmax = like.absmax
+    else:
+        absmax = quantize.block_absmax(value, signed=signed, block_size=block_size)
+    return quantize.quantize_with_absmax(
+        value, absmax, signed=signed, block_size=block_size, keep_nonzero=not signed
+    )
+
+
 def dtype_of(stored: Any) -> jnp.dtype:
     """The dtype a stored moment holds its values in (float32 for quantized ones)."""
+    stored = _unwrap(stored)
     return jnp.dtype(jnp.float32) if is_quantized(stored) else stored.dtype
 
 
 def load(stored: Any, dtype: Any, block_size: int) -> jax.Array:
     """The first moment in ``dtype``."""
+    stored = _unwrap(stored)
     if is_quantized(stored):
         return quantize.dequantize(stored, block_size).astype(dtype)
     return stored.astype(dtype)
@@ -77,13 +110,14 @@ def load(stored: Any, dtype: Any, block_size: int) -> jax.Array:
 
 def store(value: jax.Array, like: Any, block_size: int) -> Any:
     """The first moment ``value`` in the format of ``like``."""
-    if is_quantized(like):
-        return quantize.quantize(value, signed=True, block_size=block_size)
+    if is_quantized(_unwrap(like)):
+        return _quantize(value.astype(jnp.float32), like, block_size, signed=True)
     return value.astype(like.dtype)
 
 
 def load_second(stored: Any, dtype: Any, block_size: int) -> jax.Array:
     """The second moment (or its running maximum) in real ``dtype``."""
+    stored = _unwrap(stored)
     if is_quantized(stored):
         return jnp.square(quantize.dequantize(stored, block_size).astype(dtype))
     if stored.dtype == jnp.float16:
@@ -93,9 +127,8 @@ def load_second(stored: Any, dtype: Any, block_size: int) -> jax.Array:
 
 def store_second(value: jax.Array, like: Any, block_size: int) -> Any:
     """The second moment ``value >= 0`` in the format of ``like``."""
-    if is_quantized(like):
-        root = jnp.sqrt(value.astype(jnp.float32))
-        return quantize.quantize(root, signed=False, block_size=block_size, keep_nonzero=True)
+    if is_quantized(_unwrap(like)):
+        return _quantize(jnp.sqrt(value.astype(jnp.float32)), like, block_size, signed=False)
     if like.dtype == jnp.float16:
         root = jnp.sqrt(value).astype(jnp.float16)
         tiny = jnp.asarray(jnp.finfo(jnp.float16).smallest_subnormal, jnp.float16)
@@ -111,3 +144,69 @@ def shape_view(moments: Any) -> Any:
 def leaves(moments: Any) -> list[Any]:
     """The per-param leaves of a moment tree, a quantized node counting as one leaf."""
     return jax.tree.leaves(moments, is_leaf=is_quantized)
+
+
+def _block_max(stored: Any, block_size: int) -> jax.Array:
+    """Each block's largest magnitude of what ``stored`` holds, from the stored data alone.
+
+    For a quantized moment, the value of its largest code times the scale (the largest
+    magnitude it decodes to); for any other array, its blocks' largest magnitude, in its
+    own (real) dtype.
+    """
+    if is_quantized(stored):
+        codes, scales = stored
+        blocks = quantize._blocks(codes.reshape(codes.shape or (1,)), block_size)
+        largest, smallest = quantize.block_max_min(blocks)
+        top = jnp.maximum(largest.astype(jnp.int32), -smallest.astype(jnp.int32))
+        value = quantize._decode(top, signed=codes.dtype == jnp.int8)
+        return value.reshape(scales.shape) * scales.astype(jnp.float32)
+    real = jnp.abs(stored) if jnp.iscomplexobj(stored) else stored
+    blocks = quantize._blocks(real.reshape(real.shape or (1,)), block_size)
+    axis = (blocks.ndim - 1,)  # two plain reductions of the input: no |x| written out
+    top = jnp.maximum(jax.lax.reduce_max(blocks, axis), -jax.lax.reduce_min(blocks, axis))
+    return top.reshape(quantize.scales_shape(real.shape, block_size))
+
+
+def update_leaf(
+    leaf: Callable[..., tuple[Any, ...]],
+    g: jax.Array,
+    mu: Any,
+    nu: Any,
+    nu_max: Any,
+    block_size: int,
+) -> tuple[Any, ...]:
+    """``leaf(g, mu, nu, nu_max)``, encoding the new quantized moments in one pass each.
+
+    ``leaf`` is the per-parameter step of :func:`adamw_jax.scale_by_adam`: it returns the
+    direction and the new ``mu, nu, nu_max`` (``nu_max`` None without AMSGrad), loading
+    and storing them with this module's functions.
+
+    Quantizing a new moment needs each block's largest magnitude. Reduced from the new
+    values themselves, XLA on CPU first writes them out in full (4 bytes per element,
+    once per moment) and reads them back. Instead, each block is encoded with a bound of
+    its largest new magnitude found from the inputs alone: ``leaf`` applied to the
+    blocks' largest magnitudes of the gradient and of the stored moments (read from the
+    largest code). Every stored moment of Adam is a non-decreasing function of ``|g|``
+    and of the old moments' magnitudes with non-negative weights, so the result bounds
+    each new value of the block. It exceeds the block's largest new first moment by at
+    most ``2 (1 - b1) max|g|``, and the largest new second moment by at most
+    ``(1 - b2) max g**2``; the new values are then encoded elementwise, in the pass that
+    computes them (:func:`adamw_jax.quantize.quantize_with_absmax`).
+    """
+    states = (mu, nu, nu_max)
+    which = [i for i, s in enumerate(states) if is_quantized(s)]
+    if not which:
+        return leaf(g, mu, nu, nu_max)
+    # Quantized moments enter as plain float32 arrays of what they hold (the second
+    # moment's root squared); the leaf then hands back plain bounds, the second moment's
+    # (not its root's) included.
+    maxima = []
+    for i, s in enumerate(states):
+        top = None if s is None else _block_max(s, block_size)
+        maxima.append(jnp.square(top) if i > 0 and is_quantized(s) else top)
+    bounds = leaf(_block_max(g, block_size), *maxima)
+    staged = list(states)
+    for i in which:
+        bound = bounds[1 + i].astype(jnp.float32)
+        staged[i] = _Bounded(states[i], jnp.abs(bound) if i == 0 else jnp.sqrt(bound))
+    return leaf(g, *staged)

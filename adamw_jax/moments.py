@@ -237,7 +237,7 @@ def scale_by_adam(
         treedef = jax.tree.structure(updates)
         nu_max_leaves = _storage.leaves(state.nu_max) if amsgrad else [None] * treedef.num_leaves
         out = [
-            leaf(g, m, v, vm)
+            _storage.update_leaf(leaf, g, m, v, vm, block_size)
             for g, m, v, vm in zip(
                 jax.tree.leaves(updates),
                 _storage.leaves(state.mu),

@@ -3,7 +3,9 @@ r"""Blockwise 8-bit storage of moment states, and the byte count of an optimizer
 A float32 array is cut into blocks of ``block_size`` consecutive elements along its last
 axis (the last block of each row may be shorter). Each block keeps one float32 scale, its
 largest magnitude divided by the code book's largest value, and one byte per element: the
-code of the nearest code-book value to ``x / scale``.
+code of the nearest code-book value to ``x / scale``. :func:`quantize` finds the largest
+magnitudes itself (:func:`block_absmax`); :func:`quantize_with_absmax` takes them, or an
+upper bound of them, from the caller, and is then purely elementwise.
 
 The code books are small floating-point formats with subnormals, so their steps grow with
 the magnitude, as a moment's values spread over orders of magnitude:
@@ -73,23 +75,28 @@ def _encode(y: jax.Array, signed: bool) -> jax.Array:
     """Nearest code (int32, >= 0) of magnitudes ``0 <= y`` (float32) in the code book."""
     e_bits, m_bits, bias = _format(signed)
     bits = jax.lax.bitcast_convert_type(y, jnp.int32)
-    # Round to nearest by adding half of the dropped mantissa bits; a carry moves into the
-    # exponent, which is the next code up.
-    normal = ((bits + (1 << (22 - m_bits))) >> (23 - m_bits)) - ((127 - bias) << m_bits)
-    subnormal = jnp.round(y * jnp.float32(2.0 ** (bias - 1 + m_bits))).astype(jnp.int32)
+    # Normal codes: round to nearest by adding half of the dropped mantissa bits (a carry
+    # moves into the exponent, which is the next code up), then rebase the exponent.
+    shift = 23 - m_bits
+    normal = (bits + ((1 << (shift - 1)) - ((127 - bias) << 23))) >> shift
+    # Subnormal codes, y * 2**(bias - 1 + m_bits) in [0, 2**m_bits): adding 2**23 rounds it
+    # to the nearest integer (ties to even), which is then the low bits of the sum.
+    z = y * jnp.float32(2.0 ** (bias - 1 + m_bits)) + jnp.float32(2.0**23)
+    subnormal = jax.lax.bitcast_convert_type(z, jnp.int32) - (150 << 23)
     code = jnp.where(y < jnp.float32(2.0 ** (1 - bias)), subnormal, normal)
-    return jnp.clip(code, 0, 2 ** (e_bits + m_bits) - 1)
+    return jnp.minimum(code, 2 ** (e_bits + m_bits) - 1)  # >= 0 already
 
 
 def _decode(k: jax.Array, signed: bool) -> jax.Array:
     """The code-book value (float32) of codes ``0 <= k`` (int32)."""
     e_bits, m_bits, bias = _format(signed)
-    k = jnp.clip(k, 0, 2 ** (e_bits + m_bits) - 1)
-    exponent, mantissa = k >> m_bits, k & (2**m_bits - 1)
-    normal_bits = ((exponent + (127 - bias)) << 23) | (mantissa << (23 - m_bits))
-    normal = jax.lax.bitcast_convert_type(normal_bits, jnp.float32)
-    subnormal = mantissa.astype(jnp.float32) * jnp.float32(2.0 ** (1 - bias - m_bits))
-    return jnp.where(exponent == 0, subnormal, normal)
+    k = jnp.minimum(k, 2 ** (e_bits + m_bits) - 1)
+    # The code's bits as a float32's exponent and leading mantissa bits: exact for normal
+    # codes; a subnormal code (exponent 0) reads as 2**-bias * (1 + mantissa / 2**m_bits),
+    # whose value is recovered exactly as twice that minus 2**(1 - bias).
+    x = jax.lax.bitcast_convert_type((k << (23 - m_bits)) + ((127 - bias) << 23), jnp.float32)
+    subnormal = 2.0 * x - jnp.float32(2.0 ** (1 - bias))
+    return jnp.where(k < 2**m_bits, subnormal, x)
 
 
 def code_book(signed: bool) -> np.ndarray:
@@ -185,27 +192,128 @@ def quantize(
       Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022.
     """
     _check_block_size(block_size)
+    absmax = block_absmax(x, signed=signed, block_size=block_size)
+    return quantize_with_absmax(
+        x, absmax, signed=signed, block_size=block_size, keep_nonzero=keep_nonzero
+    )
+
+
+def _check_floating(x: Any) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a real floating array; got dtype {x.dtype}.")
+    return x
+
+
+def _magnitude_blocks(x: jax.Array, signed: bool, block_size: int) -> jax.Array:
+    """``|x|`` (signed) or ``max(x, 0)`` in float32, split to (..., blocks, block)."""
+    xb = _blocks(x.astype(jnp.float32).reshape(x.shape or (1,)), block_size)
+    return jnp.abs(xb) if signed else jnp.maximum(xb, 0.0)
+
+
+def block_absmax(x: jax.Array, *, signed: bool, block_size: int = 256) -> jax.Array:
+    """The largest magnitude of each block of ``x``, shaped like the scales.
+
+    The first half of :func:`quantize`, for callers that find the maxima another way (for
+    instance chunk by chunk) and encode with :func:`quantize_with_absmax`.
+
+    Args:
+      x: a real floating array of any shape (computed in float32).
+      signed: take ``|x|``; otherwise ``max(x, 0)`` (the unsigned code book's magnitudes).
+      block_size: elements per block along the last axis, in [1, inf).
+
+    Returns:
+      A float32 array of shape ``scales_shape(x.shape, block_size)``; NaN where a block
+      holds a NaN.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adamw_jax import quantize
+      >>> quantize.block_absmax(jnp.array([1.0, -3.0, 2.0]), signed=True, block_size=2)
+      Array([3., 2.], dtype=float32)
+    """
+    _check_block_size(block_size)
+    x = _check_floating(x)
+    xb = _blocks(x.astype(jnp.float32).reshape(x.shape or (1,)), block_size)
+    largest, smallest = block_max_min(xb)
+    # Both results are used (the unsigned book's min(-smallest, 0) <= 0 changes nothing),
+    # which keeps this one fused two-output reduction (see block_max_min).
+    absmax = jnp.maximum(largest, -smallest if signed else jnp.minimum(-smallest, 0.0))
+    return jnp.maximum(absmax, 0.0).reshape(scales_shape(x.shape, block_size))
+
+
+def block_max_min(xb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The largest and smallest value along the last axis of ``xb``, in one reduction.
+
+    A two-output reduction: XLA on CPU computes it in one pass fused with whatever
+    elementwise computation produces ``xb``, where a plain ``max`` of ``|xb|`` would first
+    write ``|xb|`` out in full. NaN propagates to both results.
+    """
+    if jnp.issubdtype(xb.dtype, jnp.floating):
+        low, high = -jnp.inf, jnp.inf
+    else:
+        low, high = jnp.iinfo(xb.dtype).min, jnp.iinfo(xb.dtype).max
+    init = (jnp.array(low, xb.dtype), jnp.array(high, xb.dtype))
+
+    def combine(a, b):
+        return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
+
+    largest, smallest = jax.lax.reduce((xb, xb), init, combine, (xb.ndim - 1,))
+    return largest, smallest
+
+
+def quantize_with_absmax(
+    x: jax.Array,
+    absmax: jax.Array,
+    *,
+    signed: bool,
+    block_size: int = 256,
+    keep_nonzero: bool = False,
+) -> QuantizedArray:
+    """:func:`quantize` given the blocks' largest magnitudes (:func:`block_absmax`).
+
+    With ``absmax == block_absmax(x, ...)`` the result equals ``quantize(x, ...)``; the
+    encoding itself is elementwise, so it fuses with whatever computes ``x``.
+
+    Args:
+      x: a real floating array of any shape (computed in float32).
+      absmax: float32, shape ``scales_shape(x.shape, block_size)``: each block's largest
+        magnitude (values above it are stored as the largest code).
+      signed: use the signed code book (``int8`` codes); otherwise the unsigned one.
+      block_size: elements per block along the last axis, in [1, inf).
+      keep_nonzero: as for :func:`quantize`.
+
+    Returns:
+      A :class:`QuantizedArray` with ``codes.shape == x.shape``.
+    """
+    _check_block_size(block_size)
+    x = _check_floating(x)
     shape = x.shape
-    xf = x.astype(jnp.float32).reshape(shape or (1,))
-    xb = _blocks(xf, block_size)
-    magnitude = jnp.abs(xb) if signed else jnp.maximum(xb, 0.0)
-    absmax = jax.lax.reduce_max(magnitude, (magnitude.ndim - 1,))
+    expected = scales_shape(shape, block_size)
+    absmax = jnp.asarray(absmax, jnp.float32)
+    if absmax.shape != expected:
+        raise ValueError(f"absmax must have shape {expected}; got {absmax.shape}.")
+    magnitude = _magnitude_blocks(x, signed, block_size)
+    absmax = absmax.reshape(magnitude.shape[:-1])
     top = jnp.float32(code_book_max(signed))
     scales = absmax / top
-    inverse = jnp.where(absmax > 0, top / jnp.where(absmax > 0, absmax, 1.0), 0.0)
-    inverse = jnp.where(jnp.isfinite(absmax), inverse, absmax)  # propagate nan/inf
+    # top / absmax, or 0 for an all-zero block. A division last, so that XLA computes it
+    # once per block rather than again for every element. (A NaN or infinite absmax gives
+    # a NaN or infinite scale, so the block decodes to non-finite values whatever its codes.)
+    positive = absmax > 0
+    inverse = jnp.where(positive, top, 0.0) / jnp.where(positive, absmax, 1.0)
     code = _encode(magnitude * inverse[..., None], signed)
-    if keep_nonzero:
-        code = jnp.where((magnitude > 0) & (code == 0), 1, code)
-    if signed:
-        codes = jnp.where(xb < 0, -code, code).astype(jnp.int8)
+    if keep_nonzero:  # a positive magnitude (positive bit pattern) gets at least code 1
+        positive = jnp.minimum(jax.lax.bitcast_convert_type(magnitude, jnp.int32), 1)
+        code = jnp.maximum(code, positive)
+    if signed:  # -code where x's sign bit is set: (code ^ s) - s with s = 0 or -1
+        xb = _blocks(x.astype(jnp.float32).reshape(shape or (1,)), block_size)
+        sign = jax.lax.bitcast_convert_type(xb, jnp.int32) >> 31
+        codes = ((code ^ sign) - sign).astype(jnp.int8)
     else:
         codes = code.astype(jnp.uint8)
-    codes = _unblock(codes, xf.shape[-1]).reshape(shape)
-    return QuantizedArray(codes, scales.reshape(scales_shape(shape, block_size)))
+    codes = _unblock(codes, (shape or (1,))[-1]).reshape(shape)
+    return QuantizedArray(codes, scales.reshape(expected))
 
 
 def dequantize(q: QuantizedArray, block_size: int = 256) -> jax.Array:
@@ -239,8 +347,11 @@ def dequantize(q: QuantizedArray, block_size: int = 256) -> jax.Array:
     shape = codes.shape
     k = codes.astype(jnp.int32).reshape(shape or (1,))
     values = _decode(jnp.abs(k), signed)
-    if signed:
-        values = jnp.where(k < 0, -values, values)
+    if signed:  # copy the code's sign bit onto the (non-negative) value
+        sign = k & jnp.int32(-(2**31))
+        values = jax.lax.bitcast_convert_type(
+            jax.lax.bitcast_convert_type(values, jnp.int32) | sign, jnp.float32
+        )
     n = k.shape[-1]
     s = scales.astype(jnp.float32).reshape(scales_shape(k.shape, block_size))
     out = _blocks(values, block_size) * s[..., None]

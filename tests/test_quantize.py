@@ -230,3 +230,58 @@ def test_state_nbytes_counts_every_array():
         adamw_jax.state_nbytes(adamw_jax.adamw(1e-3).init({"w": jnp.zeros((50, 20))})),
         2 * 1000 * 4 + 2 * 4,
     )
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantize_with_absmax_splits_quantize(signed):
+    x = _inputs("heavy_tailed")
+    x[0, :5] = [-3.0, 0.0, -0.0, 1e-30, 2.0]  # negatives count only for the signed book
+    absmax = quantize.block_absmax(jnp.asarray(x), signed=signed)
+    padded = np.pad(x if signed else np.maximum(x, 0), [(0, 0), (0, 68)])
+    expected = np.abs(padded).reshape(7, 3, 256).max(-1)
+    np.testing.assert_array_equal(np.asarray(absmax), expected)
+    whole = quantize.quantize(jnp.asarray(x), signed=signed)
+    split = quantize.quantize_with_absmax(jnp.asarray(x), absmax, signed=signed)
+    np.testing.assert_array_equal(np.asarray(split.codes), np.asarray(whole.codes))
+    np.testing.assert_array_equal(np.asarray(split.scales), np.asarray(whole.scales))
+    # A larger bound scales the block up and still decodes within the per-block bound.
+    loose = quantize.quantize_with_absmax(jnp.asarray(x), 3.0 * absmax, signed=signed)
+    np.testing.assert_allclose(np.asarray(loose.scales), 3.0 * expected / TOP, rtol=1e-6)
+    with pytest.raises(ValueError, match="absmax"):
+        quantize.quantize_with_absmax(jnp.asarray(x), absmax[:, :2], signed=signed)
+
+
+def test_int8_step_scales_bound_each_block_tightly():
+    """The step encodes each block with a bound of its new largest magnitude (see
+    _moment_storage.update_leaf): never below it, above by at most the gradient's part."""
+    b1, b2 = 0.9, 0.999
+    tx = adamw_jax.scale_by_adam(
+        b1=b1, b2=b2, mu_dtype="int8", nu_dtype="int8", min_quantize_size=0
+    )
+    rng = np.random.default_rng(3)
+    g0 = jnp.asarray(rng.standard_t(2.0, size=(6, 600)).astype(np.float32))
+    g1 = jnp.asarray((rng.standard_t(2.0, size=(6, 600)) * 0.3).astype(np.float32))
+    update = jax.jit(tx.update)
+    _, state = update(g0, tx.init(g0))
+    _, new = update(g1, state)
+
+    def per_block(a):
+        return np.abs(np.pad(a, [(0, 0), (0, 168)])).reshape(6, 3, 256).max(-1)
+
+    old_m = np.asarray(quantize.dequantize(state.mu), np.float64)
+    old_root = np.asarray(quantize.dequantize(state.nu), np.float64)
+    g = np.asarray(g1, np.float64)
+    m = b1 * old_m + (1 - b1) * g  # float64 references of the new moments
+    v = b2 * old_root**2 + (1 - b2) * g**2
+    g_max = per_block(g)
+    m_bound = np.asarray(new.mu.scales, np.float64) * TOP
+    root_bound = np.asarray(new.nu.scales, np.float64) * TOP
+    assert np.all(m_bound >= per_block(m) * (1 - 1e-6))
+    assert np.all(m_bound <= per_block(m) + 2 * (1 - b1) * g_max + 1e-6 * m_bound)
+    assert np.all(root_bound >= np.sqrt(per_block(v)) * (1 - 1e-6))
+    assert np.all(root_bound**2 <= per_block(v) + (1 - b2) * g_max**2 + 1e-6 * root_bound**2)
+    # And the codes are the stored formats' nearest codes under those scales.
+    for q, ref, floor in ((new.mu, m, 2.0**-11), (new.nu, np.sqrt(v), 2.0**-19)):
+        scale = np.repeat(np.asarray(q.scales, np.float64), 256, axis=1)[:, :600]
+        err = np.abs(np.asarray(quantize.dequantize(q), np.float64) - ref)
+        assert np.all(err <= 2.0**-5 * np.abs(ref) + floor * scale + 1e-6 * np.abs(ref))
