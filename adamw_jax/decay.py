@@ -217,19 +217,29 @@ def decoupled_weight_decay(
         lr = _validate.evaluate(learning_rate, state.count)
         wd = _validate.evaluate(weight_decay, state.count)
 
+        scalars_by_dtype: dict = {}
+
+        def scalars(c):
+            """(learning rate, decay factor) in dtype ``c``, made once for all leaves."""
+            if c not in scalars_by_dtype:
+                lam = jnp.asarray(wd, c)
+                if coupling == "schedule":
+                    lam = lam / jnp.asarray(peak_learning_rate, c)
+                scalars_by_dtype[c] = (jnp.asarray(lr, c), lam)
+            return scalars_by_dtype[c]
+
         def plain(u, p):
             c = compute_dtype(u.dtype, p.dtype)
-            return (-jnp.asarray(lr, c) * u.astype(c)).astype(p.dtype)
+            eta, _ = scalars(c)
+            return (-eta * u.astype(c)).astype(p.dtype)
 
         def decayed(u, p):
             c = compute_dtype(u.dtype, p.dtype)
-            eta, lam, uc, pc = jnp.asarray(lr, c), jnp.asarray(wd, c), u.astype(c), p.astype(c)
-            if coupling == "lr":
-                step = eta * (uc + lam * pc)
-            elif coupling == "schedule":
-                step = eta * (uc + (lam / jnp.asarray(peak_learning_rate, c)) * pc)
-            else:
+            (eta, lam), uc, pc = scalars(c), u.astype(c), p.astype(c)
+            if coupling == "none":
                 step = eta * uc + lam * pc
+            else:  # "lr", and "schedule" with lam already divided by the peak
+                step = eta * (uc + lam * pc)
             return (-step).astype(p.dtype)
 
         new = _map_masked(resolve_mask(mask, params), decayed, plain, updates, params)

@@ -204,28 +204,49 @@ def scale_by_adam(
         _validate.check_inexact_leaves("updates", updates)
         count = safe_increment(state.count)
 
+        scalars_by_dtype: dict = {}
+
+        def scalars(c):
+            """This step's scalar factors for compute dtype ``c``, made once for all leaves."""
+            if c not in scalars_by_dtype:
+                r = jnp.finfo(c).dtype  # the real counterpart of the compute dtype
+                beta1, beta2 = jnp.asarray(b1, r), jnp.asarray(b2, r)
+                t = count.astype(r)
+                if bias_correction:
+                    c1, c2, c1_next = 1 - beta1**t, 1 - beta2**t, 1 - beta1 ** (t + 1)
+                else:
+                    c1 = c2 = c1_next = jnp.ones([], r)
+                scalars_by_dtype[c] = dict(
+                    r=r,
+                    b1=beta1.astype(c),
+                    one_minus_b1=(1 - beta1).astype(c),
+                    b2=beta2,
+                    one_minus_b2=1 - beta2,
+                    c1=c1.astype(c),
+                    c2=c2,
+                    nesterov_m=(beta1 / c1_next).astype(c),
+                    nesterov_g=((1 - beta1) / c1).astype(c),
+                    eps=jnp.asarray(eps, r),
+                    eps_root=jnp.asarray(eps_root, r),
+                )
+            return scalars_by_dtype[c]
+
         def leaf(g, mu, nu, nu_max):
             c = compute_dtype(g.dtype, _storage.dtype_of(mu))
-            r = jnp.finfo(c).dtype  # the real counterpart of the compute dtype
+            k = scalars(c)
+            r = k["r"]
             gc = g.astype(c)
-            beta1, beta2 = jnp.asarray(b1, r), jnp.asarray(b2, r)
-            m = beta1.astype(c) * _storage.load(mu, c, block_size) + (1 - beta1).astype(c) * gc
+            m = k["b1"] * _storage.load(mu, c, block_size) + k["one_minus_b1"] * gc
             g2 = jnp.real(gc * jnp.conj(gc)) if jnp.iscomplexobj(gc) else gc * gc
-            v = beta2 * _storage.load_second(nu, r, block_size) + (1 - beta2) * g2
-            t = count.astype(r)
-            if bias_correction:
-                c1, c2 = 1 - beta1**t, 1 - beta2**t
-            else:
-                c1 = c2 = jnp.ones([], r)
-            v_hat = v / c2
+            v = k["b2"] * _storage.load_second(nu, r, block_size) + k["one_minus_b2"] * g2
+            v_hat = v / k["c2"]
             if amsgrad:
                 v_hat = jnp.maximum(_storage.load_second(nu_max, r, block_size), v_hat)
             if nesterov:
-                c1_next = 1 - beta1 ** (t + 1) if bias_correction else c1
-                m_hat = (beta1 / c1_next).astype(c) * m + ((1 - beta1) / c1).astype(c) * gc
+                m_hat = k["nesterov_m"] * m + k["nesterov_g"] * gc
             else:
-                m_hat = m / c1.astype(c)
-            denom = (jnp.sqrt(v_hat + jnp.asarray(eps_root, r)) + jnp.asarray(eps, r)).astype(c)
+                m_hat = m / k["c1"]
+            denom = (jnp.sqrt(v_hat + k["eps_root"]) + k["eps"]).astype(c)
             u = m_hat / denom
             if not eps_is_positive:  # a zero second moment gives a zero direction, not 0/0
                 u = jnp.where(denom == 0, jnp.zeros([], c), u)
