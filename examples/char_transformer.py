@@ -12,6 +12,10 @@ small decoder-only (GPT-style) Transformer written in Flax Linen and trained wit
 - gradient accumulation over micro-batches (``optax.MultiSteps``),
 - ``jax.jit`` with the train state (params and optimizer state) donated.
 
+``--moments bf16`` or ``--moments int8`` stores AdamW's two moments in bfloat16 or as
+blockwise 8-bit codes (``adamw(mu_dtype=..., nu_dtype=...)``) instead of float32; the run
+prints how many parameters' moments are quantized and the optimizer state's bytes.
+
 Every ``--save-every`` optimizer steps it writes a checkpoint with orbax-checkpoint: params,
 optimizer state, step and the data position. ``--resume`` continues from the latest one.
 Batches are a pure function of ``(seed, micro-step)``, so a resumed run ends with params and
@@ -28,6 +32,7 @@ Run from the repository root::
     python examples/char_transformer.py --stop-after 200        # "interrupted" at step 200
     python examples/char_transformer.py --resume                # ... and continued
     python examples/char_transformer.py --small                 # a seconds-long smoke run
+    python examples/char_transformer.py --moments int8          # 8-bit optimizer moments
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ class Config:
     weight_decay: float = 0.1
     clip: float = 1.0
     amsgrad: bool = False
+    moments: str = "fp32"  # a key of MOMENT_DTYPES
     eval_batches: int = 16
     sample_chars: int = 400
 
@@ -128,6 +134,12 @@ SMALL = dict(
     eval_batches=4,
     sample_chars=120,
 )
+
+
+# How AdamW's two moments are stored (adamw's mu_dtype and nu_dtype); the arithmetic is
+# float32 in every case. With "int8", leaves under min_quantize_size (4096) elements stay
+# float32.
+MOMENT_DTYPES: dict[str, Any] = {"fp32": None, "bf16": jnp.bfloat16, "int8": "int8"}
 
 
 class Block(nn.Module):
@@ -183,6 +195,8 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
             weight_decay=cfg.weight_decay,
             mask=masks.by_name(),
             amsgrad=cfg.amsgrad,
+            mu_dtype=MOMENT_DTYPES[cfg.moments],
+            nu_dtype=MOMENT_DTYPES[cfg.moments],
         ),
     )
     return optax.MultiSteps(inner, every_k_schedule=cfg.accum).gradient_transformation()
@@ -333,6 +347,28 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, target: Any):
 
 
 # ------------------------------------------------------------------------------- training
+def quantized_params(opt_state: Any) -> int:
+    """How many parameters have their first moment stored as 8-bit codes in ``opt_state``."""
+    leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, adamw_jax.QuantizedArray))
+    # Each quantized parameter leaf has two QuantizedArrays (mu, nu): count one of them.
+    sizes = [x.codes.size for x in leaves if isinstance(x, adamw_jax.QuantizedArray)]
+    return sum(sizes) // 2
+
+
+def describe_moments(moments: str, opt_state: optax.MultiStepsState, n_params: int) -> str:
+    """One line: the moments' storage and the optimizer state's bytes per parameter."""
+    adam = adamw_jax.state_nbytes(opt_state.inner_opt_state)
+    total = adamw_jax.state_nbytes(opt_state)
+    line = (
+        f"moments: {moments}; AdamW state {adam / n_params:.2f} bytes/param "
+        f"({total / n_params:.2f} with MultiSteps' gradient accumulator)"
+    )
+    if moments == "int8":
+        q = quantized_params(opt_state)
+        line += f"; {q:,} of {n_params:,} parameters quantized, the rest float32"
+    return line
+
+
 class Compiled(NamedTuple):
     """The jitted functions of one configuration."""
 
@@ -394,6 +430,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--amsgrad", action="store_true", help="AdamW with AMSGrad")
     p.add_argument(
+        "--moments",
+        choices=tuple(MOMENT_DTYPES),
+        default=d.moments,
+        help="storage of AdamW's moments: float32, bfloat16, or blockwise 8-bit codes "
+        "(leaves under 4096 elements stay float32) (%(default)s)",
+    )
+    p.add_argument(
         "--seed", type=int, default=0, help="seed of init, batches, sampling (%(default)s)"
     )
     p.add_argument("--small", action="store_true", help="tiny model, few steps (a smoke test)")
@@ -430,7 +473,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("steps", "lr", "accum", "batch_size"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    overrides.update(weight_decay=args.weight_decay, amsgrad=args.amsgrad)
+    overrides.update(weight_decay=args.weight_decay, amsgrad=args.amsgrad, moments=args.moments)
     args.config = dataclasses.replace(Config(), **overrides)
     c = args.config
     if c.steps < 1 or c.accum < 1 or c.batch_size < 1 or c.lr <= 0 or c.weight_decay < 0:
@@ -466,6 +509,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         masks.describe(masks.by_name(), abstract.params).splitlines()[-1]
         + " (no decay on biases, LayerNorm scales, embeddings)"
     )
+    print(describe_moments(cfg.moments, abstract.opt_state, n_params))
 
     manager = checkpoint_manager(args.ckpt_dir) if (args.save_every or args.resume) else None
     micro = 0  # the data position: index of the next micro-batch
@@ -538,9 +582,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     wall = time.perf_counter() - t0
 
     val = float(run.eval_loss(state.params, state.apply_fn, *val_batches))
+    train = ""
+    if losses:  # the mean over a window is less noisy than one step's two micro-batches
+        tail = losses[-100:]
+        train = (
+            f"train loss {losses[-1]:.4f} (last step), {np.mean(tail):.4f} (mean of the last "
+            f"{len(tail)}); "
+        )
     print(
-        f"after {end_step} steps: val loss {val:.4f} nats/char, {val / math.log(2):.4f} "
-        f"bits/char; {wall:.1f} s"
+        f"after {end_step} steps: {train}val loss {val:.4f} nats/char, "
+        f"{val / math.log(2):.4f} bits/char; {wall:.1f} s"
     )
     prompt = "The "
     buf = np.zeros(cfg.block, np.int32)

@@ -140,6 +140,37 @@ def test_char_transformer_resume_with_other_optimizer_structure_raises(lm_runs):
         lm.main(argv)
 
 
+def test_char_transformer_int8_moments_train_and_track_fp32(lm_runs):
+    lm = _load("char_transformer")
+    with jax.numpy_dtype_promotion("standard"):
+        int8 = lm.main(
+            ["--small", "--steps", "12", "--save-every", "0", "--moments", "int8", "--no-progress"]
+        )
+    fp32 = lm_runs["full"]  # same seed and settings, float32 moments
+    losses = int8["losses"]
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < losses[0] - 0.8  # the loss falls
+    # 8-bit moments change the steps a little, not the course of training.
+    np.testing.assert_allclose(losses, fp32["losses"], rtol=0, atol=0.01)
+    assert int8["val_loss"] == pytest.approx(fp32["val_loss"], rel=0.02)
+    # The moments of every parameter leaf of >= 4096 elements are 8-bit codes, the rest float32.
+    opt_state = int8["state"]["opt_state"]
+    params = int8["state"]["params"]
+    big = sum(x.size for x in jax.tree.leaves(params) if x.size >= 4096)
+    assert 0 < big < sum(x.size for x in jax.tree.leaves(params))
+    assert lm.quantized_params(opt_state) == big
+    adam_state = opt_state.inner_opt_state[1][0]  # (clip, (scale_by_adam, decay))
+    is_q = lambda x: isinstance(x, adamw_jax.QuantizedArray)  # noqa: E731
+    mu = jax.tree.leaves(adam_state.mu, is_leaf=is_q)
+    assert {str(x.codes.dtype) for x in mu if is_q(x)} == {"int8"}
+    assert {str(x.dtype) for x in mu if not is_q(x)} == {"float32"}
+    # Each quantized parameter's two moments take 1 byte each plus a float32 scale per block
+    # (blocks of at least 32 elements here): at least 5.5 of fp32's 8 bytes saved.
+    fp32_bytes = adamw_jax.state_nbytes(fp32["state"]["opt_state"].inner_opt_state)
+    int8_bytes = adamw_jax.state_nbytes(opt_state.inner_opt_state)
+    assert fp32_bytes - int8_bytes > 5.5 * big
+
+
 def _opt_tree(tx, params):
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros([], jnp.int32)}
 
