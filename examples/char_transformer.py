@@ -481,6 +481,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             f"need --steps, --accum, --batch-size >= 1, --lr > 0, --weight-decay >= 0; "
             f"got {c.steps}, {c.accum}, {c.batch_size}, {c.lr}, {c.weight_decay}"
         )
+    if c.steps <= c.warmup:
+        p.error(f"need --steps > the {c.warmup} warmup steps of this configuration; got {c.steps}")
     if args.save_every < 0 or args.eval_every < 1:
         p.error("need --save-every >= 0 and --eval-every >= 1")
     return args

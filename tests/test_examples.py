@@ -215,3 +215,18 @@ def test_restore_helper_checks_structure_shapes_and_dtypes(tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         lm.restore_checkpoint(manager, 3, _opt_tree(adamw_jax.adam(l2=1e-2), params))
     manager.close()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--small", "--steps", "5"], "--steps > the 5 warmup steps"),
+        (["--small", "--lr", "0"], "--lr > 0"),
+        (["--save-every", "-1"], "--save-every >= 0"),
+    ],
+)
+def test_char_transformer_refuses_bad_flags_early(argv, message, capsys):
+    lm = _load("char_transformer")
+    with pytest.raises(SystemExit):
+        lm.parse_args(argv)
+    assert message in capsys.readouterr().err
