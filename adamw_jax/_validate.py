@@ -101,11 +101,25 @@ def check_bool(name: str, value: Any) -> None:
 
 
 def check_mask(name: str, value: Any) -> None:
-    """Raises TypeError if ``value`` is not None, a callable or a pytree."""
-    if isinstance(value, (str, bytes, int, float)) and not isinstance(value, bool):
+    """Raises TypeError if ``value`` is not None, a callable or a pytree of bools.
+
+    A single boolean (Python or 0-d array) is refused: it is what a callable mask turns into
+    when ``optax.inject_hyperparams`` mistakes it for a schedule and calls it on the step
+    count, and it would then silently decay every leaf (or none).
+    """
+    if isinstance(value, (str, bytes, int, float, complex)) and not isinstance(value, bool):
         raise TypeError(
             f"{name} must be None, a pytree of bools like the params, or a callable "
             f"params -> such a pytree; got {value!r}."
+        )
+    if isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0
+    ):
+        raise TypeError(
+            f"{name} must be None, a pytree of bools like the params, or a callable "
+            f"params -> such a pytree; got a single boolean {value!r}. (For all leaves use "
+            f"{name}=None; for none, weight_decay=0. Under optax.inject_hyperparams pass "
+            f"static_args=({name!r},) so that a callable {name} is not taken for a schedule.)"
         )
 
 

@@ -126,3 +126,24 @@ def test_traced_hyperparameters_are_not_checked_and_work():
         return updates
 
     np.testing.assert_allclose(np.asarray(step(0.5, 0.2)), -0.1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mask", [True, False, jnp.array(True), np.bool_(False)])
+def test_a_single_boolean_mask_is_refused(mask):
+    with pytest.raises(TypeError, match="single boolean"):
+        adamw_jax.adamw(mask=mask)
+
+
+def test_callable_mask_under_inject_hyperparams_needs_static_args():
+    """Without static_args Optax calls the mask on the step count; that must not pass silently."""
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    by_name = adamw_jax.masks.by_name()
+    with pytest.raises(TypeError, match=r"static_args=\('mask',\)"):
+        optax.inject_hyperparams(adamw_jax.adamw)(mask=by_name).init(params)
+    tx = optax.inject_hyperparams(adamw_jax.adamw, static_args=("mask",))(
+        learning_rate=0.1, weight_decay=0.5, mask=by_name
+    )
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_array_equal(np.asarray(updates["bias"]), 0.0)
+    np.testing.assert_allclose(np.asarray(updates["kernel"]), -0.05)
