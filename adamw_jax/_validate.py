@@ -133,6 +133,12 @@ def evaluate(value: float | jax.Array | Callable[[jax.Array], jax.Array], count:
     return value(count) if is_schedule(value) else value
 
 
+def check_params_given(name: str, params: Any) -> None:
+    """Raises ValueError if a transformation that needs the params was updated without them."""
+    if params is None:
+        raise ValueError(f"{name} needs the params: call update(updates, state, params).")
+
+
 def check_same_structure(what: str, tree: Any, reference: Any, reference_name: str) -> None:
     """Raises ValueError if ``tree``'s structure or leaf shapes differ from ``reference``'s."""
     treedef, ref_treedef = jax.tree.structure(tree), jax.tree.structure(reference)

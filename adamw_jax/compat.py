@@ -128,6 +128,16 @@ def _check_betas(betas: Any) -> tuple[Any, Any]:
     return betas[0], betas[1]
 
 
+def _zero_state(params, amsgrad: bool) -> tuple[Any, Any, Any, Any]:
+    """The fields of a fresh ported state: count 0 and zero moments like the params."""
+
+    def zeros():
+        return jax.tree.map(jnp.zeros_like, params)
+
+    nu_max = zeros() if amsgrad else optax.EmptyState()
+    return jnp.zeros([], jnp.int32), zeros(), zeros(), nu_max
+
+
 def torch_adamw(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -208,14 +218,10 @@ def torch_adamw(
 
     def init_fn(params):
         _validate.check_inexact_leaves("params", params)
-        mu = jax.tree.map(jnp.zeros_like, params)
-        nu = jax.tree.map(jnp.zeros_like, params)
-        nu_max = jax.tree.map(jnp.zeros_like, params) if amsgrad else optax.EmptyState()
-        return TorchAdamWState(jnp.zeros([], jnp.int32), mu, nu, nu_max)
+        return TorchAdamWState(*_zero_state(params, amsgrad))
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("torch_adamw needs the params: call update(grads, state, params).")
+        _validate.check_params_given("torch_adamw", params)
         _validate.check_same_structure("updates", updates, params, "the params")
         _validate.check_inexact_leaves("updates", updates)
         count = safe_increment(state.count)
@@ -406,14 +412,10 @@ def keras_adamw(
                     "keras_adamw ports Keras, whose variables are real. Use torch_adamw or "
                     "adamw_jax.adamw for complex parameters."
                 )
-        mu = jax.tree.map(jnp.zeros_like, params)
-        nu = jax.tree.map(jnp.zeros_like, params)
-        nu_max = jax.tree.map(jnp.zeros_like, params) if amsgrad else optax.EmptyState()
-        return KerasAdamWState(jnp.zeros([], jnp.int32), mu, nu, nu_max)
+        return KerasAdamWState(*_zero_state(params, amsgrad))
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("keras_adamw needs the params: call update(grads, state, params).")
+        _validate.check_params_given("keras_adamw", params)
         _validate.check_same_structure("updates", updates, params, "the params")
         _validate.check_inexact_leaves("updates", updates)
         count = safe_increment(state.count)

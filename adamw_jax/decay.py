@@ -69,11 +69,6 @@ def _map_masked(mask_tree, on, off, updates, params):
     return jax.tree.map(select, mask_tree, updates, params)
 
 
-def _require_params(params, name: str) -> None:
-    if params is None:
-        raise ValueError(f"{name} needs the params: call update(updates, state, params).")
-
-
 def add_decayed_weights(
     weight_decay: ScalarOrSchedule = 0.0, mask: Mask = None
 ) -> optax.GradientTransformation:
@@ -116,7 +111,7 @@ def add_decayed_weights(
         return AddDecayedWeightsState(jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None):
-        _require_params(params, "add_decayed_weights")
+        _validate.check_params_given("add_decayed_weights", params)
         _validate.check_same_structure("updates", updates, params, "the params")
         wd = _validate.evaluate(weight_decay, state.count)
 
@@ -212,7 +207,7 @@ def decoupled_weight_decay(
         return DecoupledWeightDecayState(jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None):
-        _require_params(params, "decoupled_weight_decay")
+        _validate.check_params_given("decoupled_weight_decay", params)
         _validate.check_same_structure("updates", updates, params, "the params")
         lr = _validate.evaluate(learning_rate, state.count)
         wd = _validate.evaluate(weight_decay, state.count)

@@ -121,8 +121,7 @@ def low_precision_update(method: str = "compensated", *, seed: int = 0):
         return LowPrecisionUpdateState(jnp.zeros([], jnp.int32), comp)
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("low_precision_update needs the params: call update(u, s, params).")
+        _validate.check_params_given("low_precision_update", params)
         _validate.check_same_structure("updates", updates, params, "the params")
         treedef = jax.tree.structure(params)
         u_leaves, p_leaves = treedef.flatten_up_to(updates), jax.tree.leaves(params)
