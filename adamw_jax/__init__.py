@@ -1,6 +1,7 @@
 """AdamW for JAX: Adam's moment scaling and decoupled weight decay as Optax transformations."""
 
 from adamw_jax import compat, fused, masks, quantize, schedules, sharding
+from adamw_jax._packing import PackedMoments
 from adamw_jax.alias import adam, adamw
 from adamw_jax.decay import (
     AddDecayedWeightsState,
@@ -20,6 +21,7 @@ __all__ = [
     "DecoupledWeightDecayState",
     "FusedAdamW",
     "LowPrecisionUpdateState",
+    "PackedMoments",
     "QuantizedArray",
     "ScaleByAdamState",
     "adam",

@@ -139,7 +139,7 @@ def probe_step(params, grads, state):
 
 
 def jax_contenders(params_np, grads_np) -> list[Contender]:
-    """The bandwidth probe, adamw_jax's two steps and optax.adamw, each on its own copy."""
+    """The bandwidth probe, adamw_jax's three steps and optax.adamw, each on its own copy."""
     grads = jax.tree.map(jnp.asarray, grads_np)
 
     def fresh():
@@ -166,6 +166,10 @@ def jax_contenders(params_np, grads_np) -> list[Contender]:
     out.append(
         jax_contender("adamw_jax.adamw (Optax protocol)", optax_step(tx), p, grads, tx.init(p))
     )
+    tx = adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY, moment_layout="packed")
+    p = fresh()
+    name = "adamw_jax.adamw packed (Optax protocol)"
+    out.append(jax_contender(name, optax_step(tx), p, grads, tx.init(p), 'moment_layout="packed"'))
     opt = fused.fused_adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     p = fresh()
     state = opt.init(p)

@@ -32,6 +32,7 @@ def adamw(
     block_size: int | None = None,
     min_quantize_size: int | None = None,
     param_update: str | None = None,
+    moment_layout: str = "tree",
 ) -> optax.GradientTransformation:
     r"""Adam with decoupled weight decay (AdamW).
 
@@ -72,6 +73,9 @@ def adamw(
         None means 256.
       min_quantize_size: with ``"int8"`` moments, leaves smaller than this, in [0, inf),
         stay float32; None means 4096.
+      moment_layout: ``"tree"`` (one moment array per leaf, shardable like the params) or
+        ``"packed"`` (small leaves' moments share flat buffers: faster steps and compiles
+        on trees of many small leaves; see :func:`adamw_jax.scale_by_adam`).
       param_update: None, or how updates land on bfloat16/float16 params so that small
         steps and the decay are not rounded away: ``"compensated"`` (Kahan buffer in the
         state) or ``"stochastic_rounding"`` (see :func:`adamw_jax.low_precision_update`).
@@ -109,6 +113,7 @@ def adamw(
             nu_dtype=nu_dtype,
             block_size=block_size,
             min_quantize_size=min_quantize_size,
+            moment_layout=moment_layout,
         ),
         decoupled_weight_decay(
             learning_rate,
@@ -138,6 +143,7 @@ def adam(
     nu_dtype: MomentDtype = None,
     block_size: int | None = None,
     min_quantize_size: int | None = None,
+    moment_layout: str = "tree",
 ) -> optax.GradientTransformation:
     r"""Adam with an L2 penalty added to the gradient (the coupling AdamW removes).
 
@@ -169,6 +175,7 @@ def adam(
         None means 256.
       min_quantize_size: with ``"int8"`` moments, leaves smaller than this, in [0, inf),
         stay float32; None means 4096.
+      moment_layout: ``"tree"`` or ``"packed"`` (as in :func:`adamw`).
 
     Returns:
       An ``optax.GradientTransformation``; its ``update`` requires ``params``.
@@ -201,6 +208,7 @@ def adam(
             nu_dtype=nu_dtype,
             block_size=block_size,
             min_quantize_size=min_quantize_size,
+            moment_layout=moment_layout,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

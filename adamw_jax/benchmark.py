@@ -8,6 +8,7 @@ tree this module times one training step of
   practical limit on this machine;
 * ``adamw_jax.adamw`` in the Optax protocol (``update`` + ``optax.apply_updates`` in one
   jitted function, params and state donated);
+* the same with ``moment_layout="packed"`` (small leaves' moments in shared buffers);
 * ``adamw_jax.fused_adamw``'s fused step (the C++ kernel on CPU, XLA elsewhere);
 * ``optax.adamw``, the same way as ``adamw_jax.adamw``;
 * ``torch.optim.AdamW`` with ``foreach=False``, ``foreach=True`` and ``fused=True`` (on CUDA

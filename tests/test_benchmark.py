@@ -12,6 +12,7 @@ from adamw_jax import benchmark
 JAX_ROWS = (
     "bandwidth probe",
     "adamw_jax.adamw (Optax protocol)",
+    "adamw_jax.adamw packed (Optax protocol)",
     "adamw_jax.fused_adamw",
     "optax.adamw",
 )

@@ -1,0 +1,158 @@
+"""The packed moment layout of :func:`adamw_jax.scale_by_adam` (``moment_layout="packed"``).
+
+With the default ``"tree"`` layout each parameter leaf has its own moment arrays, and XLA
+compiles (and runs) a few small kernels per leaf; on trees of many small leaves (biases,
+norm scales, per-head tensors) that per-leaf cost, not memory traffic, decides the step's
+time and its compile time. The packed layout keeps the moments of small leaves in shared
+one-dimensional buffers, so that their moments are updated by one kernel per buffer:
+
+* leaves with at least :data:`PACK_BELOW` elements, and empty leaves, keep a buffer of
+  their own, in their own shape (their step is exactly the ``"tree"`` step);
+* smaller leaves whose moments have the same storage dtypes share one buffer (in
+  ``jax.tree.leaves`` order, at most :data:`MAX_LEAVES` leaves per buffer; a group of one
+  keeps its leaf's shape).
+
+A moment is then a :class:`PackedMoments`: its buffers are its pytree children (arrays
+that jit, donate and checkpoint like any other); which leaves each buffer holds, and the
+params' tree structure, are static metadata of the node, part of the state's structure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PACK_BELOW = 2**16
+MAX_LEAVES = 32
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["buffers"], meta_fields=["groups", "treedef"]
+)
+@dataclasses.dataclass(frozen=True)
+class PackedMoments:
+    """A moment in the ``"packed"`` layout of :func:`adamw_jax.scale_by_adam`.
+
+    Attributes:
+      buffers: one array per group: the leaf's own shape for a group of one leaf, else
+        one-dimensional, the group's leaves flattened and concatenated in order.
+      groups: static; for each buffer, the indices (in ``jax.tree.leaves`` order) of the
+        param leaves it holds.
+      treedef: static; the params' tree structure.
+    """
+
+    buffers: tuple[jax.Array, ...]
+    groups: tuple[tuple[int, ...], ...]
+    treedef: Any
+
+
+def plan(shapes: Sequence[tuple[int, ...]], keys: Sequence[Any]) -> tuple[tuple[int, ...], ...]:
+    """Groups of leaf indices sharing a buffer, for leaves of ``shapes`` with storage ``keys``.
+
+    Leaves with fewer than :data:`PACK_BELOW` (and more than 0) elements are grouped by
+    key, in order, at most :data:`MAX_LEAVES` per group; every other leaf is a group of its
+    own. Groups are ordered by their first leaf.
+    """
+    out: list[list[int]] = []
+    open_groups: dict[Any, list[int]] = {}
+    for i, (shape, key) in enumerate(zip(shapes, keys, strict=True)):
+        size = math.prod(shape)
+        if size == 0 or size >= PACK_BELOW:
+            out.append([i])
+            continue
+        group = open_groups.get(key)
+        if group is None or len(group) == MAX_LEAVES:
+            group = open_groups[key] = []
+            out.append(group)
+        group.append(i)
+    return tuple(tuple(g) for g in out)
+
+
+def buffer_shape(shapes: Sequence[tuple[int, ...]], group: Sequence[int]) -> tuple[int, ...]:
+    """The shape of a group's buffer: the leaf's own for one leaf, else 1-D of the total."""
+    if len(group) == 1:
+        return tuple(shapes[group[0]])
+    return (sum(math.prod(shapes[i]) for i in group),)
+
+
+def zeros(params: Any, dtypes: Sequence[Any], keys: Sequence[Any]) -> PackedMoments:
+    """Zero moments for ``params``, leaf ``i`` stored in ``dtypes[i]``, grouped by ``keys``."""
+    leaves, treedef = jax.tree.flatten(params)
+    shapes = [tuple(jnp.shape(p)) for p in leaves]
+    groups = plan(shapes, keys)
+    buffers = tuple(jnp.zeros(buffer_shape(shapes, g), dtypes[g[0]]) for g in groups)
+    return PackedMoments(buffers, groups, treedef)
+
+
+def check_matches(updates: Any, moments: PackedMoments) -> None:
+    """Raises ValueError unless ``updates`` has the structure and shapes ``moments`` holds."""
+    treedef = jax.tree.structure(updates)
+    if treedef != moments.treedef:
+        raise ValueError(
+            "updates' tree structure differs from the state's moments "
+            f"(moment_layout='packed'): got {treedef}, the state holds {moments.treedef}."
+        )
+    shapes = [tuple(jnp.shape(g)) for g in jax.tree.leaves(updates)]
+    for group, buffer in zip(moments.groups, moments.buffers, strict=True):
+        if tuple(jnp.shape(buffer)) != buffer_shape(shapes, group):
+            raise ValueError(
+                f"updates' leaves {list(group)} have shapes {[shapes[i] for i in group]}, "
+                f"but the state's packed buffer for them has shape {tuple(jnp.shape(buffer))}."
+            )
+
+
+def update(
+    leaf: Callable[..., tuple[Any, ...]],
+    g_leaves: Sequence[jax.Array],
+    mu: PackedMoments,
+    nu: PackedMoments,
+    nu_max: PackedMoments | None,
+    out_dtype: Callable[[Any, Any], Any],
+    common_dtype: Callable[..., Any],
+) -> tuple[list[jax.Array], PackedMoments, PackedMoments, PackedMoments | None]:
+    """Runs ``leaf`` once per buffer; returns per-leaf directions and the new buffers.
+
+    ``leaf(g, mu, nu, nu_max) -> (u, mu, nu, nu_max)`` is :func:`adamw_jax.scale_by_adam`'s
+    elementwise step. The gradients of a shared buffer are concatenated (in their dtype, or
+    in ``common_dtype(*their dtypes)`` when they differ), and its direction is sliced back
+    into leaves, each cast to ``out_dtype(gradient dtype, moment dtype)``.
+    """
+    shapes = [tuple(jnp.shape(g)) for g in g_leaves]
+    directions: list[Any] = [None] * len(g_leaves)
+    new_mu, new_nu, new_max = [], [], []
+    for k, group in enumerate(mu.groups):
+        old_mu, old_nu = mu.buffers[k], nu.buffers[k]
+        vm = None if nu_max is None else nu_max.buffers[k]
+        if len(group) == 1:
+            u, m, v, vm = leaf(g_leaves[group[0]], old_mu, old_nu, vm)
+            directions[group[0]] = u
+        else:
+            dtypes = {jnp.dtype(g_leaves[i].dtype) for i in group}
+            common = dtypes.pop() if len(dtypes) == 1 else common_dtype(*dtypes)
+            g = jnp.concatenate([g_leaves[i].astype(common).reshape(-1) for i in group])
+            u, m, v, vm = leaf(g, old_mu, old_nu, vm)
+            offset = 0
+            for i in group:
+                size = math.prod(shapes[i])
+                piece = jax.lax.slice(u, (offset,), (offset + size,)).reshape(shapes[i])
+                directions[i] = piece.astype(out_dtype(g_leaves[i].dtype, old_mu.dtype))
+                offset += size
+        new_mu.append(m)
+        new_nu.append(v)
+        new_max.append(vm)
+
+    def like(old: PackedMoments, buffers: list[jax.Array]) -> PackedMoments:
+        return PackedMoments(tuple(buffers), old.groups, old.treedef)
+
+    return (
+        directions,
+        like(mu, new_mu),
+        like(nu, new_nu),
+        None if nu_max is None else like(nu_max, new_max),
+    )

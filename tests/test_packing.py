@@ -1,0 +1,194 @@
+"""The packed moment layout (``moment_layout="packed"``): same steps as the tree layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adamw_jax
+from adamw_jax import _packing
+
+
+def _params(dtype=jnp.float32, small=40):
+    """A big leaf, a zero-size leaf, a scalar and ``small`` small leaves of mixed shapes."""
+    keys = iter(jax.random.split(jax.random.key(0), small + 3))
+    params = {
+        "big": jax.random.normal(next(keys), (257, 256), dtype),  # >= PACK_BELOW elements
+        "empty": jnp.zeros((0, 3), dtype),
+        "scalar": jax.random.normal(next(keys), (), dtype),
+    }
+    for i in range(small):
+        shape = [(3,), (2, 5), (7, 1, 2), (64,)][i % 4]
+        params[f"s{i:02d}"] = jax.random.normal(next(keys), shape, dtype)
+    return params
+
+
+def _run(tx, params, steps, grad_dtype=None):
+    """``steps`` AdamW steps (one jitted loop) on pseudo-random gradients; returns the result."""
+
+    def grads_at(params, t):
+        """Cheap, varied and param-dependent: sin(3 w + 0.37 t + leaf offset)."""
+        leaves, treedef = jax.tree.flatten(params)
+        grads = []
+        for i, p in enumerate(leaves):
+            phase = (0.37 * t + 0.5 * i).astype(jnp.float32)
+            g = jnp.sin(3.0 * p + phase.astype(p.dtype)) if p.size else p
+            grads.append(g.astype(grad_dtype or p.dtype))
+        return jax.tree.unflatten(treedef, grads)
+
+    def body(t, carry):
+        params, state = carry
+        updates, state = tx.update(grads_at(params, t), state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(lambda p: jax.lax.fori_loop(0, steps, body, (p, tx.init(p))))(params)
+
+
+CONFIGS = {
+    "default": {},
+    "amsgrad": {"amsgrad": True},
+    "nesterov": {"nesterov": True},
+    "eps_zero_eps_root": {"eps": 0.0, "eps_root": 1e-12},
+    "bf16_mu_fp16_nu": {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.float16},  # rounds
+    "mask_schedule_coupling": {
+        "mask": adamw_jax.masks.by_ndim(2),
+        "decay_coupling": "none",
+        "weight_decay": 1e-3,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_packed_takes_the_tree_layouts_steps(name):
+    kwargs = dict(CONFIGS[name])
+    params = _params()
+    tree, _ = _run(adamw_jax.adamw(1e-2, **kwargs), params, 200)
+    packed, state = _run(adamw_jax.adamw(1e-2, moment_layout="packed", **kwargs), params, 200)
+    assert isinstance(state[0].mu, adamw_jax.PackedMoments)
+    moved = 0.0
+    for key in params:
+        a, b, p0 = np.asarray(tree[key]), np.asarray(packed[key]), np.asarray(params[key])
+        assert a.dtype == b.dtype and a.shape == b.shape
+        # float32 through 200 steps: the two layouts may contract multiply-adds differently.
+        if name == "bf16_mu_fp16_nu":  # and such a difference can flip a 16-bit rounding
+            assert a.size == 0 or np.mean(np.isclose(b, a, rtol=2e-6, atol=2e-7)) >= 0.98, key
+            np.testing.assert_allclose(b, a, rtol=1e-2, atol=1e-3, err_msg=key)
+        else:
+            np.testing.assert_allclose(b, a, rtol=2e-6, atol=2e-7, err_msg=key)
+        moved = max(moved, float(np.max(np.abs(a - p0), initial=0.0)))
+    assert moved > 0.1  # the runs went somewhere
+
+
+def test_mixed_dtypes_and_complex_leaves():
+    """bf16 gradients for f32 params, a bf16 param packed apart, and a complex leaf."""
+    params = _params(small=6)
+    params["half"] = jnp.linspace(-1.0, 1.0, 10, dtype=jnp.bfloat16)
+    params["z"] = jnp.arange(6, dtype=jnp.float32).astype(jnp.complex64) * (1 - 1j)
+    for grad_dtype in (None, jnp.bfloat16):
+        if grad_dtype is not None:
+            params.pop("z")  # a complex gradient has no bfloat16 counterpart
+        tree, _ = _run(adamw_jax.adamw(1e-2), params, 50, grad_dtype)
+        packed, state = _run(adamw_jax.adamw(1e-2, moment_layout="packed"), params, 50, grad_dtype)
+        for key in params:
+            assert tree[key].dtype == packed[key].dtype == params[key].dtype
+            tol = 1e-2 if params[key].dtype == jnp.bfloat16 else 2e-6
+            np.testing.assert_allclose(
+                np.asarray(packed[key].astype(jnp.complex64)),
+                np.asarray(tree[key].astype(jnp.complex64)),
+                rtol=tol,
+                atol=tol / 10,
+                err_msg=key,
+            )
+        # The bf16 leaf's moments (bf16, like its param) are packed apart from the f32 ones.
+        leaves = list(jax.tree.leaves(params))
+        half = [k for k in sorted(params)].index("half")
+        groups = state[0].mu.groups
+        for group, buffer in zip(groups, state[0].mu.buffers, strict=True):
+            dtypes = {jnp.dtype(leaves[i].dtype) for i in group}
+            assert len(dtypes) == 1 and buffer.dtype == dtypes.pop()
+        assert any(half in g for g in groups)
+
+
+def test_which_leaves_share_a_buffer():
+    n = _packing.PACK_BELOW
+    shapes = [(3,), (n,), (2, 2), (0,), (5,), (), (n - 1,)]
+    assert _packing.plan(shapes, ["a"] * 7) == ((0, 2, 4, 5, 6), (1,), (3,))
+    # Different storage dtypes never share; order follows each group's first leaf.
+    keys = ["a", "a", "b", "a", "b", "a", "b"]
+    assert _packing.plan(shapes, keys) == ((0, 5), (1,), (2, 4, 6), (3,))
+    # At most MAX_LEAVES per buffer.
+    many = [(2,)] * (2 * _packing.MAX_LEAVES + 3)
+    sizes = [len(g) for g in _packing.plan(many, ["a"] * len(many))]
+    assert sizes == [_packing.MAX_LEAVES, _packing.MAX_LEAVES, 3]
+    # The state follows the plan: single leaves keep their shape, groups are 1-D.
+    params = {"a": jnp.zeros(3), "b": jnp.zeros((n,)), "c": jnp.zeros((2, 2)), "d": jnp.zeros(())}
+    state = adamw_jax.scale_by_adam(moment_layout="packed").init(params)
+    assert state.mu.groups == ((0, 2, 3), (1,))
+    assert [b.shape for b in state.mu.buffers] == [(8,), (n,)]
+    assert state.mu.treedef == jax.tree.structure(params)
+    assert adamw_jax.state_nbytes(state) == adamw_jax.state_nbytes(
+        adamw_jax.scale_by_adam().init(params)
+    )
+
+
+def test_second_update_does_not_recompile_and_state_round_trips(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    tx = adamw_jax.adamw(1e-2, amsgrad=True, moment_layout="packed")
+    params = _params(small=8)
+    del params["empty"]  # orbax refuses to save zero-size arrays, in any layout
+    traces = []
+
+    @jax.jit
+    def step(params, state, grads):
+        traces.append(None)  # runs only while tracing
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: 0.1 * p + 0.01, params)
+    for _ in range(3):
+        params, state = step(params, state, grads)
+    assert len(traces) == 1
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "state", state)
+        ckpt.wait_until_finished()
+        restored = ckpt.restore(tmp_path / "state", jax.eval_shape(lambda: state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    next_a, _ = step(params, restored, grads)
+    next_b, _ = step(params, state, grads)
+    for a, b in zip(jax.tree.leaves(next_a), jax.tree.leaves(next_b), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_inject_hyperparams_with_packed_moments():
+    tx = optax.inject_hyperparams(adamw_jax.adamw, static_args=("moment_layout",))(
+        learning_rate=1e-2, moment_layout="packed"
+    )
+    params = _params(small=4)
+    want, _ = _run(adamw_jax.adamw(1e-2, moment_layout="packed"), params, 5)
+    got, state = _run(tx, params, 5)
+    assert isinstance(state.inner_state[0].mu, adamw_jax.PackedMoments)
+    for key in params:
+        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-6)
+
+
+def test_bad_layouts_and_mismatched_updates_are_refused():
+    with pytest.raises(ValueError, match="moment_layout must be one of"):
+        adamw_jax.adamw(moment_layout="flat")
+    with pytest.raises(ValueError, match=r'moment_layout="packed".*"int8"'):
+        adamw_jax.adamw(mu_dtype="int8", moment_layout="packed")
+    with pytest.raises(ValueError, match=r'moment_layout="packed".*"int8"'):
+        adamw_jax.scale_by_adam(nu_dtype="int8", moment_layout="packed")
+    tx = adamw_jax.scale_by_adam(moment_layout="packed")
+    params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+    state = tx.init(params)
+    with pytest.raises(ValueError, match="tree structure differs"):
+        tx.update({"a": jnp.zeros(3)}, state)
+    with pytest.raises(ValueError, match=r"leaves \[0, 1\] have shapes"):
+        tx.update({"a": jnp.zeros(4), "b": jnp.zeros((2, 2))}, state)
+    # Nothing was consumed: the state still steps.
+    updates, new_state = tx.update({"a": jnp.ones(3), "b": jnp.ones((2, 2))}, state)
+    assert int(new_state.count) == 1 and updates["b"].shape == (2, 2)
