@@ -10,7 +10,8 @@ one-dimensional buffers, so that their moments are updated by one kernel per buf
   their own, in their own shape (their step is exactly the ``"tree"`` step);
 * smaller leaves whose moments have the same storage dtypes share one buffer (in
   ``jax.tree.leaves`` order, at most :data:`MAX_LEAVES` leaves per buffer; a group of one
-  keeps its leaf's shape).
+  keeps its leaf's shape). Each leaf's direction is a slice of its buffer's, and XLA's
+  compile time grows with the number of slices taken from one buffer, hence the limit.
 
 A moment is then a :class:`PackedMoments`: its buffers are its pytree children (arrays
 that jit, donate and checkpoint like any other); which leaves each buffer holds, and the
