@@ -9,10 +9,16 @@ Three formats, chosen per leaf:
   the square root is stored as the smallest positive float16 rather than 0;
 * ``"int8"``: blockwise 8-bit codes (:mod:`adamw_jax.quantize`); the second moment is
   quantized as its square root with the unsigned code book, the first with the signed one.
-  Leaves with fewer than ``min_quantize_size`` elements stay float32. In the optimizer
-  step each block's scale comes from a tight bound of its new largest magnitude, found
-  from the gradient and the old codes (:func:`update_leaf`), so that the new values are
-  encoded in the same elementwise pass that computes them.
+  The second moment is rounded stochastically: with ``b2`` close to 1 its per-step change,
+  :math:`(1 - b_2)(g^2 - v)`, is far below half a code step (3-6% of the value), so
+  under round to nearest an entry whose gradients shrink rounds back to its old code
+  every step and never decays (only the block's scale moves); its update is then too
+  small, by a factor that grows as training goes on. Stochastic rounding keeps the stored
+  value unbiased. (The first moment, with ``b1 = 0.9``, moves by whole code steps and is
+  rounded to nearest.) Leaves with fewer than ``min_quantize_size`` elements stay
+  float32. In the optimizer step each block's scale comes from a tight bound of its new
+  largest magnitude, found from the gradient and the old codes (:func:`update_leaf`), so
+  that the new values are encoded in the same elementwise pass that computes them.
 """
 
 from __future__ import annotations
@@ -90,7 +96,12 @@ def _quantize(value: jax.Array, like: Any, block_size: int, signed: bool) -> Qua
     else:
         absmax = quantize.block_absmax(value, signed=signed, block_size=block_size)
     return quantize.quantize_with_absmax(
-        value, absmax, signed=signed, block_size=block_size, keep_nonzero=not signed
+        value,
+        absmax,
+        signed=signed,
+        block_size=block_size,
+        keep_nonzero=not signed,
+        rounding="nearest" if signed else "stochastic",
     )
 
 

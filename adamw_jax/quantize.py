@@ -20,9 +20,11 @@ the magnitude, as a moment's values spread over orders of magnitude:
   (down to :math:`2 \cdot 10^{-6}` of the block's largest), relative rounding error at most
   :math:`2^{-5}` above :math:`2^{-14}`.
 
-Both maps are monotone in the code and map code 0 to exactly 0. Encoding and decoding are
-integer operations on the float32 bit pattern (no table look-up), so they fuse into the
-optimizer step.
+Both maps are monotone in the code and map code 0 to exactly 0. Values are rounded to the
+nearest code, or stochastically (``rounding="stochastic"``: unbiased, for quantities such as
+a moving average whose per-step changes are smaller than half a step of the code book).
+Encoding and decoding are integer operations on the float32 bit pattern (no table
+look-up), so they fuse into the optimizer step.
 
 Blocks run along the last axis only, so a leaf sharded along any of its leading axes keeps
 every block inside one shard; a leaf sharded along its last axis does too when each shard's
@@ -58,6 +60,8 @@ class QuantizedArray(NamedTuple):
 # binade at [1, 2).
 _SIGNED_FORMAT = (3, 4)
 _UNSIGNED_FORMAT = (4, 4)
+# 2**32 / golden ratio, as an int32: the multiplier of stochastic rounding's hash.
+_HASH = -1640531535  # 0x9E3779B1
 
 
 def _format(signed: bool) -> tuple[int, int, int]:
@@ -71,19 +75,34 @@ def code_book_max(signed: bool) -> float:
     return 2.0 - 2.0**-m_bits
 
 
-def _encode(y: jax.Array, signed: bool) -> jax.Array:
-    """Nearest code (int32, >= 0) of magnitudes ``0 <= y`` (float32) in the code book."""
+def _encode(y: jax.Array, signed: bool, stochastic: bool = False) -> jax.Array:
+    """Code (int32, >= 0) of magnitudes ``0 <= y`` (float32) in the code book.
+
+    The nearest code, or with ``stochastic`` one of the two codes around ``y``: the upper
+    one with probability equal to the fraction of the way from the lower one to ``y``.
+    """
     e_bits, m_bits, bias = _format(signed)
-    bits = jax.lax.bitcast_convert_type(y, jnp.int32)
-    # Normal codes: round to nearest by adding half of the dropped mantissa bits (a carry
-    # moves into the exponent, which is the next code up), then rebase the exponent.
     shift = 23 - m_bits
-    normal = (bits + ((1 << (shift - 1)) - ((127 - bias) << 23))) >> shift
-    # Subnormal codes, y * 2**(bias - 1 + m_bits) in [0, 2**m_bits): adding 2**23 rounds it
-    # to the nearest integer (ties to even), which is then the low bits of the sum.
-    z = y * jnp.float32(2.0 ** (bias - 1 + m_bits)) + jnp.float32(2.0**23)
-    subnormal = jax.lax.bitcast_convert_type(z, jnp.int32) - (150 << 23)
-    code = jnp.where(y < jnp.float32(2.0 ** (1 - bias)), subnormal, normal)
+    bits = jax.lax.bitcast_convert_type(y, jnp.int32)
+    # y as a fixed-point number whose bits above the lowest `shift` are its code and whose
+    # lowest `shift` bits are its fraction of the way to the next code. Normal codes: the
+    # float32's own bits with the exponent rebased (the code's exponent and leading
+    # mantissa bits, then the dropped mantissa bits). Subnormal codes: y * 2**(bias - 1 +
+    # m_bits) in [0, 2**m_bits), times 2**shift, rounded to an integer by adding 2**23
+    # (below 2**23, so the integer is the low bits of the sum).
+    normal = bits - jnp.int32((127 - bias) << 23)
+    z = y * jnp.float32(2.0 ** (bias - 1 + m_bits + shift)) + jnp.float32(2.0**23)
+    subnormal = jax.lax.bitcast_convert_type(z, jnp.int32) - jnp.int32(150 << 23)
+    fixed = jnp.where(y < jnp.float32(2.0 ** (1 - bias)), subnormal, normal)
+    if stochastic:
+        # Rounds up with probability fraction / 2**shift: add `shift` pseudo-random bits,
+        # the top bits of y's bit pattern times an odd constant (multiplicative hashing;
+        # the product wraps around, and each bit of y changes all the bits above it).
+        offset = jax.lax.shift_right_logical(bits * jnp.int32(_HASH), jnp.int32(32 - shift))
+    else:  # adding half a code rounds to nearest (ties up)
+        offset = jnp.int32(1 << (shift - 1))
+    # A carry out of the fraction moves to the next code up, from the top normal code too.
+    code = (fixed + offset) >> shift
     return jnp.minimum(code, 2 ** (e_bits + m_bits) - 1)  # >= 0 already
 
 
@@ -129,6 +148,14 @@ def _check_block_size(block_size: Any) -> None:
         raise ValueError(f"block_size must be in [1, inf); got {block_size!r}.")
 
 
+_ROUNDINGS = ("nearest", "stochastic")
+
+
+def _check_rounding(rounding: Any) -> None:
+    if not isinstance(rounding, str) or rounding not in _ROUNDINGS:
+        raise ValueError(f"rounding must be one of {_ROUNDINGS}; got {rounding!r}.")
+
+
 def scales_shape(shape: tuple[int, ...], block_size: int = 256) -> tuple[int, ...]:
     """The shape of the per-block scales of an array of ``shape``."""
     if not shape:
@@ -151,7 +178,12 @@ def _unblock(xb: jax.Array, n: int) -> jax.Array:
 
 
 def quantize(
-    x: jax.Array, *, signed: bool, block_size: int = 256, keep_nonzero: bool = False
+    x: jax.Array,
+    *,
+    signed: bool,
+    block_size: int = 256,
+    keep_nonzero: bool = False,
+    rounding: str = "nearest",
 ) -> QuantizedArray:
     r"""Stores a float array as blockwise 8-bit codes and float32 scales.
 
@@ -163,8 +195,18 @@ def quantize(
     where :math:`q` is the signed or unsigned code book (see the module docstring). The
     result decodes to :math:`q_{c_i} s_b`, with an error of at most
     :math:`2^{-5}|x_i| + 2^{-11} s_b` (signed) or :math:`2^{-5}|x_i| + 2^{-19} s_b`
-    (unsigned). Zeros stay exactly
-    zero; a block holding a NaN or an infinity decodes to non-finite values.
+    (unsigned). Zeros stay exactly zero, and each block's largest magnitude comes back to
+    float32 rounding; a block holding a NaN or an infinity decodes to non-finite values.
+
+    ``rounding="stochastic"`` instead picks, between the two codes around :math:`x_i / s_b`,
+    the upper one with probability equal to the fraction of the way from the lower one to
+    it, so that the stored value is unbiased, and the error is below one step of the book:
+    :math:`2^{-4}|x_i| + 2^{-10} s_b` (signed) or :math:`2^{-4}|x_i| + 2^{-18} s_b`
+    (unsigned). A quantity updated by steps smaller than half the book's step (an
+    exponential moving average with a decay close to 1) does not move under round to
+    nearest, since each step rounds back to the old code; stochastic rounding moves it by
+    the right amount on average. The random bits are a hash of :math:`x_i / s_b`'s float32
+    bit pattern: no key, and the same input always gives the same codes.
 
     Args:
       x: a real floating array of any shape (computed in float32).
@@ -173,6 +215,7 @@ def quantize(
       block_size: elements per block along the last axis, in [1, inf).
       keep_nonzero: store positive values too small for the smallest nonzero code as that
         code rather than 0 (used for the second moment, which divides the update).
+      rounding: ``"nearest"`` (the nearest code) or ``"stochastic"`` (unbiased; see above).
 
     Returns:
       A :class:`QuantizedArray` with ``codes.shape == x.shape``.
@@ -190,11 +233,19 @@ def quantize(
 
     References:
       Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022.
+      Gupta et al., "Deep Learning with Limited Numerical Precision", ICML 2015
+      (stochastic rounding).
     """
     _check_block_size(block_size)
+    _check_rounding(rounding)
     absmax = block_absmax(x, signed=signed, block_size=block_size)
     return quantize_with_absmax(
-        x, absmax, signed=signed, block_size=block_size, keep_nonzero=keep_nonzero
+        x,
+        absmax,
+        signed=signed,
+        block_size=block_size,
+        keep_nonzero=keep_nonzero,
+        rounding=rounding,
     )
 
 
@@ -269,6 +320,7 @@ def quantize_with_absmax(
     signed: bool,
     block_size: int = 256,
     keep_nonzero: bool = False,
+    rounding: str = "nearest",
 ) -> QuantizedArray:
     """:func:`quantize` given the blocks' largest magnitudes (:func:`block_absmax`).
 
@@ -282,11 +334,13 @@ def quantize_with_absmax(
       signed: use the signed code book (``int8`` codes); otherwise the unsigned one.
       block_size: elements per block along the last axis, in [1, inf).
       keep_nonzero: as for :func:`quantize`.
+      rounding: ``"nearest"`` or ``"stochastic"``, as for :func:`quantize`.
 
     Returns:
       A :class:`QuantizedArray` with ``codes.shape == x.shape``.
     """
     _check_block_size(block_size)
+    _check_rounding(rounding)
     x = _check_floating(x)
     shape = x.shape
     expected = scales_shape(shape, block_size)
@@ -302,7 +356,7 @@ def quantize_with_absmax(
     # a NaN or infinite scale, so the block decodes to non-finite values whatever its codes.)
     positive = absmax > 0
     inverse = jnp.where(positive, top, 0.0) / jnp.where(positive, absmax, 1.0)
-    code = _encode(magnitude * inverse[..., None], signed)
+    code = _encode(magnitude * inverse[..., None], signed, rounding == "stochastic")
     if keep_nonzero:  # a positive magnitude (positive bit pattern) gets at least code 1
         positive = jnp.minimum(jax.lax.bitcast_convert_type(magnitude, jnp.int32), 1)
         code = jnp.maximum(code, positive)

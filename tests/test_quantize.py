@@ -43,6 +43,33 @@ def test_encoding_picks_the_nearest_code(signed):
     np.testing.assert_array_equal(np.abs(chosen - y), best)  # nearest (ties either way)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_stochastic_rounding_is_unbiased(signed):
+    """Between two codes, the upper one is picked with probability equal to the fraction of
+    the way to it (round to nearest would pick the lower one for fractions below 1/2)."""
+    book = quantize.code_book(signed)
+    positive = book[book >= 0].astype(np.float64)
+    rng = np.random.default_rng(4)
+    low = rng.integers(0, len(positive) - 1, size=40000)  # subnormal and normal intervals
+    frac = rng.choice([0.1, 0.3, 0.5, 0.8], size=low.size) + rng.uniform(-1e-3, 1e-3, low.size)
+    y = (positive[low] + frac * (positive[low + 1] - positive[low])).astype(np.float32)
+    codes = np.asarray(quantize._encode(jnp.asarray(y), signed, stochastic=True))
+    assert np.all((codes == low) | (codes == low + 1))  # one of the two neighbours
+    up = codes == low + 1
+    for f in (0.1, 0.3, 0.5, 0.8):
+        near = np.abs(frac - f) < 0.01
+        assert abs(np.mean(up[near]) - f) < 0.02, (f, np.mean(up[near]))
+    # Unbiased on average: the mean stored value equals the mean input (to the sampling
+    # error of about 0.5 / sqrt(40000) of a step).
+    gap = (positive[codes] - y) / (positive[low + 1] - positive[low])
+    assert abs(np.mean(gap)) < 0.01
+    # Code-book values are kept exactly, the same input always gives the same code.
+    exact = np.asarray(quantize._encode(jnp.asarray(positive, jnp.float32), signed, True))
+    np.testing.assert_array_equal(exact, np.arange(len(positive)))
+    again = np.asarray(jax.jit(quantize._encode, static_argnums=(1, 2))(y, signed, True))
+    np.testing.assert_array_equal(again, codes)
+
+
 def _inputs(kind: str) -> np.ndarray:
     rng = np.random.default_rng(0)
     shape = (7, 700)  # 700 = 2 full blocks of 256 and a short one of 188
@@ -56,12 +83,13 @@ def _inputs(kind: str) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["normal", "heavy_tailed", "zeros"])
 @pytest.mark.parametrize("signed", [True, False])
-def test_round_trip_error_is_bounded_per_block(kind, signed):
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_round_trip_error_is_bounded_per_block(kind, signed, rounding):
     x = _inputs(kind)
     if not signed:
         x = np.abs(x)
-    q = jax.jit(quantize.quantize, static_argnames=("signed", "block_size"))(
-        jnp.asarray(x), signed=signed, block_size=256
+    q = jax.jit(quantize.quantize, static_argnames=("signed", "block_size", "rounding"))(
+        jnp.asarray(x), signed=signed, block_size=256, rounding=rounding
     )
     assert q.codes.dtype == (jnp.int8 if signed else jnp.uint8)
     assert q.codes.shape == x.shape and q.scales.shape == (7, 3)
@@ -72,8 +100,12 @@ def test_round_trip_error_is_bounded_per_block(kind, signed):
     scale = padded.reshape(7, 3, 256).max(axis=-1) / TOP
     np.testing.assert_allclose(np.asarray(q.scales), scale, rtol=1e-6)
     per_elem_scale = np.repeat(scale, 256, axis=1)[:, :700]
-    floor = 2.0**-11 if signed else 2.0**-19
-    bound = 2.0**-5 * np.abs(x) + floor * per_elem_scale
+    # Half a step of the code book to nearest, less than a whole one stochastically: steps
+    # are at most 2**-4 of the value in the normal range, 2**-10 (signed) or 2**-18 of the
+    # scale among the subnormals.
+    steps = 1 if rounding == "stochastic" else 0.5
+    floor = 2.0**-10 if signed else 2.0**-18
+    bound = steps * (2.0**-4 * np.abs(x) + floor * per_elem_scale)
     err = np.abs(back - x)
     assert np.all(err <= bound * (1 + 1e-5) + 1e-30), float(np.max(err / (bound + 1e-30)))
     assert np.all(back[x == 0] == 0.0) and np.all(np.sign(back) * np.sign(x) >= 0)
@@ -103,6 +135,8 @@ def test_scalars_and_keep_nonzero():
 def test_bad_block_size():
     with pytest.raises(ValueError, match="block_size"):
         quantize.quantize(jnp.ones(3), signed=True, block_size=0)
+    with pytest.raises(ValueError, match=r"rounding must be one of .*'up'"):
+        quantize.quantize(jnp.ones(3), signed=True, rounding="up")
     with pytest.raises(ValueError, match="block_size"):
         adamw_jax.adamw(1e-3, mu_dtype="int8", block_size=-4)
     with pytest.raises(ValueError, match="min_quantize_size"):
@@ -169,11 +203,45 @@ def test_int8_moments_track_fp32_on_least_squares():
         adamw_jax.adamw(1e-2, weight_decay=1e-2, mu_dtype="int8", nu_dtype="int8")
     )
     assert ref_losses[-1] < 0.005 * ref_losses[0]  # the problem is solved
-    # Stated bound: every step's loss within 15% of fp32's, the final one within 10%, and
-    # the final weights within 3% (relative norm of the difference).
-    assert np.max(np.abs(losses - ref_losses) / ref_losses) <= 0.15
-    assert abs(losses[-1] - ref_losses[-1]) <= 0.10 * ref_losses[-1]
+    assert losses[-1] < 0.005 * losses[0]
+    # Stated bound: every step's loss within 20% of fp32's and the final weights within 3%
+    # (relative norm of the difference). The second moment's stochastic rounding leaves
+    # each entry's step size a little noisy (see the next test), which on this
+    # ill-conditioned problem makes int8 converge slightly faster: the loss is below
+    # fp32's by up to ~14% late in the run, where it falls ~1% per step.
+    assert np.max(np.abs(losses - ref_losses) / ref_losses) <= 0.20
     assert np.linalg.norm(w - ref_w) <= 0.03 * np.linalg.norm(ref_w)
+
+
+def test_int8_second_moment_tracks_a_float32_shadow_without_bias():
+    """Fed the same gradients, the int8 second moment stays an unbiased copy of float32's.
+
+    Each entry's gradients shrink at its own rate, so its second moment must fall relative
+    to its block's largest one by up to (1 - b2) = 1% per step, far below half a code step
+    (3-6% of the second moment, whose root is stored). Rounded to nearest, such entries
+    would round back to their old code every step and stay too large (here by ~1.6x in the
+    root after 300 steps, and the steps up to ~20% too small).
+    """
+    b2, steps, shape = 0.99, 300, (16, 256)
+    rng = np.random.default_rng(5)
+    sigma = np.exp(rng.normal(0.0, 1.0, shape))
+    rate = rng.uniform(0.0, 3.0, shape)  # each entry shrinks by exp(-rate) over the run
+    t = np.arange(steps)[:, None, None] / steps
+    grads = jnp.asarray(sigma * np.exp(-rate * t) * rng.standard_normal((steps, *shape)))
+    int8 = adamw_jax.scale_by_adam(b2=b2, mu_dtype="int8", nu_dtype="int8")
+    fp32 = adamw_jax.scale_by_adam(b2=b2)
+
+    def step(states, g):
+        u8, s8 = int8.update(g, states[0])
+        u32, s32 = fp32.update(g, states[1])
+        return (s8, s32), jnp.linalg.norm(u8) / jnp.linalg.norm(u32)
+
+    init = (int8.init(grads[0]), fp32.init(grads[0]))
+    (s8, s32), ratios = jax.jit(lambda g: jax.lax.scan(step, init, g))(grads)
+    log_ratio = np.log(np.asarray(quantize.dequantize(s8.nu)) / np.sqrt(np.asarray(s32.nu)))
+    assert abs(np.mean(log_ratio)) <= 0.03  # unbiased (nearest rounding: ~+0.46)
+    assert np.std(log_ratio) <= 0.2  # the rounding noise's spread (~0.14)
+    assert np.all(np.abs(np.asarray(ratios) - 1.0) <= 0.1)  # step sizes as float32's
 
 
 def test_float16_second_moment_survives_tiny_gradients():
@@ -280,8 +348,12 @@ def test_int8_step_scales_bound_each_block_tightly():
     assert np.all(m_bound <= per_block(m) + 2 * (1 - b1) * g_max + 1e-6 * m_bound)
     assert np.all(root_bound >= np.sqrt(per_block(v)) * (1 - 1e-6))
     assert np.all(root_bound**2 <= per_block(v) + (1 - b2) * g_max**2 + 1e-6 * root_bound**2)
-    # And the codes are the stored formats' nearest codes under those scales.
-    for q, ref, floor in ((new.mu, m, 2.0**-11), (new.nu, np.sqrt(v), 2.0**-19)):
+    # And the codes are the stored formats' codes under those scales: the first moment's
+    # the nearest (half a step), the second moment's root's one of the two around it.
+    for q, ref, rel, floor in (
+        (new.mu, m, 2.0**-5, 2.0**-11),
+        (new.nu, np.sqrt(v), 2.0**-4, 2.0**-18),
+    ):
         scale = np.repeat(np.asarray(q.scales, np.float64), 256, axis=1)[:, :600]
         err = np.abs(np.asarray(quantize.dequantize(q), np.float64) - ref)
-        assert np.all(err <= 2.0**-5 * np.abs(ref) + floor * scale + 1e-6 * np.abs(ref))
+        assert np.all(err <= rel * np.abs(ref) + floor * scale + 1e-6 * np.abs(ref))
