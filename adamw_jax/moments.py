@@ -277,7 +277,9 @@ def scale_by_adam(
             u = m_hat / denom
             if not eps_is_positive:  # a zero second moment gives a zero direction, not 0/0
                 u = jnp.where(denom == 0, jnp.zeros([], c), u)
-            new_max = _storage.store_second(v_hat, nu_max, block_size) if amsgrad else None
+            new_max = None
+            if amsgrad:
+                new_max = _storage.store_second(v_hat, nu_max, block_size, average=False)
             new_mu = _storage.store(m, mu, block_size)
             out_dtype = _wider(g.dtype, _storage.dtype_of(mu))
             return u.astype(out_dtype), new_mu, _storage.store_second(v, nu, block_size), new_max

@@ -65,10 +65,26 @@ inline uint16_t F32ToBf16(float f) {
   return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
+// Stochastic rounding of a second moment (>= 0) to bfloat16, as the XLA path does
+// (adamw_jax/_moment_storage.py, round_stochastically): 16 bits of a multiplicative hash of
+// the value's bits are added below the kept bits; NaN stays a quiet NaN.
+inline uint16_t F32ToBf16Stochastic(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  const uint32_t noise = (bits * 0x9E3779B1u) >> 16;
+  const uint32_t rounded = (bits + noise) >> 16;
+  const uint32_t quiet_nan = (bits >> 16) | 0x40u;
+  return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
 inline float Load(const float* x, int64_t i) { return x[i]; }
 inline float Load(const uint16_t* x, int64_t i) { return Bf16ToF32(x[i]); }
 inline void Store(float* x, int64_t i, float value) { x[i] = value; }
 inline void Store(uint16_t* x, int64_t i, float value) { x[i] = F32ToBf16(value); }
+inline void StoreSecond(float* x, int64_t i, float value) { x[i] = value; }
+inline void StoreSecond(uint16_t* x, int64_t i, float value) {
+  x[i] = F32ToBf16Stochastic(value);
+}
 
 // jnp.maximum: NaN if either operand is NaN.
 inline float MaxNan(float a, float b) {
@@ -126,7 +142,7 @@ inline __attribute__((always_inline)) void LeafBody(const Leaf& leaf, const floa
     float v_hat = v * inv_c2;  // XLA divides by a scalar this way too
     if constexpr (kAmsgrad) {
       v_hat = MaxNan(Load(v_max_io, i), v_hat);
-      Store(v_max_io, i, v_hat);
+      Store(v_max_io, i, v_hat);  // a running maximum: rounded to nearest
     }
     float m_hat;
     if constexpr (kNesterov) {
@@ -147,7 +163,7 @@ inline __attribute__((always_inline)) void LeafBody(const Leaf& leaf, const floa
       p_io[i] = p - Mad<kFma>(wd, p, lr * u);
     }
     Store(m_io, i, m);
-    Store(v_io, i, v);
+    StoreSecond(v_io, i, v);
   }
 }
 
