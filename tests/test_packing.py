@@ -192,3 +192,23 @@ def test_bad_layouts_and_mismatched_updates_are_refused():
     # Nothing was consumed: the state still steps.
     updates, new_state = tx.update({"a": jnp.ones(3), "b": jnp.ones((2, 2))}, state)
     assert int(new_state.count) == 1 and updates["b"].shape == (2, 2)
+
+
+def test_state_shardings_replicate_packed_buffers():
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(jax.devices()[:1], ("data",))
+    params = {"w": jnp.ones((4, 2)), "b": jnp.zeros(3), "c": jnp.zeros(5)}
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    params["w"] = jax.device_put(params["w"], NamedSharding(mesh, P("data")))
+    tx = adamw_jax.adamw(1e-3, moment_layout="packed")
+    shardings = adamw_jax.sharding.state_shardings(tx, params)
+    state = tx.init(params)
+    assert jax.tree.structure(shardings) == jax.tree.structure(state)
+    # The shared buffer and even the single-leaf buffer are replicated, not sharded like
+    # a param: the packed layout is for unsharded training.
+    for sharding in jax.tree.leaves(shardings[0].mu):
+        assert sharding.spec == P()
+    placed = adamw_jax.sharding.init(tx, params)
+    assert jax.tree.structure(placed) == jax.tree.structure(state)
