@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import run_side_by_side, shrinking_gradients
 
 import adamw_jax
 from adamw_jax.moments import safe_increment
@@ -160,24 +161,13 @@ def test_bfloat16_second_moment_tracks_float32_without_bias():
     the mean log ratio to float32 reached +0.58, spread 0.27, and the update norm 0.87x).
     Stochastic rounding keeps the stored moment unbiased (-0.0002, spread 0.06, 0.999x).
     """
-    b2, steps, shape = 0.999, 1500, (16, 256)
-    rng = np.random.default_rng(7)
-    sigma = np.exp(rng.normal(0.0, 1.0, shape))
-    rate = rng.uniform(0.0, 4.0, shape)  # each entry shrinks by exp(-rate) over the run
-    t = np.arange(steps)[:, None, None] / steps
-    grads = jnp.asarray(sigma * np.exp(-rate * t) * rng.standard_normal((steps, *shape)))
+    b2 = 0.999
+    grads = shrinking_gradients(steps=1500, shape=(16, 256), seed=7, max_rate=4.0)
     bf16 = adamw_jax.scale_by_adam(b2=b2, nu_dtype=jnp.bfloat16)
     fp32 = adamw_jax.scale_by_adam(b2=b2)
-
-    def step(states, g):
-        u16, s16 = bf16.update(g, states[0])
-        u32, s32 = fp32.update(g, states[1])
-        return (s16, s32), jnp.linalg.norm(u16) / jnp.linalg.norm(u32)
-
-    init = (bf16.init(grads[0]), fp32.init(grads[0]))
-    (s16, s32), ratios = jax.jit(lambda g: jax.lax.scan(step, init, g))(grads)
+    s16, s32, ratios = run_side_by_side(bf16, fp32, grads)
     assert s16.nu.dtype == jnp.bfloat16
     log_ratio = np.log(np.asarray(s16.nu, np.float64) / np.asarray(s32.nu, np.float64))
     assert abs(np.mean(log_ratio)) <= 0.02
     assert np.std(log_ratio) <= 0.1
-    assert np.all(np.abs(np.asarray(ratios) - 1.0) <= 0.02)
+    assert np.all(np.abs(ratios - 1.0) <= 0.02)

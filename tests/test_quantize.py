@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import checkpoint_round_trip, run_side_by_side, shrinking_gradients
 
 import adamw_jax
 from adamw_jax import quantize
@@ -222,26 +223,15 @@ def test_int8_second_moment_tracks_a_float32_shadow_without_bias():
     would round back to their old code every step and stay too large (here by ~1.6x in the
     root after 300 steps, and the steps up to ~20% too small).
     """
-    b2, steps, shape = 0.99, 300, (16, 256)
-    rng = np.random.default_rng(5)
-    sigma = np.exp(rng.normal(0.0, 1.0, shape))
-    rate = rng.uniform(0.0, 3.0, shape)  # each entry shrinks by exp(-rate) over the run
-    t = np.arange(steps)[:, None, None] / steps
-    grads = jnp.asarray(sigma * np.exp(-rate * t) * rng.standard_normal((steps, *shape)))
+    b2 = 0.99
+    grads = shrinking_gradients(steps=300, shape=(16, 256), seed=5, max_rate=3.0)
     int8 = adamw_jax.scale_by_adam(b2=b2, mu_dtype="int8", nu_dtype="int8")
     fp32 = adamw_jax.scale_by_adam(b2=b2)
-
-    def step(states, g):
-        u8, s8 = int8.update(g, states[0])
-        u32, s32 = fp32.update(g, states[1])
-        return (s8, s32), jnp.linalg.norm(u8) / jnp.linalg.norm(u32)
-
-    init = (int8.init(grads[0]), fp32.init(grads[0]))
-    (s8, s32), ratios = jax.jit(lambda g: jax.lax.scan(step, init, g))(grads)
+    s8, s32, ratios = run_side_by_side(int8, fp32, grads)
     log_ratio = np.log(np.asarray(quantize.dequantize(s8.nu)) / np.sqrt(np.asarray(s32.nu)))
     assert abs(np.mean(log_ratio)) <= 0.03  # unbiased (nearest rounding: ~+0.46)
     assert np.std(log_ratio) <= 0.2  # the rounding noise's spread (~0.14)
-    assert np.all(np.abs(np.asarray(ratios) - 1.0) <= 0.1)  # step sizes as float32's
+    assert np.all(np.abs(ratios - 1.0) <= 0.1)  # step sizes as float32's
 
 
 def test_float16_second_moment_survives_tiny_gradients():
@@ -270,21 +260,14 @@ def test_float16_second_moment_survives_tiny_gradients():
 
 
 def test_int8_state_checkpoint_round_trip_is_exact(tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
+    pytest.importorskip("orbax.checkpoint")
     params = {"w": jax.random.normal(jax.random.key(2), (64, 128)), "b": jnp.zeros(128)}
     tx = adamw_jax.adamw(1e-3, mu_dtype="int8", nu_dtype="int8")
     state = tx.init(params)
     grads = jax.tree.map(lambda p: 0.1 * p + 0.01, params)
     update = jax.jit(tx.update)
     _, state = update(grads, state, params)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(tmp_path / "state", state)
-        ckpt.wait_until_finished()
-        restored = ckpt.restore(tmp_path / "state", jax.eval_shape(lambda: state))
-    assert jax.tree.structure(restored) == jax.tree.structure(state)
-    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    restored = checkpoint_round_trip(state, tmp_path / "state")
     next_a, _ = update(grads, restored, params)
     next_b, _ = update(grads, state, params)
     for a, b in zip(jax.tree.leaves(next_a), jax.tree.leaves(next_b), strict=True):
