@@ -14,8 +14,10 @@ one-dimensional buffers, so that their moments are updated by one kernel per buf
   compile time grows with the number of slices taken from one buffer, hence the limit.
 
 A moment is then a :class:`PackedMoments`: its buffers are its pytree children (arrays
-that jit, donate and checkpoint like any other); which leaves each buffer holds, and the
-params' tree structure, are static metadata of the node, part of the state's structure.
+that jit, donate and checkpoint like any other); which leaves each buffer holds is static
+metadata of the node, part of the state's structure. Updates are checked against it by
+their number of leaves and each leaf's shape, not by their tree structure: wrappers such
+as Flax NNX's variables may surround the params at ``init`` and be gone at ``update``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ MAX_LEAVES = 32
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["buffers"], meta_fields=["groups", "treedef"]
+    jax.tree_util.register_dataclass, data_fields=["buffers"], meta_fields=["groups", "num_leaves"]
 )
 @dataclasses.dataclass(frozen=True)
 class PackedMoments:
@@ -45,12 +47,12 @@ class PackedMoments:
         one-dimensional, the group's leaves flattened and concatenated in order.
       groups: static; for each buffer, the indices (in ``jax.tree.leaves`` order) of the
         param leaves it holds.
-      treedef: static; the params' tree structure.
+      num_leaves: static; the number of param leaves.
     """
 
     buffers: tuple[jax.Array, ...]
     groups: tuple[tuple[int, ...], ...]
-    treedef: Any
+    num_leaves: int
 
 
 def plan(shapes: Sequence[tuple[int, ...]], keys: Sequence[Any]) -> tuple[tuple[int, ...], ...]:
@@ -84,22 +86,20 @@ def buffer_shape(shapes: Sequence[tuple[int, ...]], group: Sequence[int]) -> tup
 
 def zeros(params: Any, dtypes: Sequence[Any], keys: Sequence[Any]) -> PackedMoments:
     """Zero moments for ``params``, leaf ``i`` stored in ``dtypes[i]``, grouped by ``keys``."""
-    leaves, treedef = jax.tree.flatten(params)
-    shapes = [tuple(jnp.shape(p)) for p in leaves]
+    shapes = [tuple(jnp.shape(p)) for p in jax.tree.leaves(params)]
     groups = plan(shapes, keys)
     buffers = tuple(jnp.zeros(buffer_shape(shapes, g), dtypes[g[0]]) for g in groups)
-    return PackedMoments(buffers, groups, treedef)
+    return PackedMoments(buffers, groups, len(shapes))
 
 
 def check_matches(updates: Any, moments: PackedMoments) -> None:
-    """Raises ValueError unless ``updates`` has the structure and shapes ``moments`` holds."""
-    treedef = jax.tree.structure(updates)
-    if treedef != moments.treedef:
-        raise ValueError(
-            "updates' tree structure differs from the state's moments "
-            f"(moment_layout='packed'): got {treedef}, the state holds {moments.treedef}."
-        )
+    """Raises ValueError unless ``updates`` has the leaves and shapes ``moments`` holds."""
     shapes = [tuple(jnp.shape(g)) for g in jax.tree.leaves(updates)]
+    if len(shapes) != moments.num_leaves:
+        raise ValueError(
+            f"updates have {len(shapes)} leaves, but the state's moments "
+            f"(moment_layout='packed') hold {moments.num_leaves}: a different tree."
+        )
     for group, buffer in zip(moments.groups, moments.buffers, strict=True):
         if tuple(jnp.shape(buffer)) != buffer_shape(shapes, group):
             raise ValueError(
@@ -149,7 +149,7 @@ def update(
         new_max.append(vm)
 
     def like(old: PackedMoments, buffers: list[jax.Array]) -> PackedMoments:
-        return PackedMoments(tuple(buffers), old.groups, old.treedef)
+        return PackedMoments(tuple(buffers), old.groups, old.num_leaves)
 
     return (
         directions,
