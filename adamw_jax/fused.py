@@ -163,6 +163,7 @@ def fused_adamw(
     min_quantize_size: int | None = None,
     param_update: str | None = None,
     backend: str = "auto",
+    moment_layout: str = "tree",
 ) -> FusedAdamW:
     r"""AdamW as one fused step ``(params, grads, state) -> (params, state)``.
 
@@ -180,7 +181,8 @@ def fused_adamw(
     through a C++ kernel that reads and writes each leaf's params and moments once: 28
     bytes per parameter, against about 40 for the XLA code of the two-part Optax step.
     Everything else (other platforms or dtypes, ``"int8"`` moments, ``param_update``,
-    element-wise masks, the kernel not built) runs ``adamw``'s XLA code.
+    ``moment_layout="packed"``, element-wise masks, the kernel not built) runs ``adamw``'s
+    XLA code.
 
     Args:
       learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule.
@@ -204,6 +206,8 @@ def fused_adamw(
         :func:`adamw_jax.adamw`; runs the XLA code).
       backend: ``"auto"`` (the kernel when it applies, else XLA), ``"kernel"`` (raise a
         ValueError when it does not apply) or ``"xla"`` (always the XLA code).
+      moment_layout: ``"tree"`` or ``"packed"``, as in :func:`adamw_jax.adamw` (the
+        packed layout runs the XLA code).
 
     Returns:
       A :class:`FusedAdamW` of ``init``, ``step`` and ``kernel_used``.
@@ -240,6 +244,7 @@ def fused_adamw(
         block_size=block_size,
         min_quantize_size=min_quantize_size,
         param_update=param_update,
+        moment_layout=moment_layout,
     )
     _validate.check_choice("backend", backend, BACKENDS)
     if decay_coupling == "schedule" and peak_learning_rate is not None:
@@ -257,7 +262,7 @@ def fused_adamw(
             return None
         if _moment_storage.is_int8(mu_dtype) or _moment_storage.is_int8(nu_dtype):
             return None
-        if param_update is not None:
+        if param_update is not None or moment_layout != "tree":
             return None
         return _kernel_plan(mask, params, grads, state)
 
@@ -272,7 +277,7 @@ def fused_adamw(
                     'backend="kernel" but the fused kernel does not apply here: it needs the '
                     "CPU backend, the built kernel (kernel_available() is "
                     f"{kernel_available()}), float32 params and grads, float32 or bfloat16 "
-                    "moments and a mask of one bool per leaf."
+                    'moments in the "tree" layout and a mask of one bool per leaf.'
                 )
             return xla_step(params, grads, state)
         adam_state, decay_state = state

@@ -167,7 +167,7 @@ def test_inject_hyperparams_with_packed_moments():
     got, state = _run(tx, params, 5)
     assert isinstance(state.inner_state[0].mu, adamw_jax.PackedMoments)
     for key in params:
-        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-6)
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-6)
 
 
 def test_bad_layouts_and_mismatched_updates_are_refused():
@@ -225,3 +225,22 @@ def test_flax_nnx_optimizer_with_packed_moments():
     tree, packed = train("tree"), train("packed")
     np.testing.assert_allclose(packed.kernel[...], tree.kernel[...], rtol=1e-6)
     np.testing.assert_allclose(packed.bias[...], tree.bias[...], rtol=1e-6, atol=1e-7)
+
+
+def test_fused_adamw_runs_packed_moments_through_xla():
+    params = _params(small=5)
+    del params["empty"]
+    opt = adamw_jax.fused_adamw(1e-2, moment_layout="packed")
+    state = opt.init(params)
+    grads = jax.tree.map(lambda p: jnp.cos(p), params)
+    assert isinstance(state[0].mu, adamw_jax.PackedMoments)
+    assert not opt.kernel_used(params, grads, state)
+    got, _ = jax.jit(opt.step)(params, grads, state)
+    tx = adamw_jax.adamw(1e-2, moment_layout="packed")
+    updates, _ = tx.update(grads, tx.init(params), params)
+    want = optax.apply_updates(params, updates)
+    for key in params:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-6)
+    kernel_only = adamw_jax.fused_adamw(1e-2, moment_layout="packed", backend="kernel")
+    with pytest.raises(ValueError, match="does not apply"):
+        kernel_only.step(params, grads, kernel_only.init(params))
