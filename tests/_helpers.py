@@ -47,3 +47,9 @@ def checkpoint_round_trip(state, path):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     return restored
+
+
+def assert_trees_equal(a, b):
+    """Asserts two pytrees have equal leaves, bit for bit."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
