@@ -150,8 +150,9 @@ def scale_by_adam(
         each; the state's moments are :class:`~adamw_jax.PackedMoments`. Same numbers (up to
         floating-point contraction), but on trees of many small leaves XLA compiles and
         runs far fewer kernels: faster steps and compiles. Floating moment dtypes only
-        (not ``"int8"``); on sharded params the packed buffers are replicated
-        (:func:`adamw_jax.sharding.state_shardings`), so shard with ``"tree"``.
+        (not ``"int8"``). :func:`adamw_jax.sharding.state_shardings` places a large leaf's
+        buffer like its param and replicates the shared ones (whose sharded gradients the
+        step then gathers), so for small leaves sharded over many devices use ``"tree"``.
 
     ``"int8"`` stores a moment as blockwise 8-bit codes with one float32 scale per block
     (:mod:`adamw_jax.quantize`): about 1.02 bytes per element instead of 4. The update

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
+from adamw_jax._packing import PackedMoments
 from adamw_jax.quantize import QuantizedArray
 
 
@@ -146,13 +147,17 @@ def _param_index_per_state_unit(state: Any, params: Any) -> list[int | None]:
         return jax.tree.structure(node, is_leaf=_is_quantized) == params_treedef
 
     def positions(node: Any) -> Any:
+        if isinstance(node, PackedMoments):  # a buffer of one leaf is that param's
+            own = tuple(g[0] if len(g) == 1 else -1 for g in node.groups)
+            return PackedMoments(own, node.groups, node.num_leaves)
         if is_params_like(node):
             return jax.tree.unflatten(params_treedef, list(range(num_params)))
         return -1
 
-    index_tree = jax.tree.map(
-        positions, state, is_leaf=lambda node: _is_quantized(node) or is_params_like(node)
-    )
+    def is_unit(node: Any) -> bool:
+        return _is_quantized(node) or isinstance(node, PackedMoments) or is_params_like(node)
+
+    index_tree = jax.tree.map(positions, state, is_leaf=is_unit)
     indices: list[int | None] = [None if i < 0 else i for i in jax.tree.leaves(index_tree)]
 
     param_paths = {
@@ -195,6 +200,9 @@ def state_shardings(
       shard holds whole blocks (each shard's length there a multiple of ``block_size``),
       otherwise replicated over that axis (correct, but the step then communicates to find
       each block's scale);
+    * ``moment_layout="packed"`` moments (:class:`~adamw_jax.PackedMoments`): a buffer
+      holding one leaf is that leaf's moment and is placed like its param; a buffer shared
+      by small leaves is replicated;
     * any other leaf whose shape differs from its param's (a moment stored in another
       layout) is replicated over the params' devices: correct, but it costs every device a
       full copy and the update step a reshard;

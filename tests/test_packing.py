@@ -186,24 +186,26 @@ def test_bad_layouts_and_mismatched_updates_are_refused():
     assert int(new_state.count) == 1 and updates["b"].shape == (2, 2)
 
 
-def test_state_shardings_replicate_packed_buffers():
+def test_state_shardings_place_own_buffers_like_params_and_replicate_shared_ones():
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
     mesh = Mesh(jax.devices()[:1], ("data",))
-    params = {"w": jnp.ones((4, 2)), "b": jnp.zeros(3), "c": jnp.zeros(5)}
-    params = jax.device_put(params, NamedSharding(mesh, P()))
-    params["w"] = jax.device_put(params["w"], NamedSharding(mesh, P("data")))
+    n = _packing.PACK_BELOW
+    params = {"big": jnp.ones((n // 4, 4)), "b": jnp.zeros(3), "c": jnp.zeros(5)}
+    specs = {"big": P("data", None), "b": P(), "c": P("data")}
+    params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
     tx = adamw_jax.adamw(1e-3, moment_layout="packed")
     shardings = adamw_jax.sharding.state_shardings(tx, params)
     state = tx.init(params)
     assert jax.tree.structure(shardings) == jax.tree.structure(state)
-    # The shared buffer and even the single-leaf buffer are replicated, not sharded like
-    # a param: the packed layout is for unsharded training.
-    for sharding in jax.tree.leaves(shardings[0].mu):
-        assert sharding.spec == P()
+    assert state[0].mu.groups == ((0, 2), (1,))  # b and c share a buffer; big has its own
+    for moment in (shardings[0].mu, shardings[0].nu):
+        assert [s.spec for s in moment.buffers] == [P(), P("data", None)]
     placed = adamw_jax.sharding.init(tx, params)
-    assert jax.tree.structure(placed) == jax.tree.structure(state)
+    assert placed[0].nu.buffers[1].sharding.spec == P("data", None)
+    zero = adamw_jax.sharding.state_shardings(tx, params, zero_axis="data")
+    assert zero[0].mu.buffers[0].spec == P()
 
 
 def test_flax_nnx_optimizer_with_packed_moments():
