@@ -168,7 +168,7 @@ def round_stochastically(x: jax.Array) -> jax.Array:
     stochastic rounding): no key, and the same inputs give the same result. NaN stays NaN.
     """
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    noise = jax.lax.shift_right_logical(bits * jnp.uint32(0x9E3779B1), jnp.uint32(16))
+    noise = jax.lax.shift_right_logical(bits * jnp.uint32(quantize._HASH), jnp.uint32(16))
     # bfloat16 is float32's top 16 bits: adding 16 random bits below them carries into the
     # kept bits with probability (the dropped bits) / 2**16.
     top = jax.lax.shift_right_logical(bits + noise, jnp.uint32(16)).astype(jnp.uint16)

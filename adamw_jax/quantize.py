@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamw_jax import _validate
+
 
 class QuantizedArray(NamedTuple):
     """A float32 array stored as one byte per element plus one float32 scale per block.
@@ -60,8 +62,9 @@ class QuantizedArray(NamedTuple):
 # binade at [1, 2).
 _SIGNED_FORMAT = (3, 4)
 _UNSIGNED_FORMAT = (4, 4)
-# 2**32 / golden ratio, as an int32: the multiplier of stochastic rounding's hash.
-_HASH = -1640531535  # 0x9E3779B1
+# 2**32 / golden ratio: the multiplier of stochastic rounding's hash (also of the bfloat16
+# rounding in adamw_jax._moment_storage).
+_HASH = 0x9E3779B1
 
 
 def _format(signed: bool) -> tuple[int, int, int]:
@@ -98,7 +101,7 @@ def _encode(y: jax.Array, signed: bool, stochastic: bool = False) -> jax.Array:
         # Rounds up with probability fraction / 2**shift: add `shift` pseudo-random bits,
         # the top bits of y's bit pattern times an odd constant (multiplicative hashing;
         # the product wraps around, and each bit of y changes all the bits above it).
-        offset = jax.lax.shift_right_logical(bits * jnp.int32(_HASH), jnp.int32(32 - shift))
+        offset = jax.lax.shift_right_logical(bits * jnp.int32(_HASH - 2**32), jnp.int32(32 - shift))
     else:  # adding half a code rounds to nearest (ties up)
         offset = jnp.int32(1 << (shift - 1))
     # A carry out of the fraction moves to the next code up, from the top normal code too.
@@ -149,11 +152,6 @@ def _check_block_size(block_size: Any) -> None:
 
 
 _ROUNDINGS = ("nearest", "stochastic")
-
-
-def _check_rounding(rounding: Any) -> None:
-    if not isinstance(rounding, str) or rounding not in _ROUNDINGS:
-        raise ValueError(f"rounding must be one of {_ROUNDINGS}; got {rounding!r}.")
 
 
 def scales_shape(shape: tuple[int, ...], block_size: int = 256) -> tuple[int, ...]:
@@ -237,7 +235,7 @@ def quantize(
       (stochastic rounding).
     """
     _check_block_size(block_size)
-    _check_rounding(rounding)
+    _validate.check_choice("rounding", rounding, _ROUNDINGS)
     absmax = block_absmax(x, signed=signed, block_size=block_size)
     return quantize_with_absmax(
         x,
@@ -340,7 +338,7 @@ def quantize_with_absmax(
       A :class:`QuantizedArray` with ``codes.shape == x.shape``.
     """
     _check_block_size(block_size)
-    _check_rounding(rounding)
+    _validate.check_choice("rounding", rounding, _ROUNDINGS)
     x = _check_floating(x)
     shape = x.shape
     expected = scales_shape(shape, block_size)
