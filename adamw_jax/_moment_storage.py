@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamw_jax import quantize
+from adamw_jax import _numerics, quantize
 from adamw_jax.quantize import QuantizedArray
 
 INT8 = "int8"
@@ -65,13 +65,35 @@ def int8_zeros(
     is_complex = jnp.issubdtype(dtype, jnp.complexfloating)
     if int(np.prod(shape)) < min_quantize_size:
         keep = jnp.complex64 if (is_complex and not real) else jnp.float32
-        return jnp.zeros(shape, jnp.promote_types(keep, jnp.finfo(dtype).dtype))
+        return jnp.zeros_like(param, dtype=jnp.promote_types(keep, jnp.finfo(dtype).dtype))
     if is_complex and not real:
         raise ValueError(
             f'{name}="int8" cannot store the first moment of a complex parameter ({dtype}, '
             f"shape {shape}); use None or a complex dtype."
         )
-    return quantize.zeros(shape, signed=not real, block_size=block_size)
+    _check_blocks_within_shards(name, param, block_size)
+    return quantize.zeros_like(param, signed=not real, block_size=block_size)
+
+
+def _check_blocks_within_shards(name: str, param: jax.Array, block_size: int) -> None:
+    """Raises ValueError if an explicit sharding would cut a quantization block.
+
+    Blocks run along the last axis; a leaf split ``k`` ways along it keeps every block in
+    one shard when each shard's length is a multiple of ``block_size`` (or the whole axis
+    fits in one block). Under explicit mesh axes the step's block reshape is then typed;
+    otherwise it cannot be, so the leaf is refused here rather than at the first step.
+    """
+    shards = _numerics.last_axis_shards(param)
+    length = jnp.shape(param)[-1] if jnp.ndim(param) else 1
+    if shards == 1 or length <= block_size or (length // shards) % block_size == 0:
+        return
+    raise ValueError(
+        f'{name}="int8": a leaf of shape {jnp.shape(param)} is split {shards} ways along its '
+        f"last axis under an explicit mesh, into shards of {length // shards}, not a multiple "
+        f"of block_size={block_size}, so a quantization block would span shards. Choose a "
+        f"block_size that divides {length // shards}, a min_quantize_size above "
+        f"{int(np.prod(jnp.shape(param)))} (the leaf then stays float32), or shard another axis."
+    )
 
 
 class _Bounded(NamedTuple):
@@ -176,14 +198,60 @@ def round_stochastically(x: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), rounded)
 
 
-def shape_view(moments: Any) -> Any:
-    """``moments`` with each quantized node replaced by its codes (the param's shape)."""
-    return jax.tree.map(lambda x: x.codes if is_quantized(x) else x, moments, is_leaf=is_quantized)
+def per_param(updates: Any, moments: Any, block_size: int) -> list[Any]:
+    """The stored moment of each leaf of ``updates``, in ``jax.tree.leaves`` order.
+
+    ``moments`` must have the tree structure of ``updates`` down to each leaf, where it
+    holds an array of the leaf's shape or a quantized moment of it. A quantized moment is
+    accepted as a :class:`QuantizedArray` or as any container of its codes and scales, in
+    that order: what it becomes when a framework rebuilds the state's containers (Flax
+    NNX's ``nnx.Optimizer`` turns every named tuple of the state into a ``State``); it is
+    handed back as a :class:`QuantizedArray`.
+
+    Raises:
+      ValueError: naming the first leaf whose moment does not fit.
+    """
+    treedef = jax.tree.structure(updates)
+    try:
+        stored = treedef.flatten_up_to(moments)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            "updates have a different tree structure from the state's moments: "
+            f"{treedef} vs {jax.tree.structure(moments, is_leaf=is_quantized)}."
+        ) from err
+    paths = [
+        jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(updates)[0]
+    ]
+    return [
+        _as_stored(path, np.shape(g), moment, block_size)
+        for path, g, moment in zip(paths, jax.tree.leaves(updates), stored, strict=True)
+    ]
 
 
-def leaves(moments: Any) -> list[Any]:
-    """The per-param leaves of a moment tree, a quantized node counting as one leaf."""
-    return jax.tree.leaves(moments, is_leaf=is_quantized)
+def _as_stored(path: str, shape: tuple[int, ...], moment: Any, block_size: int) -> Any:
+    """``moment`` as an array or a :class:`QuantizedArray`, checked against ``shape``."""
+    if not is_quantized(moment) and hasattr(moment, "shape") and hasattr(moment, "dtype"):
+        if np.shape(moment) != shape:
+            raise ValueError(
+                f"updates at {path} have shape {shape}, but the state's moment there has "
+                f"shape {np.shape(moment)}."
+            )
+        return moment
+    parts = jax.tree.leaves(moment)
+    if len(parts) == 2:
+        codes, scales = parts
+        fits = (
+            np.shape(codes) == shape
+            and jnp.dtype(codes.dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
+            and np.shape(scales) == quantize.scales_shape(shape, block_size)
+        )
+        if fits:
+            return QuantizedArray(codes, scales)
+    raise ValueError(
+        f"updates at {path} have shape {shape}, but the state's moment there is "
+        f"{jax.tree.map(lambda x: (np.shape(x), str(getattr(x, 'dtype', ''))), moment)}: "
+        "neither an array of that shape nor its quantized codes and scales."
+    )
 
 
 def _block_max(stored: Any, block_size: int) -> jax.Array:

@@ -20,8 +20,6 @@ their number of leaves and each leaf's shape, not by their tree structure: wrapp
 as Flax NNX's variables may surround the params at ``init`` and be gone at ``update``.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 import math
@@ -30,6 +28,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from adamw_jax import _numerics
 
 PACK_BELOW = 2**16
 MAX_LEAVES = 32
@@ -86,10 +86,35 @@ def buffer_shape(shapes: Sequence[tuple[int, ...]], group: Sequence[int]) -> tup
 
 def zeros(params: Any, dtypes: Sequence[Any], keys: Sequence[Any]) -> PackedMoments:
     """Zero moments for ``params``, leaf ``i`` stored in ``dtypes[i]``, grouped by ``keys``."""
-    shapes = [tuple(jnp.shape(p)) for p in jax.tree.leaves(params)]
+    leaves = jax.tree.leaves(params)
+    shapes = [tuple(jnp.shape(p)) for p in leaves]
     groups = plan(shapes, keys)
-    buffers = tuple(jnp.zeros(buffer_shape(shapes, g), dtypes[g[0]]) for g in groups)
-    return PackedMoments(buffers, groups, len(shapes))
+
+    def buffer(group):
+        if len(group) == 1:  # the leaf's own shape, and sharding
+            return jnp.zeros_like(leaves[group[0]], dtype=dtypes[group[0]])
+        return jnp.zeros(buffer_shape(shapes, group), dtypes[group[0]])  # replicated
+
+    return PackedMoments(tuple(buffer(g) for g in groups), groups, len(shapes))
+
+
+def _flatten(x: jax.Array) -> jax.Array:
+    """``x`` as one dimension; a leaf sharded over explicit mesh axes is gathered first.
+
+    A shared buffer is replicated: splitting a sharded axis into a flat one is a reshape
+    that explicit sharding cannot type.
+    """
+    sharding = _numerics.explicit_sharding(x)
+    if sharding is None:
+        return x.reshape(-1)
+    return jax.lax.reshape(x, (x.size,), out_sharding=_numerics.replicated(sharding))
+
+
+def _unflatten(piece: jax.Array, like: jax.Array) -> jax.Array:
+    """A flat ``piece`` of a shared buffer in the shape, and explicit sharding, of ``like``."""
+    out = piece.reshape(like.shape)
+    sharding = _numerics.explicit_sharding(like)
+    return out if sharding is None else jax.sharding.reshard(out, sharding)
 
 
 def check_matches(updates: Any, moments: PackedMoments) -> None:
@@ -136,12 +161,12 @@ def update(
         else:
             dtypes = {jnp.dtype(g_leaves[i].dtype) for i in group}
             common = dtypes.pop() if len(dtypes) == 1 else common_dtype(*dtypes)
-            g = jnp.concatenate([g_leaves[i].astype(common).reshape(-1) for i in group])
+            g = jnp.concatenate([_flatten(g_leaves[i].astype(common)) for i in group])
             u, m, v, vm = leaf(g, old_mu, old_nu, vm)
             offset = 0
             for i in group:
                 size = math.prod(shapes[i])
-                piece = jax.lax.slice(u, (offset,), (offset + size,)).reshape(shapes[i])
+                piece = _unflatten(jax.lax.slice(u, (offset,), (offset + size,)), g_leaves[i])
                 directions[i] = piece.astype(out_dtype(g_leaves[i].dtype, old_mu.dtype))
                 offset += size
         new_mu.append(m)

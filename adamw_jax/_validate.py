@@ -7,6 +7,7 @@ their values are not known when the transformation is built.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -15,13 +16,13 @@ import jax
 import numpy as np
 
 
-def _concrete_scalar(name: str, value: Any) -> float | None:
-    """Returns ``value`` as a Python float, or None when it cannot be known yet."""
+def _concrete_scalar(name: str, value: Any, expected: str) -> float | None:
+    """Returns ``value`` as a Python float, or None when it cannot be known yet.
+
+    ``expected`` says what is accepted, for the messages.
+    """
     if isinstance(value, (bool, str, bytes)):
-        raise TypeError(
-            f"{name} must be a real number, a scalar array or a schedule; "
-            f"got {value!r} of type {type(value).__name__}."
-        )
+        raise TypeError(f"{name} must be {expected}; got {value!r} of type {type(value).__name__}.")
     if isinstance(value, jax.core.Tracer):
         if np.ndim(value) != 0:
             raise ValueError(f"{name} must be a scalar; got shape {np.shape(value)}.")
@@ -39,12 +40,9 @@ def _concrete_scalar(name: str, value: Any) -> float | None:
             or np.issubdtype(value.dtype, np.integer)
             or value.dtype == jax.numpy.bfloat16
         ):
-            raise TypeError(f"{name} must be a real number; got an array of dtype {value.dtype}.")
+            raise TypeError(f"{name} must be {expected}; got an array of dtype {value.dtype}.")
         return float(value)
-    raise TypeError(
-        f"{name} must be a real number, a scalar array or a schedule; "
-        f"got {value!r} of type {type(value).__name__}."
-    )
+    raise TypeError(f"{name} must be {expected}; got {value!r} of type {type(value).__name__}.")
 
 
 def check_scalar(
@@ -66,26 +64,103 @@ def check_scalar(
       high: the largest accepted value, or None for no upper bound.
       high_inclusive: whether ``high`` itself is accepted.
       low_inclusive: whether ``low`` itself is accepted.
-      allow_schedule: whether a callable (a schedule ``step -> value``) is accepted.
+      allow_schedule: whether a schedule (a callable ``step -> value`` that can be called
+        with one positional argument) is accepted. Dtypes, classes and callables that
+        cannot be called with one argument are refused either way.
     """
-    if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
-        if allow_schedule:
-            return
-        raise TypeError(f"{name} must be a number, not a callable; got {value!r}.")
-    x = _concrete_scalar(name, value)
-    if x is None:
-        return
     lo_bracket = "[" if low_inclusive else "("
     if high is None:
         accepted = f"{lo_bracket}{low}, inf)"
     else:
         accepted = f"{lo_bracket}{low}, {high}{']' if high_inclusive else ')'}"
+    _check_not_a_dtype_or_class(name, value, accepted, allow_schedule)
+    if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
+        if allow_schedule:
+            _check_schedule_signature(name, value, accepted)
+            return
+        raise TypeError(f"{name} must be a number, not a callable; got {value!r}.")
+    x = _concrete_scalar(name, value, _expected(accepted, allow_schedule))
+    if x is None:
+        return
     ok = math.isfinite(x)
     ok = ok and (x >= low if low_inclusive else x > low)
     if high is not None:
         ok = ok and (x <= high if high_inclusive else x < high)
     if not ok:
         raise ValueError(f"{name} must be in {accepted}; got {value!r}.")
+
+
+def _expected(accepted: str, allow_schedule: bool) -> str:
+    """What a scalar hyperparameter accepts, for messages."""
+    if allow_schedule:
+        return (
+            f"a real number in {accepted}, a scalar array or a schedule (a callable step -> value)"
+        )
+    return f"a real number in {accepted} or a scalar array"
+
+
+def _check_not_a_dtype_or_class(name: str, value: Any, accepted: str, allow_schedule: bool) -> None:
+    """Refuses dtypes (``jnp.bfloat16``, ``np.dtype("float32")``) and other classes.
+
+    ``jnp.bfloat16`` is a class that can be called with one argument, so it would pass for
+    a schedule; it is what ends up in ``weight_decay`` when ``mu_dtype`` is passed in the
+    wrong position.
+    """
+    is_dtype = isinstance(value, np.dtype) or (
+        isinstance(value, type)
+        and (issubclass(value, np.generic) or isinstance(getattr(value, "dtype", None), np.dtype))
+    )
+    if is_dtype:
+        raise TypeError(
+            f"{name} must be {_expected(accepted, allow_schedule)}, not a dtype; got "
+            f"{value!r}. (A moment dtype goes in mu_dtype or nu_dtype.)"
+        )
+    if isinstance(value, type):
+        raise TypeError(
+            f"{name} must be {_expected(accepted, allow_schedule)}, not a class; got {value!r}."
+        )
+
+
+def _check_schedule_signature(name: str, value: Callable, accepted: str) -> None:
+    """Refuses a callable that cannot be called as ``value(step)``.
+
+    Callables whose signature Python cannot tell (some builtins) are let through.
+    """
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(0)
+    except TypeError as err:
+        raise TypeError(
+            f"{name} must be {_expected(accepted, True)} that can be called with one "
+            f"positional argument, the step count; got {value!r} with signature "
+            f"{signature} ({err})."
+        ) from None
+
+
+def check_static_int(name: str, value: Any) -> Any:
+    """``value`` as a Python int when it is a concrete integer 0-d array, else unchanged.
+
+    For arguments that set shapes (block sizes): ``optax.inject_hyperparams`` turns an int
+    argument into a 0-d array, which is accepted here when its value is known. A traced one
+    (the transformation built inside ``jax.jit``) is refused with a pointer to
+    ``static_args``. Anything else is returned unchanged, for the caller's own range check.
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a concrete int: it sets the shapes of the optimizer state; got "
+            f"a traced value {value!r}. Under optax.inject_hyperparams pass "
+            f"static_args=({name!r},) so that it is not made a traced hyperparameter."
+        )
+    if (
+        isinstance(value, (jax.Array, np.ndarray))
+        and value.ndim == 0
+        and np.issubdtype(value.dtype, np.integer)
+    ):
+        return int(value)
+    return value
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -112,6 +187,11 @@ def check_mask(name: str, value: Any) -> None:
             f"{name} must be None, a pytree of bools like the params, or a callable "
             f"params -> such a pytree; got {value!r}."
         )
+    if isinstance(value, (type, np.dtype)):  # e.g. jnp.bfloat16: callable, but not a mask
+        raise TypeError(
+            f"{name} must be None, a pytree of bools like the params, or a callable "
+            f"params -> such a pytree; got the class or dtype {value!r}."
+        )
     if isinstance(value, (bool, np.bool_)) or (
         isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0
     ):
@@ -137,6 +217,15 @@ def check_params_given(name: str, params: Any) -> None:
     """Raises ValueError if a transformation that needs the params was updated without them."""
     if params is None:
         raise ValueError(f"{name} needs the params: call update(updates, state, params).")
+
+
+def check_updates_given(name: str, updates: Any) -> None:
+    """Raises ValueError if ``update`` was called with ``None`` in place of the updates."""
+    if updates is None:
+        raise ValueError(
+            f"{name} got updates=None: pass the gradients (or the previous "
+            "transformation's updates), a pytree with the params' structure."
+        )
 
 
 def check_same_structure(what: str, tree: Any, reference: Any, reference_name: str) -> None:

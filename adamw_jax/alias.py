@@ -1,7 +1,5 @@
 """Ready-made optimizers: AdamW (decoupled decay) and Adam with an L2 penalty."""
 
-from __future__ import annotations
-
 import optax
 
 from adamw_jax import _validate, precision
@@ -15,19 +13,19 @@ from adamw_jax.moments import MomentDtype, ScalarOrArray, scale_by_adam
 
 
 def adamw(
-    learning_rate: ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule,
     b1: ScalarOrArray = 0.9,
     b2: ScalarOrArray = 0.999,
     eps: ScalarOrArray = 1e-8,
     eps_root: ScalarOrArray = 0.0,
-    weight_decay: ScalarOrSchedule = 1e-2,
-    *,
+    mu_dtype: MomentDtype = None,
+    weight_decay: ScalarOrSchedule = 1e-4,
     mask: Mask = None,
+    *,
+    nesterov: bool = False,
     decay_coupling: str = "lr",
     peak_learning_rate: float | None = None,
     amsgrad: bool = False,
-    nesterov: bool = False,
-    mu_dtype: MomentDtype = None,
     nu_dtype: MomentDtype = None,
     block_size: int | None = None,
     min_quantize_size: int | None = None,
@@ -50,35 +48,47 @@ def adamw(
     same steps as ``optax.adamw`` and ``torch.optim.AdamW`` (up to their order of
     operations; see :mod:`adamw_jax.compat` for exact ports).
 
+    The positional arguments, their order and their defaults are ``optax.adamw``'s, so the
+    same call builds the same optimizer (``learning_rate`` is required, and
+    ``weight_decay`` defaults to Optax's 1e-4, not PyTorch's 1e-2:
+    :func:`adamw_jax.compat.torch_adamw` keeps PyTorch's); the rest are keyword-only.
+
     Args:
-      learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule.
+      learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule
+        (a callable of the step count).
       b1: decay of the first moment, in [0, 1).
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, in [0, inf).
       eps_root: added to the second moment inside the square root, in [0, inf).
-      weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a schedule.
+      mu_dtype: storage dtype of the first moment: None (the params' dtype), a floating
+        dtype such as ``jnp.bfloat16``, or ``"int8"`` (blockwise 8-bit, see
+        :func:`adamw_jax.scale_by_adam`).
+      weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a
+        schedule; 1e-4 by default.
       mask: which leaves decay: None (all), a bool pytree like the params, or a callable
         ``params -> bool pytree`` such as ``adamw_jax.masks.by_ndim(2)``.
+      nesterov: Nesterov look-ahead on the first moment (as ``optax.nadamw``).
       decay_coupling: ``"lr"`` (default, as PyTorch and Optax), ``"schedule"`` (the paper)
         or ``"none"`` (independent decay).
       peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"`` with a
         learning-rate schedule.
       amsgrad: use the running maximum of the bias-corrected second moment.
-      nesterov: Nesterov look-ahead on the first moment (as ``optax.nadamw``).
-      mu_dtype: storage dtype of the first moment (None: the params' dtype), or
-        ``"int8"`` (blockwise 8-bit, see :func:`adamw_jax.scale_by_adam`).
-      nu_dtype: storage dtype of the second moment (None: the params' real dtype), or
-        ``"int8"``.
-      block_size: with ``"int8"`` moments, elements per quantization block, in [1, inf);
-        None means 256.
-      min_quantize_size: with ``"int8"`` moments, leaves smaller than this, in [0, inf),
-        stay float32; None means 4096.
+      nu_dtype: storage dtype of the second moment (None: the params' real dtype), a
+        floating dtype, or ``"int8"``.
+      block_size: with ``"int8"`` moments, elements per quantization block, an int in
+        [1, inf); None means 256.
+      min_quantize_size: with ``"int8"`` moments, leaves smaller than this, an int in
+        [0, inf), stay float32; None means 4096.
       moment_layout: ``"tree"`` (one moment array per leaf, shardable like the params) or
         ``"packed"`` (small leaves' moments share flat buffers: faster steps and compiles
         on trees of many small leaves; see :func:`adamw_jax.scale_by_adam`).
       param_update: None, or how updates land on bfloat16/float16 params so that small
         steps and the decay are not rounded away: ``"compensated"`` (Kahan buffer in the
         state) or ``"stochastic_rounding"`` (see :func:`adamw_jax.low_precision_update`).
+
+    Under ``optax.inject_hyperparams``, name ``mu_dtype``/``nu_dtype`` given as dtype
+    classes (``jnp.bfloat16``), ``block_size``, ``min_quantize_size`` and a callable
+    ``mask`` in ``static_args``: they set the state's structure and cannot be traced.
 
     Returns:
       An ``optax.GradientTransformation``; its ``update`` requires ``params``.
@@ -129,17 +139,17 @@ def adamw(
 
 
 def adam(
-    learning_rate: ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule,
     b1: ScalarOrArray = 0.9,
     b2: ScalarOrArray = 0.999,
     eps: ScalarOrArray = 1e-8,
     eps_root: ScalarOrArray = 0.0,
-    l2: ScalarOrSchedule = 0.0,
+    mu_dtype: MomentDtype = None,
     *,
+    nesterov: bool = False,
+    l2: ScalarOrSchedule = 0.0,
     mask: Mask = None,
     amsgrad: bool = False,
-    nesterov: bool = False,
-    mu_dtype: MomentDtype = None,
     nu_dtype: MomentDtype = None,
     block_size: int | None = None,
     min_quantize_size: int | None = None,
@@ -155,26 +165,29 @@ def adam(
     where the moments are those of :math:`\tilde g`, so the penalty is rescaled by
     :math:`1/\sqrt{\hat v}` like the gradient: leaves with large gradients decay less.
     The chain ``add_decayed_weights(l2) -> scale_by_adam -> scale_by_learning_rate``.
+    The positional arguments, their order and their defaults are ``optax.adam``'s
+    (``learning_rate`` is required); ``l2`` and the rest are keyword-only.
 
     Args:
-      learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule.
+      learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule
+        (a callable of the step count).
       b1: decay of the first moment, in [0, 1).
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, in [0, inf).
       eps_root: added to the second moment inside the square root, in [0, inf).
+      mu_dtype: storage dtype of the first moment: None (the params' dtype), a floating
+        dtype, or ``"int8"`` (blockwise 8-bit, see :func:`adamw_jax.scale_by_adam`).
+      nesterov: Nesterov look-ahead on the first moment.
       l2: :math:`\lambda`, the L2 coefficient, in [0, inf) (the penalty is
         :math:`\tfrac{\lambda}{2}\lVert w \rVert^2`): a number, a scalar array or a schedule.
       mask: which leaves are penalized (as in :func:`adamw`).
       amsgrad: use the running maximum of the bias-corrected second moment.
-      nesterov: Nesterov look-ahead on the first moment.
-      mu_dtype: storage dtype of the first moment (None: the params' dtype), or
-        ``"int8"`` (blockwise 8-bit, see :func:`adamw_jax.scale_by_adam`).
-      nu_dtype: storage dtype of the second moment (None: the params' real dtype), or
-        ``"int8"``.
-      block_size: with ``"int8"`` moments, elements per quantization block, in [1, inf);
-        None means 256.
-      min_quantize_size: with ``"int8"`` moments, leaves smaller than this, in [0, inf),
-        stay float32; None means 4096.
+      nu_dtype: storage dtype of the second moment (None: the params' real dtype), a
+        floating dtype, or ``"int8"``.
+      block_size: with ``"int8"`` moments, elements per quantization block, an int in
+        [1, inf); None means 256.
+      min_quantize_size: with ``"int8"`` moments, leaves smaller than this, an int in
+        [0, inf), stay float32; None means 4096.
       moment_layout: ``"tree"`` or ``"packed"`` (as in :func:`adamw`).
 
     Returns:

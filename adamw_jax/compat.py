@@ -12,11 +12,9 @@ one rounding of that sum (exactly, whenever the step is smaller than the paramet
 the usual case: the subtraction is then exact by Sterbenz' lemma).
 """
 
-from __future__ import annotations
-
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -28,7 +26,7 @@ from adamw_jax import _validate
 from adamw_jax.masks import leaf_path
 from adamw_jax.moments import safe_increment
 
-ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], Any]
+ScalarOrSchedule = optax.ScalarOrSchedule
 
 
 class TorchAdamWState(NamedTuple):
@@ -221,6 +219,7 @@ def torch_adamw(
         return TorchAdamWState(*_zero_state(params, amsgrad))
 
     def update_fn(updates, state, params=None):
+        _validate.check_updates_given("torch_adamw", updates)
         _validate.check_params_given("torch_adamw", params)
         _validate.check_same_structure("updates", updates, params, "the params")
         _validate.check_inexact_leaves("updates", updates)
@@ -415,6 +414,7 @@ def keras_adamw(
         return KerasAdamWState(*_zero_state(params, amsgrad))
 
     def update_fn(updates, state, params=None):
+        _validate.check_updates_given("keras_adamw", updates)
         _validate.check_params_given("keras_adamw", params)
         _validate.check_same_structure("updates", updates, params, "the params")
         _validate.check_inexact_leaves("updates", updates)

@@ -1,8 +1,5 @@
 """Weight decay: the L2-style ``add_decayed_weights`` and the decoupled decay of AdamW."""
 
-from __future__ import annotations
-
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -13,7 +10,9 @@ import optax
 from adamw_jax import _validate
 from adamw_jax.moments import compute_dtype, safe_increment
 
-ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], Any]
+# Optax's own alias, so that code that inspects signatures (as Optax's tests do, comparing
+# the annotation with optax.ScalarOrSchedule) sees that a schedule is accepted.
+ScalarOrSchedule = optax.ScalarOrSchedule
 Mask = Any  # None, a bool pytree like the params (or a prefix of it), or params -> such a tree.
 
 DECAY_COUPLINGS = ("lr", "schedule", "none")
@@ -111,6 +110,7 @@ def add_decayed_weights(
         return AddDecayedWeightsState(jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None):
+        _validate.check_updates_given("add_decayed_weights", updates)
         _validate.check_params_given("add_decayed_weights", params)
         _validate.check_same_structure("updates", updates, params, "the params")
         wd = _validate.evaluate(weight_decay, state.count)
@@ -127,7 +127,7 @@ def add_decayed_weights(
 
 def decoupled_weight_decay(
     learning_rate: ScalarOrSchedule = 1e-3,
-    weight_decay: ScalarOrSchedule = 1e-2,
+    weight_decay: ScalarOrSchedule = 1e-4,
     *,
     mask: Mask = None,
     decay_coupling: str = "lr",
@@ -154,8 +154,10 @@ def decoupled_weight_decay(
     bfloat16 direction applied to float32 params loses nothing further).
 
     Args:
-      learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule.
-      weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a schedule.
+      learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule
+        (a callable of the step count).
+      weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a schedule;
+        1e-4 by default, as ``optax.adamw``'s.
       mask: None (all leaves), a bool pytree like the params (or a prefix of it), or a
         callable ``params -> bool pytree`` (see :mod:`adamw_jax.masks`).
       decay_coupling: ``"lr"``, ``"schedule"`` or ``"none"``.
@@ -207,6 +209,7 @@ def decoupled_weight_decay(
         return DecoupledWeightDecayState(jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None):
+        _validate.check_updates_given("decoupled_weight_decay", updates)
         _validate.check_params_given("decoupled_weight_decay", params)
         _validate.check_same_structure("updates", updates, params, "the params")
         lr = _validate.evaluate(learning_rate, state.count)

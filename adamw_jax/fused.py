@@ -11,8 +11,6 @@ it runs the same step as ``adamw``'s XLA code. Its state *is* ``adamw(...)``'s s
 the two can be swapped mid-training and checkpoints are interchangeable.
 """
 
-from __future__ import annotations
-
 import ctypes
 import functools
 import importlib.util
@@ -129,7 +127,9 @@ def _call(leaves, hyper, flags, coupling: int, nesterov: bool = False):
     )
 
 
-def stream_probe(params, grads, mu, nu):
+def stream_probe(
+    params: optax.Params, grads: optax.Updates, mu: optax.Updates, nu: optax.Updates
+) -> tuple[optax.Params, tuple[optax.Updates, optax.Updates]]:
     """The benchmark's bandwidth probe: ``p + g, m + g, v + g`` in place, float32 leaves.
 
     The same memory traffic and call structure as the kernel's step (read 4 arrays, write
@@ -145,19 +145,19 @@ def stream_probe(params, grads, mu, nu):
 
 
 def fused_adamw(
-    learning_rate: ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule,
     b1: ScalarOrArray = 0.9,
     b2: ScalarOrArray = 0.999,
     eps: ScalarOrArray = 1e-8,
     eps_root: ScalarOrArray = 0.0,
-    weight_decay: ScalarOrSchedule = 1e-2,
-    *,
+    mu_dtype: MomentDtype = None,
+    weight_decay: ScalarOrSchedule = 1e-4,
     mask: Mask = None,
+    *,
+    nesterov: bool = False,
     decay_coupling: str = "lr",
     peak_learning_rate: float | None = None,
     amsgrad: bool = False,
-    nesterov: bool = False,
-    mu_dtype: MomentDtype = None,
     nu_dtype: MomentDtype = None,
     block_size: int | None = None,
     min_quantize_size: int | None = None,
@@ -184,24 +184,32 @@ def fused_adamw(
     ``moment_layout="packed"``, element-wise masks, the kernel not built) runs ``adamw``'s
     XLA code.
 
+    The arguments are :func:`adamw_jax.adamw`'s, in the same order: positionally
+    ``optax.adamw``'s, with its defaults (``learning_rate`` required, ``weight_decay``
+    1e-4); the rest keyword-only.
+
     Args:
-      learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule.
+      learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule
+        (a callable of the step count).
       b1: decay of the first moment, in [0, 1).
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, in [0, inf).
       eps_root: added to the second moment inside the square root, in [0, inf).
-      weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a schedule.
+      mu_dtype: storage dtype of the first moment: None (the params' dtype), a floating
+        dtype, or ``"int8"``.
+      weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a
+        schedule; 1e-4 by default.
       mask: which leaves decay, as in :func:`adamw_jax.adamw`.
+      nesterov: Nesterov look-ahead on the first moment.
       decay_coupling: ``"lr"``, ``"schedule"`` or ``"none"``, as in :func:`adamw_jax.adamw`.
       peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"``.
       amsgrad: use the running maximum of the bias-corrected second moment.
-      nesterov: Nesterov look-ahead on the first moment.
-      mu_dtype: storage dtype of the first moment (None: the params' dtype).
-      nu_dtype: storage dtype of the second moment (None: the params' real dtype).
-      block_size: with ``"int8"`` moments, elements per quantization block, in [1, inf);
-        None means 256.
-      min_quantize_size: with ``"int8"`` moments, leaves smaller than this, in [0, inf),
-        stay float32; None means 4096.
+      nu_dtype: storage dtype of the second moment: None (the params' real dtype), a
+        floating dtype, or ``"int8"``.
+      block_size: with ``"int8"`` moments, elements per quantization block, an int in
+        [1, inf); None means 256.
+      min_quantize_size: with ``"int8"`` moments, leaves smaller than this, an int in
+        [0, inf), stay float32; None means 4096.
       param_update: None, or how updates land on low-precision params (as in
         :func:`adamw_jax.adamw`; runs the XLA code).
       backend: ``"auto"`` (the kernel when it applies, else XLA), ``"kernel"`` (raise a
@@ -233,13 +241,13 @@ def fused_adamw(
         b2,
         eps,
         eps_root,
+        mu_dtype,
         weight_decay,
-        mask=mask,
+        mask,
+        nesterov=nesterov,
         decay_coupling=decay_coupling,
         peak_learning_rate=peak_learning_rate,
         amsgrad=amsgrad,
-        nesterov=nesterov,
-        mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
         block_size=block_size,
         min_quantize_size=min_quantize_size,
@@ -270,6 +278,7 @@ def fused_adamw(
         return plan(params, grads, state) is not None
 
     def step(params, grads, state):
+        _validate.check_updates_given("fused_adamw's step", grads)
         flags = plan(params, grads, state)
         if flags is None:
             if backend == "kernel":

@@ -1,7 +1,5 @@
 """Decay masks: choose which leaves decay, by path pattern or by rank, and show the choice."""
 
-from __future__ import annotations
-
 import re
 from collections.abc import Callable, Sequence
 from typing import Any

@@ -1,11 +1,10 @@
 """Adam's first and second moment scaling, with bias correction, AMSGrad and Nesterov."""
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adamw_jax import _moment_storage as _storage
@@ -50,6 +49,21 @@ def safe_increment(count: jax.Array) -> jax.Array:
 def _check_moment_dtype(name: str, dtype: MomentDtype) -> None:
     if dtype is None:
         return
+    if isinstance(dtype, (jax.Array, np.ndarray, jax.core.Tracer)):
+        # What optax.inject_hyperparams makes of a dtype class: it takes jnp.bfloat16 (a
+        # callable) for a schedule and passes its value at the step count.
+        raise TypeError(
+            f'{name} must be None, a floating dtype or "int8"; got an array {dtype!r}. Under '
+            "optax.inject_hyperparams a dtype class such as jnp.bfloat16 is callable and taken "
+            f"for a schedule: pass static_args=({name!r},), or the dtype's name as a string "
+            '(e.g. "bfloat16").'
+        )
+    if isinstance(dtype, (int, float)) and not isinstance(dtype, bool):
+        raise ValueError(
+            f'{name} must be None, a floating dtype or "int8"; got the number {dtype!r}. (In '
+            "Optax's positional order mu_dtype comes sixth, before weight_decay: pass "
+            "weight_decay by name.)"
+        )
     if _storage.is_int8(dtype):
         return
     try:
@@ -94,11 +108,11 @@ def scale_by_adam(
     b2: ScalarOrArray = 0.999,
     eps: ScalarOrArray = 1e-8,
     eps_root: ScalarOrArray = 0.0,
-    *,
-    amsgrad: bool = False,
-    nesterov: bool = False,
-    bias_correction: bool = True,
     mu_dtype: MomentDtype = None,
+    *,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    bias_correction: bool = True,
     nu_dtype: MomentDtype = None,
     block_size: int | None = None,
     min_quantize_size: int | None = None,
@@ -130,18 +144,17 @@ def scale_by_adam(
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, in [0, inf).
       eps_root: added to the second moment inside the square root, in [0, inf).
-      amsgrad: use the running maximum of the bias-corrected second moment.
-      nesterov: use Nesterov's look-ahead on the first moment (NAdam).
-      bias_correction: divide the moments by :math:`1 - \beta^t`; False uses them raw.
       mu_dtype: storage dtype of the first moment: None (the params' dtype), a floating
         dtype such as ``jnp.bfloat16``, or ``"int8"`` (blockwise 8-bit, see below).
+      nesterov: use Nesterov's look-ahead on the first moment (NAdam).
+      amsgrad: use the running maximum of the bias-corrected second moment.
+      bias_correction: divide the moments by :math:`1 - \beta^t`; False uses them raw.
       nu_dtype: storage dtype of the second moment: None (the params' real dtype), a
         floating dtype, or ``"int8"``. With float16 the square root of the moment is
         stored, so that small gradients' squares do not underflow to 0.
       block_size: with ``"int8"``, elements per quantization block along each leaf's last
-        axis, in [1, inf); None means 256. (None rather than a number keeps it out of
-        ``optax.inject_hyperparams``'s numeric, traced hyperparameters.)
-      min_quantize_size: with ``"int8"``, leaves with fewer elements than this, in
+        axis, an int in [1, inf); None means 256.
+      min_quantize_size: with ``"int8"``, leaves with fewer elements than this, an int in
         [0, inf), are stored in float32 (biases, norm scales); None means 4096.
       moment_layout: ``"tree"`` (default): the moments are trees like the params, one
         array per leaf, which is what sharding the state like the params needs.
@@ -153,6 +166,13 @@ def scale_by_adam(
         (not ``"int8"``). :func:`adamw_jax.sharding.state_shardings` places a large leaf's
         buffer like its param and replicates the shared ones (whose sharded gradients the
         step then gathers), so for small leaves sharded over many devices use ``"tree"``.
+
+    The positional arguments and their defaults are ``optax.scale_by_adam``'s; the rest
+    are keyword-only. ``block_size``, ``min_quantize_size``, ``mu_dtype`` and ``nu_dtype``
+    set the state's shapes and dtypes, so they cannot be traced: under
+    ``optax.inject_hyperparams`` (which turns ints into arrays and takes any callable, such
+    as ``jnp.bfloat16``, for a schedule) name them in ``static_args``, or give a dtype by
+    its name (``"bfloat16"``). A concrete integer 0-d array is accepted as its int.
 
     ``"int8"`` stores a moment as blockwise 8-bit codes with one float32 scale per block
     (:mod:`adamw_jax.quantize`): about 1.02 bytes per element instead of 4. The update
@@ -185,6 +205,10 @@ def scale_by_adam(
     _validate.check_bool("bias_correction", bias_correction)
     _check_moment_dtype("mu_dtype", mu_dtype)
     _check_moment_dtype("nu_dtype", nu_dtype)
+    # Concrete 0-d integer arrays (what optax.inject_hyperparams makes of ints) are taken as
+    # ints; traced ones are refused with a pointer to static_args.
+    block_size = _validate.check_static_int("block_size", block_size)
+    min_quantize_size = _validate.check_static_int("min_quantize_size", min_quantize_size)
     block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     min_quantize_size = (
         DEFAULT_MIN_QUANTIZE_SIZE if min_quantize_size is None else min_quantize_size
@@ -207,7 +231,9 @@ def scale_by_adam(
                 return _storage.int8_zeros(
                     name, p, real=real, block_size=block_size, min_quantize_size=min_quantize_size
                 )
-            return jnp.zeros(jnp.shape(p), _storage_dtype(name, requested, p, real))
+            # zeros_like, not zeros: under explicit sharding the moment's type carries the
+            # param's sharding, as the step's output will.
+            return jnp.zeros_like(p, dtype=_storage_dtype(name, requested, p, real))
 
         return make
 
@@ -223,11 +249,16 @@ def scale_by_adam(
 
     def update_fn(updates, state: ScaleByAdamState, params=None):
         del params
+        _validate.check_updates_given("scale_by_adam", updates)
         if packed:
             _packing.check_matches(updates, state.mu)
         else:
-            _validate.check_same_structure(
-                "updates", updates, _storage.shape_view(state.mu), "the state's moments"
+            mu_leaves = _storage.per_param(updates, state.mu, block_size)
+            nu_leaves = _storage.per_param(updates, state.nu, block_size)
+            nu_max_leaves = (
+                _storage.per_param(updates, state.nu_max, block_size)
+                if amsgrad
+                else [None] * len(mu_leaves)
             )
         _validate.check_inexact_leaves("updates", updates)
         count = safe_increment(state.count)
@@ -299,15 +330,10 @@ def scale_by_adam(
             nu_max = nu_max if amsgrad else state.nu_max
             new_updates = jax.tree.unflatten(treedef, directions)
             return new_updates, ScaleByAdamState(count, mu, nu, nu_max)
-        nu_max_leaves = _storage.leaves(state.nu_max) if amsgrad else [None] * treedef.num_leaves
         out = [
             _storage.update_leaf(leaf, g, m, v, vm, block_size)
             for g, m, v, vm in zip(
-                jax.tree.leaves(updates),
-                _storage.leaves(state.mu),
-                _storage.leaves(state.nu),
-                nu_max_leaves,
-                strict=True,
+                jax.tree.leaves(updates), mu_leaves, nu_leaves, nu_max_leaves, strict=True
             )
         ]
         new_updates, mu, nu, nu_max = _unzip(treedef, out, amsgrad, state.nu_max)

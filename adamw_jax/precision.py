@@ -20,8 +20,6 @@ compensated buffer also records any rare remainder. Leaves of float32 or wider p
 through unchanged.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax
@@ -66,7 +64,9 @@ def _stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
     return jnp.where(jax.random.uniform(key, x.shape) < p_other, other, nearest)
 
 
-def low_precision_update(method: str = "compensated", *, seed: int = 0):
+def low_precision_update(
+    method: str = "compensated", *, seed: int = 0
+) -> optax.GradientTransformation:
     r"""Makes small updates land on bfloat16/float16 parameters.
 
     For a low-precision leaf :math:`w` with incoming update :math:`u`:
@@ -115,12 +115,15 @@ def low_precision_update(method: str = "compensated", *, seed: int = 0):
 
         def zeros(p):
             dtype = jnp.result_type(p)
-            return jnp.zeros(jnp.shape(p) if _is_low_precision(dtype) else (), dtype)
+            if _is_low_precision(dtype):
+                return jnp.zeros_like(p)  # keeps an explicit sharding in the type
+            return jnp.zeros((), dtype)
 
         comp = jax.tree.map(zeros, params) if method == "compensated" else optax.EmptyState()
         return LowPrecisionUpdateState(jnp.zeros([], jnp.int32), comp)
 
     def update_fn(updates, state, params=None):
+        _validate.check_updates_given("low_precision_update", updates)
         _validate.check_params_given("low_precision_update", params)
         _validate.check_same_structure("updates", updates, params, "the params")
         treedef = jax.tree.structure(params)

@@ -31,8 +31,6 @@ every block inside one shard; a leaf sharded along its last axis does too when e
 length there is a multiple of ``block_size``.
 """
 
-from __future__ import annotations
-
 import math
 from typing import Any, NamedTuple
 
@@ -424,6 +422,29 @@ def zeros(shape: tuple[int, ...], *, signed: bool, block_size: int = 256) -> Qua
     _check_block_size(block_size)
     codes = jnp.zeros(shape, jnp.int8 if signed else jnp.uint8)
     return QuantizedArray(codes, jnp.zeros(scales_shape(tuple(shape), block_size), jnp.float32))
+
+
+def zeros_like(x: jax.Array, *, signed: bool, block_size: int = 256) -> QuantizedArray:
+    """A :class:`QuantizedArray` of zeros shaped, and sharded, like ``x``.
+
+    Under a mesh with explicit axes (``jax.sharding.AxisType.Explicit``) the codes carry
+    ``x``'s sharding in their type and the scales the sharding that quantizing ``x`` gives
+    them, so a state made here has the same types as one that an optimizer step returns.
+
+    Args:
+      x: the array (or tracer) whose shape and sharding the zeros take.
+      signed: ``int8`` codes (signed code book) or ``uint8`` (unsigned).
+      block_size: elements per block along the last axis, in [1, inf).
+
+    Returns:
+      A :class:`QuantizedArray` that dequantizes to ``jnp.zeros_like(x, jnp.float32)``.
+    """
+    _check_block_size(block_size)
+    codes = jnp.zeros_like(x, dtype=jnp.int8 if signed else jnp.uint8)
+    absmax = block_absmax(
+        jnp.zeros_like(x, dtype=jnp.float32), signed=signed, block_size=block_size
+    )
+    return QuantizedArray(codes, jnp.zeros_like(absmax))
 
 
 def state_nbytes(tree: Any) -> int:

@@ -1,7 +1,5 @@
 """Schedules from the AdamW paper: warm restarts (AdamWR), normalized decay, EMA timescale."""
 
-from __future__ import annotations
-
 import decimal
 import math
 from collections.abc import Callable

@@ -7,8 +7,6 @@ sharded model would first be materialized whole on one device. :func:`init` inst
 ``jax.jit(tx.init, out_shardings=...)``.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 import jax
@@ -214,6 +212,13 @@ def state_shardings(
     sharding (for an ``"int8"`` moment, the last axis is chosen only if the pieces hold whole
     blocks). Use it when the params are replicated over a data-parallel axis: each device
     then holds ``1/N`` of the moments, at the price of an all-gather of the updates per step.
+
+    ``optax.tree_utils.tree_map_params(tx, lambda _, spec: spec, state, param_specs)``
+    gives the same specs for the ``"tree"`` layout with floating moments. It cannot for
+    ``"int8"`` moments or the ``"packed"`` layout, whose moments are not one array shaped
+    like their param (Optax's helper raises a pytree structure error naming
+    ``QuantizedArray`` or ``PackedMoments``; without a spec tree it would apply its function
+    to the codes and the block scales alike): use this function there.
 
     Args:
       tx: the gradient transformation whose state is to be placed.

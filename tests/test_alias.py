@@ -1,5 +1,8 @@
 """adamw and adam against an independent NumPy transcription and against Optax."""
 
+import importlib
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -206,3 +209,235 @@ def test_adam_l2_is_not_adamw():
             adamw_jax.adamw(1e-2, weight_decay=0.3), params, curv, noise, jnp.float64
         )
     assert max_rel_err(l2, decoupled) > 1e-2
+
+
+# The same call gives the same optimizer as Optax's: positional order and defaults.
+
+SAME_SIGNATURE_AS = [
+    (adamw_jax.adamw, optax.adamw),
+    (adamw_jax.adam, optax.adam),
+    (adamw_jax.scale_by_adam, optax.scale_by_adam),
+    (adamw_jax.fused_adamw, optax.adamw),
+]
+
+
+@pytest.mark.parametrize("ours, theirs", SAME_SIGNATURE_AS, ids=lambda f: f.__name__)
+def test_signature_order_kinds_and_defaults_are_optaxs(ours, theirs):
+    mine = inspect.signature(ours).parameters
+    optaxs = inspect.signature(theirs).parameters
+    positional = [n for n, p in mine.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    want = [n for n, p in optaxs.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert positional == want  # Optax's positional order; everything else keyword-only
+    assert all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in mine.values())
+    for name, p in optaxs.items():
+        assert name in mine, name
+        assert mine[name].kind is p.kind, name
+        assert mine[name].default == p.default, (name, mine[name].default, p.default)
+
+
+def test_decoupled_weight_decay_defaults_to_adamws_decay():
+    default = inspect.signature(adamw_jax.decoupled_weight_decay).parameters["weight_decay"]
+    assert default.default == inspect.signature(optax.adamw).parameters["weight_decay"].default
+
+
+def _run_optax_protocol(tx, params, steps):
+    """``steps`` jitted steps on a curved problem; returns the params and the final state."""
+    curv = jax.tree.map(lambda p: 0.5 + jnp.abs(p), params)
+
+    @jax.jit
+    def step(carry, t):
+        w, state = carry
+        grads = jax.tree.map(lambda c, x: c * x + 0.1 * jnp.sin(t + x), curv, w)
+        updates, state = tx.update(grads, state, w)
+        return (optax.apply_updates(w, updates), state), None
+
+    (w, state), _ = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(steps, dtype=float))
+    return w, state
+
+
+def _first_moment(state):
+    """The ``mu`` of the Adam state within a chain's state."""
+    has_mu = lambda x: hasattr(x, "mu")  # noqa: E731
+    return next(s for s in jax.tree.leaves(state, is_leaf=has_mu) if has_mu(s)).mu
+
+
+def _positional_params():
+    rng = np.random.default_rng(7)
+    return {k: jnp.asarray(rng.normal(size=s)) for k, s in SHAPES.items()}
+
+
+POSITIONAL_CALLS = {
+    # mu_dtype sixth (float64 keeps the runs exactly comparable), Optax's default decay
+    "adamw-6": (adamw_jax.adamw, optax.adamw, (0.05, 0.8, 0.99, 1e-7, 0.0, jnp.float64)),
+    "adamw-8": (
+        adamw_jax.adamw,
+        optax.adamw,
+        (0.05, 0.8, 0.99, 1e-7, 1e-9, jnp.float64, 0.05, {k: k != "b" for k in SHAPES}),
+    ),
+    "adamw-1": (adamw_jax.adamw, optax.adamw, (0.05,)),
+    "adam-6": (adamw_jax.adam, optax.adam, (0.05, 0.8, 0.99, 1e-7, 1e-9, jnp.float64)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POSITIONAL_CALLS))
+def test_positional_calls_build_optaxs_optimizer(name):
+    ours, theirs, args = POSITIONAL_CALLS[name]
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):  # Optax needs it
+        params = _positional_params()
+        got, got_state = _run_optax_protocol(ours(*args), params, 100)
+        want, want_state = _run_optax_protocol(theirs(*args), params, 100)
+    assert max_rel_err(got, want) < 1e-9
+    assert max_rel_err(_first_moment(got_state), _first_moment(want_state)) < 1e-9
+    assert max_rel_err(got, params) > 1e-2  # the params did move
+
+
+def test_positional_comparison_sees_the_default_decay():
+    """The comparison can fail: PyTorch's 1e-2 or no decay would give other params."""
+    args = POSITIONAL_CALLS["adamw-6"][2]
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+        params = _positional_params()
+        got, _ = _run_optax_protocol(adamw_jax.adamw(*args), params, 100)
+        for other_decay in (1e-2, 0.0):
+            other, _ = _run_optax_protocol(optax.adamw(*args, other_decay), params, 100)
+            assert max_rel_err(got, other) > 1e-7
+
+
+@pytest.mark.parametrize("factory", ["adamw", "adam"])
+def test_bfloat16_sixth_is_the_first_moment_dtype_as_in_optax(factory):
+    """``adamw(1e-2, .9, .999, 1e-8, 0., jnp.bfloat16)``: Optax's call, Optax's optimizer."""
+    args = (1e-2, 0.9, 0.999, 1e-8, 0.0, jnp.bfloat16)
+    ours, theirs = getattr(adamw_jax, factory)(*args), getattr(optax, factory)(*args)
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), _positional_params())
+    curv = jax.tree.map(lambda p: 0.5 + jnp.abs(p), params)
+    w, got_state, want_state = params, ours.init(params), theirs.init(params)
+    with jax.numpy_dtype_promotion("standard"):
+        for t in range(20):
+            # Both see the same params and gradients; only their states are their own.
+            grads = jax.tree.map(lambda c, x: c * x + 0.1 * jnp.sin(t + x), curv, w)
+            got, got_state = ours.update(grads, got_state, w)
+            want, want_state = theirs.update(grads, want_state, w)
+            got_mu, want_mu = _first_moment(got_state), _first_moment(want_state)
+            assert {x.dtype for x in jax.tree.leaves(got_mu)} == {jnp.dtype(jnp.bfloat16)}
+            assert {x.dtype for x in jax.tree.leaves(want_mu)} == {jnp.dtype(jnp.bfloat16)}
+            if t == 0:  # the same stored moment, the same step (to float32 rounding)
+                assert max_rel_err(got_mu, want_mu) == 0.0
+                assert max_rel_err(got, want) < 1e-4
+            # Later Optax rounds b1 * mu to bfloat16 (with b1 itself in bfloat16, 0.8984)
+            # before adding the gradient's share, where adamw_jax computes in float32 and
+            # rounds once: the two agree to a few bfloat16 steps (2**-8 each), not bitwise.
+            assert max_rel_err(got_mu, want_mu) < 6e-2, t
+            assert max_rel_err(got, want) < 6e-2, t
+            w = optax.apply_updates(w, got)
+    assert max_rel_err(w, params) > 0.05  # the params did move
+
+
+def test_scale_by_adam_positional_call_is_optaxs():
+    args = (0.8, 0.99, 1e-7, 1e-9, jnp.float64)
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+        grads = _positional_params()
+        ours, theirs = adamw_jax.scale_by_adam(*args), optax.scale_by_adam(*args)
+        got_state, want_state = ours.init(grads), theirs.init(grads)
+        for t in range(5):
+            g = jax.tree.map(lambda x: x * (t - 2.5), grads)
+            got, got_state = ours.update(g, got_state)
+            want, want_state = theirs.update(g, want_state)
+            assert max_rel_err(got, want) < 1e-9
+        assert max_rel_err(got_state.mu, want_state.mu) < 1e-9
+        assert max_rel_err(got_state.nu, want_state.nu) < 1e-9
+        bf16 = adamw_jax.scale_by_adam(0.8, 0.99, 1e-7, 1e-9, jnp.bfloat16).init(grads)
+    assert {x.dtype for x in jax.tree.leaves(bf16.mu)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_fused_adamw_positional_call_is_optaxs():
+    args = (0.05, 0.8, 0.99, 1e-7, 0.0, jnp.float64, 0.05, {k: k != "c" for k in SHAPES})
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+        params = _positional_params()
+        want, _ = _run_optax_protocol(optax.adamw(*args), params, 20)
+        opt = adamw_jax.fused_adamw(*args)
+        curv = jax.tree.map(lambda p: 0.5 + jnp.abs(p), params)
+        w, state = params, opt.init(params)
+        step = jax.jit(opt.step)
+        for t in range(20):
+            grads = jax.tree.map(lambda c, x: c * x + 0.1 * jnp.sin(t + x), curv, w)
+            w, state = step(w, grads, state)
+    assert max_rel_err(w, want) < 1e-9
+    assert max_rel_err(w, params) > 1e-2
+
+
+def test_learning_rate_is_required_as_in_optax():
+    for factory in (adamw_jax.adamw, adamw_jax.adam, adamw_jax.fused_adamw):
+        with pytest.raises(TypeError, match="learning_rate"):
+            factory()
+
+
+# Introspection: real annotations, and learning_rate annotated as Optax's schedule type.
+
+PUBLIC_MODULES = [
+    "alias",
+    "compat",
+    "decay",
+    "fused",
+    "masks",
+    "moments",
+    "precision",
+    "quantize",
+    "schedules",
+    "sharding",
+]
+
+
+def _public_callables():
+    found = {f"adamw_jax.{n}": getattr(adamw_jax, n) for n in adamw_jax.__all__}
+    for module_name in PUBLIC_MODULES:
+        module = importlib.import_module(f"adamw_jax.{module_name}")
+        for name, obj in vars(module).items():
+            if not name.startswith("_") and getattr(obj, "__module__", None) == module.__name__:
+                found[f"{module.__name__}.{name}"] = obj
+    return {
+        k: v
+        for k, v in found.items()
+        if inspect.isfunction(v) or (inspect.isclass(v) and v.__module__.startswith("adamw_jax"))
+    }
+
+
+def test_public_signatures_have_no_string_annotations():
+    callables = _public_callables()
+    assert "adamw_jax.adamw" in callables and "adamw_jax.masks.by_name" in callables
+    for name, obj in callables.items():
+        signature = inspect.signature(obj, eval_str=False)
+        annotations = [p.annotation for p in signature.parameters.values()]
+        annotations.append(signature.return_annotation)
+        strings = [a for a in annotations if isinstance(a, str)]
+        assert not strings, (name, strings)
+
+
+def test_public_functions_are_annotated():
+    for name, obj in _public_callables().items():
+        if not inspect.isfunction(obj):
+            continue
+        signature = inspect.signature(obj)
+        missing = [n for n, p in signature.parameters.items() if p.annotation is p.empty]
+        assert not missing, (name, missing)
+        assert signature.return_annotation is not signature.empty, name
+
+
+def _accepts_schedule(factory) -> bool:
+    """Optax's own test of whether an optimizer takes a learning-rate schedule.
+
+    As in optax/schedules/_schedule_test.py and optax/contrib/_common_test.py (optax 0.2.8
+    has no public helper): the annotation of ``learning_rate`` is ``ScalarOrSchedule`` or
+    ``Schedule``.
+    """
+    lr_arg = inspect.signature(factory).parameters.get("learning_rate", None)
+    return lr_arg is not None and lr_arg.annotation in (optax.ScalarOrSchedule, optax.Schedule)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [adamw_jax.adamw, adamw_jax.adam, adamw_jax.fused_adamw, adamw_jax.decoupled_weight_decay],
+    ids=lambda f: f.__name__,
+)
+def test_learning_rate_is_annotated_as_schedule_capable(factory):
+    assert _accepts_schedule(factory)
+    assert _accepts_schedule(optax.adamw)  # the check itself works on Optax's optimizers
+    assert not _accepts_schedule(optax.scale_by_adam)

@@ -195,14 +195,16 @@ def test_restore_helper_checks_structure_shapes_and_dtypes(tmp_path):
 
     # AMSGrad keeps one more moment: missing from the checkpoint.
     with pytest.raises(ValueError, match=r"in the target but not in checkpoint 3.*nu_max"):
-        lm.restore_checkpoint(manager, 3, _opt_tree(adamw_jax.adamw(amsgrad=True), params))
+        lm.restore_checkpoint(manager, 3, _opt_tree(adamw_jax.adamw(1e-3, amsgrad=True), params))
     # Another moment dtype: orbax alone would cast silently.
     with pytest.raises(
         ValueError,
         match=r"mu\.dense\.kernel: saved \(3, 2\) float32, "
         r"target \(3, 2\) bfloat16",
     ):
-        lm.restore_checkpoint(manager, 3, _opt_tree(adamw_jax.adamw(mu_dtype=jnp.bfloat16), params))
+        lm.restore_checkpoint(
+            manager, 3, _opt_tree(adamw_jax.adamw(1e-3, mu_dtype=jnp.bfloat16), params)
+        )
     # Another model size.
     wider = {"dense": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)}}
     with pytest.raises(
@@ -210,10 +212,10 @@ def test_restore_helper_checks_structure_shapes_and_dtypes(tmp_path):
         match=r"params\.dense\.kernel: saved \(3, 2\) float32, "
         r"target \(4, 2\) float32",
     ):
-        lm.restore_checkpoint(manager, 3, _opt_tree(adamw_jax.adamw(), wider))
+        lm.restore_checkpoint(manager, 3, _opt_tree(adamw_jax.adamw(1e-3), wider))
     # Another chain (Adam + L2 has an extra state for the penalty): extra leaves on disk.
     with pytest.raises(ValueError, match="does not match"):
-        lm.restore_checkpoint(manager, 3, _opt_tree(adamw_jax.adam(l2=1e-2), params))
+        lm.restore_checkpoint(manager, 3, _opt_tree(adamw_jax.adam(1e-3, l2=1e-2), params))
     manager.close()
 
 

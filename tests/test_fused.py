@@ -68,7 +68,7 @@ def test_kernel_is_built():
 
 CONFIGS = {
     "default": {},
-    "amsgrad": {"amsgrad": True},
+    "amsgrad": {"amsgrad": True, "weight_decay": 1e-2},
     "nesterov": {"nesterov": True, "weight_decay": 0.3},
     "none": {"decay_coupling": "none", "weight_decay": 1e-3},
     "schedule": {
@@ -77,7 +77,12 @@ CONFIGS = {
         "peak_learning_rate": 3e-2,
         "weight_decay": 0.1,
     },
-    "bf16_moments": {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16, "amsgrad": True},
+    "bf16_moments": {
+        "mu_dtype": jnp.bfloat16,
+        "nu_dtype": jnp.bfloat16,
+        "amsgrad": True,
+        "weight_decay": 1e-2,
+    },
     "mask_callable": {"mask": masks.by_ndim(2), "weight_decay": 0.2},
     "mask_traced": {
         "mask": {k: jnp.asarray(k != "b") for k in ("big", "w", "b", "s", "empty")},
@@ -156,7 +161,7 @@ def test_fallback_when_kernel_unavailable(monkeypatch):
         p = optax.apply_updates(p, updates)
     _assert_close_ulps(got, p)
     with pytest.raises(ValueError, match="kernel_available"):
-        fused.fused_adamw(backend="kernel").step(params, params, opt.init(params))
+        fused.fused_adamw(1e-2, backend="kernel").step(params, params, opt.init(params))
 
 
 @pytest.mark.parametrize(
@@ -186,7 +191,7 @@ def test_unsupported_inputs_take_the_xla_path(kwargs, params):
 
 def test_bad_backend_is_refused_by_name():
     with pytest.raises(ValueError, match="backend"):
-        fused.fused_adamw(backend="gpu")
+        fused.fused_adamw(1e-2, backend="gpu")
     with pytest.raises(ValueError, match="learning_rate"):
         fused.fused_adamw(learning_rate=-1.0)
 

@@ -169,9 +169,9 @@ def test_inject_hyperparams_with_packed_moments():
 
 def test_bad_layouts_and_mismatched_updates_are_refused():
     with pytest.raises(ValueError, match="moment_layout must be one of"):
-        adamw_jax.adamw(moment_layout="flat")
+        adamw_jax.adamw(1e-3, moment_layout="flat")
     with pytest.raises(ValueError, match=r'moment_layout="packed".*"int8"'):
-        adamw_jax.adamw(mu_dtype="int8", moment_layout="packed")
+        adamw_jax.adamw(1e-3, mu_dtype="int8", moment_layout="packed")
     with pytest.raises(ValueError, match=r'moment_layout="packed".*"int8"'):
         adamw_jax.scale_by_adam(nu_dtype="int8", moment_layout="packed")
     tx = adamw_jax.scale_by_adam(moment_layout="packed")

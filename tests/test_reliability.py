@@ -56,7 +56,7 @@ PARAMS = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(3)}
 def test_constructor_fuzz(kwargs):
     """Every argument set either builds a working optimizer or names the bad argument."""
     try:
-        tx = adamw_jax.adamw(**kwargs)
+        tx = adamw_jax.adamw(**{"learning_rate": 1e-3, **kwargs})
         state = tx.init(PARAMS)
         updates, state = tx.update(jax.tree.map(jnp.ones_like, PARAMS), state, PARAMS)
     except (ValueError, TypeError) as err:
@@ -158,7 +158,7 @@ def test_step_count_saturates_without_wrapping():
 @pytest.mark.parametrize("name", ["learning_rate", "weight_decay", "eps", "b1", "b2"])
 def test_each_bad_hyperparameter_names_itself(name, value):
     with pytest.raises((ValueError, TypeError), match=name):
-        adamw_jax.adamw(**{name: value})
+        adamw_jax.adamw(**{"learning_rate": 1e-3, name: value})
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])

@@ -340,3 +340,107 @@ def test_sharded_training_example_runs():
     assert held and int(held.group(2).replace(",", "")) == zero, out
     first, last = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+) bits/char", out).groups())
     assert last < first - 0.2, out
+
+
+@pytest.fixture(scope="module")
+def explicit_runs(tmp_path_factory) -> dict:
+    """Runs the explicit/auto-mesh worker once (8 devices); its results by case."""
+    out = tmp_path_factory.mktemp("explicit")
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "_explicit_sharding_worker.py"), str(out)],
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "explicit.json").read_text())
+
+
+EXPLICIT_CASES = [
+    "tree",
+    "tree_amsgrad",
+    "packed",
+    "packed_amsgrad",
+    "bfloat16",
+    "float16",
+    "int8",
+    "torch_adamw",
+    "keras_adamw",
+]
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+@pytest.mark.parametrize("case", EXPLICIT_CASES)
+def test_moments_are_born_with_their_params_sharding_type(explicit_runs, case, axis_type):
+    """init's state has the types update returns, so a lax.scan loop runs; same numbers."""
+    assert explicit_runs["devices"] == 8
+    run = explicit_runs[f"{case}/{axis_type}"]
+    assert "error" not in run, run.get("error")
+    assert run["types_init"] == run["types_out"]
+    assert run["max_rel_diff"] <= TOL
+    if axis_type == "Explicit" and not case.startswith("packed"):
+        # w is sharded P("x", "y"): its moment (or codes) carries that in its type.
+        assert "16@x,256@y" in run["moment_type"], run["moment_type"]
+
+
+def test_int8_blocks_that_would_span_explicit_shards_are_refused(explicit_runs):
+    refused = explicit_runs["int8_blocks_span_shards/Explicit"]
+    assert "ValueError" in refused.get("error", ""), refused
+    assert "block_size=32" in refused["error"] and "shards of 16" in refused["error"]
+    # Under auto axes the compiler moves data as needed: the same run works.
+    auto = explicit_runs["int8_blocks_span_shards/Auto"]
+    assert auto["types_init"] == auto["types_out"] and auto["max_rel_diff"] <= TOL
+
+
+def _specs_by_tree_map_params(tx, params):
+    specs = jax.tree.map(lambda p: p.sharding.spec, params)
+    return optax.tree_utils.tree_map_params(
+        tx,
+        lambda _, spec: spec,
+        tx.init(params),
+        specs,
+        transform_non_params=lambda _: P(),
+    )
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: adamw_jax.adamw(1e-3),
+        lambda: adamw_jax.adamw(1e-3, amsgrad=True, mu_dtype=jnp.bfloat16),
+        lambda: adamw_jax.adam(1e-3, l2=1e-4),
+        lambda: adamw_jax.compat.torch_adamw(1e-3),
+    ],
+)
+def test_optax_tree_map_params_on_tree_layouts_agrees_with_state_shardings(params, make_tx):
+    """What MaxText-style code builds with Optax's helper is what state_shardings gives."""
+    tx = make_tx()
+    by_optax = _specs_by_tree_map_params(tx, params)
+    ours = jax.tree.map(lambda s: s.spec, sharding.state_shardings(tx, params))
+    assert jax.tree.structure(by_optax) == jax.tree.structure(ours)
+    assert jax.tree.leaves(by_optax) == jax.tree.leaves(ours)
+
+
+@pytest.mark.parametrize(
+    ("options", "node"),
+    [
+        ({"mu_dtype": "int8", "nu_dtype": "int8", "min_quantize_size": 4}, "QuantizedArray"),
+        ({"moment_layout": "packed"}, "PackedMoments"),
+    ],
+)
+def test_optax_tree_map_params_fails_clearly_where_moments_are_not_param_shaped(
+    params, options, node
+):
+    """A moment that is not one array shaped like its param cannot take the param's spec.
+
+    Optax's helper then raises a structure error naming our node type; the documented
+    way is ``sharding.state_shardings``, which places every part of such a moment.
+    """
+    tx = adamw_jax.adamw(1e-3, **options)
+    with pytest.raises(ValueError, match=node):
+        _specs_by_tree_map_params(tx, params)
+    placed = sharding.state_shardings(tx, params)
+    state = tx.init(params)
+    assert jax.tree.structure(placed) == jax.tree.structure(state)
