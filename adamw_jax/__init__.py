@@ -2,6 +2,7 @@
 
 from adamw_jax import compat, fused, masks, quantize, schedules, sharding
 from adamw_jax._packing import PackedMoments
+from adamw_jax._trees import state_nbytes
 from adamw_jax.alias import adam, adamw
 from adamw_jax.decay import (
     AddDecayedWeightsState,
@@ -12,7 +13,7 @@ from adamw_jax.decay import (
 from adamw_jax.fused import FusedAdamW, fused_adamw
 from adamw_jax.moments import ScaleByAdamState, scale_by_adam
 from adamw_jax.precision import LowPrecisionUpdateState, low_precision_update
-from adamw_jax.quantize import QuantizedArray, state_nbytes
+from adamw_jax.quantize import QuantizedArray
 
 __version__ = "0.1.0"
 

@@ -3,7 +3,7 @@
 Three formats, chosen per leaf:
 
 * a floating dtype (float32, bfloat16, ...): the moment itself, cast; a bfloat16 second
-  moment rounded stochastically (:func:`round_stochastically`);
+  moment rounded stochastically (:func:`store_second`);
 * float16 for the second moment: its square root, so that :math:`g^2` does not underflow
   (float16's smallest positive value is about 6e-8: ``(1e-4)**2 = 1e-8`` would be stored
   as 0, and the update would divide by ``eps`` alone). A positive value too small even for
@@ -162,8 +162,12 @@ def load_second(stored: Any, dtype: Any, block_size: int) -> jax.Array:
 def store_second(value: jax.Array, like: Any, block_size: int, *, average: bool = True) -> Any:
     """The second moment ``value >= 0`` in the format of ``like``.
 
-    ``average=False`` (AMSGrad's running maximum, which needs no unbiased rounding) rounds
-    to nearest in bfloat16.
+    A bfloat16 second moment is rounded stochastically: with ``b2`` close to 1 its per-step
+    change is below half a bfloat16 step (0.2-0.4% of the value), so rounded to nearest an
+    entry whose gradients shrink rounds back to its old value every step and never decays,
+    and its updates come out too small. (float16, with 3 more mantissa bits and the square
+    root stored, resolves the change and is rounded to nearest.) ``average=False``
+    (AMSGrad's running maximum, which needs no unbiased rounding) rounds to nearest.
     """
     if is_quantized(_unwrap(like)):
         return _quantize(jnp.sqrt(value.astype(jnp.float32)), like, block_size, signed=False)
@@ -172,30 +176,8 @@ def store_second(value: jax.Array, like: Any, block_size: int, *, average: bool 
         tiny = jnp.asarray(jnp.finfo(jnp.float16).smallest_subnormal, jnp.float16)
         return jnp.where((value > 0) & (root == 0), tiny, root)
     if like.dtype == jnp.bfloat16 and average:
-        return round_stochastically(value.astype(jnp.float32))
+        return _numerics.round_to_bfloat16_stochastically(value.astype(jnp.float32))
     return value.astype(like.dtype)
-
-
-def round_stochastically(x: jax.Array) -> jax.Array:
-    """``x`` (float32, >= 0) in bfloat16, rounded stochastically.
-
-    The upper of the two bfloat16 neighbours of ``x`` is chosen with probability equal to
-    the fraction of the way from the lower one to ``x``, so the stored value is unbiased.
-    This is what the second moment needs in bfloat16: with ``b2`` close to 1 its per-step
-    change is below half a bfloat16 step (0.2-0.4% of the value), so rounded to nearest an
-    entry whose gradients shrink rounds back to its old value every step and never decays,
-    and its updates come out too small. (float16, with 3 more mantissa bits and the square
-    root stored, resolves the change and is rounded to nearest.) The random bits are a
-    multiplicative hash of ``x``'s float32 bits (as in :func:`adamw_jax.quantize.quantize`'s
-    stochastic rounding): no key, and the same inputs give the same result. NaN stays NaN.
-    """
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    noise = jax.lax.shift_right_logical(bits * jnp.uint32(quantize._HASH), jnp.uint32(16))
-    # bfloat16 is float32's top 16 bits: adding 16 random bits below them carries into the
-    # kept bits with probability (the dropped bits) / 2**16.
-    top = jax.lax.shift_right_logical(bits + noise, jnp.uint32(16)).astype(jnp.uint16)
-    rounded = jax.lax.bitcast_convert_type(top, jnp.bfloat16)
-    return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), rounded)
 
 
 def per_param(updates: Any, moments: Any, block_size: int) -> list[Any]:

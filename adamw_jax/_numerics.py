@@ -1,9 +1,85 @@
-"""Helpers on arrays shared by the moment storage formats and layouts."""
+"""Numerical helpers shared by the library: dtype rules, counters, schedules, rounding.
+
+The bottom of the library's imports: modules at every level use these, and this module
+imports none of them.
+"""
 
 import math
+from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+
+_INT32_MAX = np.iinfo(np.int32).max
+# 2**32 / golden ratio: the odd multiplier of the hash whose bits drive stochastic rounding.
+HASH_MULTIPLIER = 0x9E3779B1
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+    """Adds one to an int32 counter, staying at ``2**31 - 1`` instead of wrapping."""
+    return jnp.where(count < _INT32_MAX, count + 1, jnp.int32(_INT32_MAX)).astype(jnp.int32)
+
+
+def compute_dtype(*dtypes: Any) -> jnp.dtype:
+    """The dtype arithmetic runs in: float32, or the widest of ``dtypes`` when wider.
+
+    Complex when any input is complex. Independent of JAX's dtype-promotion mode.
+    """
+    bits = max([32, *(jnp.finfo(d).bits for d in dtypes)])
+    if any(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes):
+        return jnp.dtype(jnp.complex128 if bits > 32 else jnp.complex64)
+    return jnp.dtype(jnp.float64 if bits > 32 else jnp.float32)
+
+
+def wider(a: Any, b: Any) -> jnp.dtype:
+    """The wider of two inexact dtypes (complex when either is).
+
+    float16 and bfloat16 are not ordered: between the two, ``a`` is kept.
+    """
+    bits = max(jnp.finfo(a).bits, jnp.finfo(b).bits)
+    if jnp.issubdtype(a, jnp.complexfloating) or jnp.issubdtype(b, jnp.complexfloating):
+        return jnp.dtype(jnp.complex128 if bits > 32 else jnp.complex64)
+    if bits == 16:
+        return jnp.dtype(a) if jnp.finfo(a).bits == 16 else jnp.dtype(b)
+    return jnp.dtype(a) if jnp.finfo(a).bits >= jnp.finfo(b).bits else jnp.dtype(b)
+
+
+def is_schedule(value: Any) -> bool:
+    """Whether ``value`` is a schedule (a callable step -> value) rather than a number."""
+    return callable(value) and not isinstance(value, (jax.Array, np.ndarray))
+
+
+def value_at(value: Any, count: jax.Array) -> Any:
+    """A hyperparameter's value at step ``count``: calls it if it is a schedule."""
+    return value(count) if is_schedule(value) else value
+
+
+def hash_bits(bits: jax.Array) -> jax.Array:
+    """Pseudo-random 32-bit words from the 32-bit pattern ``bits`` (uint32 or int32).
+
+    A multiplicative hash: the product wraps around, and each bit of the input changes all
+    the bits above it, so the top bits are the well-mixed ones: take them with a right
+    shift. No key: the same input gives the same bits.
+    """
+    return bits * jnp.asarray(HASH_MULTIPLIER, jnp.uint32).astype(bits.dtype)
+
+
+def round_to_bfloat16_stochastically(x: jax.Array) -> jax.Array:
+    """``x`` (float32) in bfloat16, rounded stochastically with bits hashed from ``x``.
+
+    The upper of the two bfloat16 neighbours of ``x`` is chosen with probability equal to
+    the fraction of the way from the lower one to ``x`` (towards larger magnitudes), so the
+    stored value is unbiased. NaN stays NaN.
+    """
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    noise = jax.lax.shift_right_logical(hash_bits(bits), jnp.uint32(16))
+    # bfloat16 is float32's top 16 bits: adding 16 random bits below them carries into the
+    # kept bits with probability (the dropped bits) / 2**16.
+    top = jax.lax.shift_right_logical(bits + noise, jnp.uint32(16)).astype(jnp.uint16)
+    rounded = jax.lax.bitcast_convert_type(top, jnp.bfloat16)
+    return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), rounded)
 
 
 def explicit_sharding(x: jax.Array) -> NamedSharding | None:
@@ -28,10 +104,10 @@ def replicated(sharding: NamedSharding) -> NamedSharding:
 def last_axis_shards(x: jax.Array) -> int:
     """How many ways an explicit sharding splits ``x``'s last axis (1 when it does not)."""
     sharding = explicit_sharding(x)
-    if sharding is None or not jax.numpy.ndim(x):
+    if sharding is None or not jnp.ndim(x):
         return 1
-    spec = tuple(sharding.spec) + (None,) * (jax.numpy.ndim(x) - len(sharding.spec))
-    entry = spec[jax.numpy.ndim(x) - 1]
+    spec = tuple(sharding.spec) + (None,) * (jnp.ndim(x) - len(sharding.spec))
+    entry = spec[jnp.ndim(x) - 1]
     if entry is None:
         return 1
     names = entry if isinstance(entry, tuple) else (entry,)

@@ -203,16 +203,6 @@ def check_mask(name: str, value: Any) -> None:
         )
 
 
-def is_schedule(value: Any) -> bool:
-    """Whether ``value`` is a schedule (a callable step -> value) rather than a number."""
-    return callable(value) and not isinstance(value, (jax.Array, np.ndarray))
-
-
-def evaluate(value: float | jax.Array | Callable[[jax.Array], jax.Array], count: jax.Array):
-    """A hyperparameter's value at step ``count``: calls it if it is a schedule."""
-    return value(count) if is_schedule(value) else value
-
-
 def check_params_given(name: str, params: Any) -> None:
     """Raises ValueError if a transformation that needs the params was updated without them."""
     if params is None:

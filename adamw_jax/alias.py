@@ -3,13 +3,9 @@
 import optax
 
 from adamw_jax import _validate, precision
-from adamw_jax.decay import (
-    Mask,
-    ScalarOrSchedule,
-    add_decayed_weights,
-    decoupled_weight_decay,
-)
-from adamw_jax.moments import MomentDtype, ScalarOrArray, scale_by_adam
+from adamw_jax._base import Mask, MomentDtype, ScalarOrArray, ScalarOrSchedule
+from adamw_jax.decay import add_decayed_weights, decoupled_weight_decay
+from adamw_jax.moments import scale_by_adam
 
 
 def adamw(

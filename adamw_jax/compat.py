@@ -22,11 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamw_jax import _validate
+from adamw_jax import _numerics, _validate
+from adamw_jax._base import ScalarOrSchedule
 from adamw_jax.masks import leaf_path
-from adamw_jax.moments import safe_increment
-
-ScalarOrSchedule = optax.ScalarOrSchedule
 
 
 class TorchAdamWState(NamedTuple):
@@ -223,9 +221,9 @@ def torch_adamw(
         _validate.check_params_given("torch_adamw", params)
         _validate.check_same_structure("updates", updates, params, "the params")
         _validate.check_inexact_leaves("updates", updates)
-        count = safe_increment(state.count)
+        count = _numerics.safe_increment(state.count)
         s = _scalar_dtype()
-        eta = jnp.asarray(_validate.evaluate(lr, state.count), s)
+        eta = jnp.asarray(_numerics.value_at(lr, state.count), s)
         decay_factor = 1 - eta * jnp.asarray(weight_decay, s)
         step_size = eta / _bias_correction(beta1, count, s)
         bc2_sqrt = jnp.sqrt(_bias_correction(beta2, count, s))
@@ -418,9 +416,9 @@ def keras_adamw(
         _validate.check_params_given("keras_adamw", params)
         _validate.check_same_structure("updates", updates, params, "the params")
         _validate.check_inexact_leaves("updates", updates)
-        count = safe_increment(state.count)
+        count = _numerics.safe_increment(state.count)
         # Keras stores the learning rate in a float32 variable.
-        eta32 = jnp.asarray(_validate.evaluate(learning_rate, state.count)).astype(jnp.float32)
+        eta32 = jnp.asarray(_numerics.value_at(learning_rate, state.count)).astype(jnp.float32)
         flags = [decays(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
 
         def leaf(g, p, m, v, v_max, decay):

@@ -1,19 +1,13 @@
 """Weight decay: the L2-style ``add_decayed_weights`` and the decoupled decay of AdamW."""
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from adamw_jax import _validate
-from adamw_jax.moments import compute_dtype, safe_increment
-
-# Optax's own alias, so that code that inspects signatures (as Optax's tests do, comparing
-# the annotation with optax.ScalarOrSchedule) sees that a schedule is accepted.
-ScalarOrSchedule = optax.ScalarOrSchedule
-Mask = Any  # None, a bool pytree like the params (or a prefix of it), or params -> such a tree.
+from adamw_jax import _numerics, _validate, masks
+from adamw_jax._base import Mask, ScalarOrSchedule
 
 DECAY_COUPLINGS = ("lr", "schedule", "none")
 
@@ -28,44 +22,6 @@ class DecoupledWeightDecayState(NamedTuple):
     """State of :func:`decoupled_weight_decay`: the step count, for schedules."""
 
     count: jax.Array
-
-
-def resolve_mask(mask: Mask, params: optax.Params) -> Any:
-    """The bool tree that ``mask`` selects on ``params`` (None when everything decays).
-
-    Args:
-      mask: None, a pytree of bools with the structure of ``params`` (or a prefix of it),
-        or a callable ``params -> such a pytree``.
-      params: the parameters.
-
-    Returns:
-      None, or the tree of bools (Python or array booleans).
-    """
-    if mask is None:
-        return None
-    tree = mask(params) if callable(mask) else mask
-    try:
-        jax.tree.map(lambda m, p: None, tree, params)
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            "mask does not match the params: it must have the params' tree structure "
-            f"(or a prefix of it). mask: {jax.tree.structure(tree)}; "
-            f"params: {jax.tree.structure(params)}."
-        ) from err
-    return tree
-
-
-def _map_masked(mask_tree, on, off, updates, params):
-    """Maps ``on(u, p)`` over the leaves the mask selects and ``off(u, p)`` over the rest."""
-    if mask_tree is None:
-        return jax.tree.map(on, updates, params)
-
-    def select(m, u_sub, p_sub):
-        if isinstance(m, (bool, np.bool_)):
-            return jax.tree.map(on if m else off, u_sub, p_sub)
-        return jax.tree.map(lambda u, p: jnp.where(m, on(u, p), off(u, p)), u_sub, p_sub)
-
-    return jax.tree.map(select, mask_tree, updates, params)
 
 
 def add_decayed_weights(
@@ -113,14 +69,16 @@ def add_decayed_weights(
         _validate.check_updates_given("add_decayed_weights", updates)
         _validate.check_params_given("add_decayed_weights", params)
         _validate.check_same_structure("updates", updates, params, "the params")
-        wd = _validate.evaluate(weight_decay, state.count)
+        wd = _numerics.value_at(weight_decay, state.count)
 
         def decay(u, p):
-            c = compute_dtype(u.dtype, p.dtype)
+            c = _numerics.compute_dtype(u.dtype, p.dtype)
             return (u.astype(c) + jnp.asarray(wd, c) * p.astype(c)).astype(u.dtype)
 
-        new = _map_masked(resolve_mask(mask, params), decay, lambda u, p: u, updates, params)
-        return new, AddDecayedWeightsState(safe_increment(state.count))
+        new = masks.map_masked(
+            masks.resolve_mask(mask, params), decay, lambda u, p: u, updates, params
+        )
+        return new, AddDecayedWeightsState(_numerics.safe_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -193,7 +151,7 @@ def decoupled_weight_decay(
         _validate.check_scalar(
             "peak_learning_rate", peak_learning_rate, low=0.0, low_inclusive=False
         )
-    elif decay_coupling == "schedule" and _validate.is_schedule(learning_rate):
+    elif decay_coupling == "schedule" and _numerics.is_schedule(learning_rate):
         raise ValueError(
             "peak_learning_rate must be given (in (0, inf)) when decay_coupling='schedule' "
             "and learning_rate is a schedule: the decay follows learning_rate(t) / "
@@ -212,8 +170,8 @@ def decoupled_weight_decay(
         _validate.check_updates_given("decoupled_weight_decay", updates)
         _validate.check_params_given("decoupled_weight_decay", params)
         _validate.check_same_structure("updates", updates, params, "the params")
-        lr = _validate.evaluate(learning_rate, state.count)
-        wd = _validate.evaluate(weight_decay, state.count)
+        lr = _numerics.value_at(learning_rate, state.count)
+        wd = _numerics.value_at(weight_decay, state.count)
 
         scalars_by_dtype: dict = {}
 
@@ -227,12 +185,12 @@ def decoupled_weight_decay(
             return scalars_by_dtype[c]
 
         def plain(u, p):
-            c = compute_dtype(u.dtype, p.dtype)
+            c = _numerics.compute_dtype(u.dtype, p.dtype)
             eta, _ = scalars(c)
             return (-eta * u.astype(c)).astype(p.dtype)
 
         def decayed(u, p):
-            c = compute_dtype(u.dtype, p.dtype)
+            c = _numerics.compute_dtype(u.dtype, p.dtype)
             (eta, lam), uc, pc = scalars(c), u.astype(c), p.astype(c)
             if coupling == "none":
                 step = eta * uc + lam * pc
@@ -240,7 +198,7 @@ def decoupled_weight_decay(
                 step = eta * (uc + lam * pc)
             return (-step).astype(p.dtype)
 
-        new = _map_masked(resolve_mask(mask, params), decayed, plain, updates, params)
-        return new, DecoupledWeightDecayState(safe_increment(state.count))
+        new = masks.map_masked(masks.resolve_mask(mask, params), decayed, plain, updates, params)
+        return new, DecoupledWeightDecayState(_numerics.safe_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)

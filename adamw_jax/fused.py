@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamw_jax import _moment_storage, _validate
+from adamw_jax import _moment_storage, _numerics, _validate, masks
+from adamw_jax._base import Mask, MomentDtype, ScalarOrArray, ScalarOrSchedule
 from adamw_jax.alias import adamw
-from adamw_jax.decay import DecoupledWeightDecayState, Mask, ScalarOrSchedule, resolve_mask
-from adamw_jax.moments import MomentDtype, ScalarOrArray, ScaleByAdamState, safe_increment
+from adamw_jax.decay import DecoupledWeightDecayState
+from adamw_jax.moments import ScaleByAdamState
 
 BACKENDS = ("auto", "kernel", "xla")
 _TARGET = "adamw_jax_fused_adamw"
@@ -308,12 +309,15 @@ def fused_adamw(
         width = 4 if amsgrad else 3
         columns = [jax.tree.unflatten(treedef, out[k::width]) for k in range(width)]
         new_adam = ScaleByAdamState(
-            safe_increment(adam_state.count),
+            _numerics.safe_increment(adam_state.count),
             columns[1],
             columns[2],
             columns[3] if amsgrad else adam_state.nu_max,
         )
-        return columns[0], (new_adam, DecoupledWeightDecayState(safe_increment(decay_state.count)))
+        return columns[0], (
+            new_adam,
+            DecoupledWeightDecayState(_numerics.safe_increment(decay_state.count)),
+        )
 
     return FusedAdamW(tx.init, step, kernel_used)
 
@@ -322,10 +326,10 @@ def _hyper(b1, b2, eps, eps_root, learning_rate, weight_decay, peak, adam_state,
     """The kernel's 12 float32 scalars for this step, computed as ``adamw``'s XLA code does."""
     r = jnp.float32
     beta1, beta2 = jnp.asarray(b1, r), jnp.asarray(b2, r)
-    t = safe_increment(adam_state.count).astype(r)
+    t = _numerics.safe_increment(adam_state.count).astype(r)
     c1, c2 = 1 - beta1**t, 1 - beta2**t
-    lr = jnp.asarray(_validate.evaluate(learning_rate, decay_state.count), r)
-    wd = jnp.asarray(_validate.evaluate(weight_decay, decay_state.count), r)
+    lr = jnp.asarray(_numerics.value_at(learning_rate, decay_state.count), r)
+    wd = jnp.asarray(_numerics.value_at(weight_decay, decay_state.count), r)
     if peak is not None:
         wd = wd / jnp.asarray(peak, r)
     values = [
@@ -371,7 +375,7 @@ def _kernel_plan(mask, params, grads, state):
 
 def _decay_flags(mask, params, num_leaves: int):
     """One uint8 per leaf, 1 where the mask selects it; None for an element-wise mask."""
-    tree = resolve_mask(mask, params)
+    tree = masks.resolve_mask(mask, params)
     if tree is None:
         return np.ones([num_leaves], np.uint8)
     flags: list[Any] = []

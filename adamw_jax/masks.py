@@ -5,13 +5,71 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-from adamw_jax.decay import Mask, resolve_mask
+from adamw_jax._base import Mask
 
 #: Paths excluded from decay by default: biases, normalization scales and embeddings, as
 #: Flax (Linen and NNX) names them.
 DEFAULT_EXCLUDE: tuple[str, ...] = (r"\bbias\b", r"\bscale\b", r"\bembedding\b")
+
+
+def resolve_mask(mask: Mask, params: optax.Params) -> Any:
+    """The bool tree that ``mask`` selects on ``params`` (None when everything decays).
+
+    Args:
+      mask: None, a pytree of bools with the structure of ``params`` (or a prefix of it),
+        or a callable ``params -> such a pytree``.
+      params: the parameters.
+
+    Returns:
+      None, or the tree of bools (Python or array booleans).
+    """
+    if mask is None:
+        return None
+    tree = mask(params) if callable(mask) else mask
+    try:
+        jax.tree.map(lambda m, p: None, tree, params)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            "mask does not match the params: it must have the params' tree structure "
+            f"(or a prefix of it). mask: {jax.tree.structure(tree)}; "
+            f"params: {jax.tree.structure(params)}."
+        ) from err
+    return tree
+
+
+def map_masked(
+    mask_tree: Any,
+    on: Callable[[jax.Array, jax.Array], jax.Array],
+    off: Callable[[jax.Array, jax.Array], jax.Array],
+    updates: optax.Updates,
+    params: optax.Params,
+) -> optax.Updates:
+    """Maps ``on(u, p)`` over the leaves the mask selects and ``off(u, p)`` over the rest.
+
+    Args:
+      mask_tree: what :func:`resolve_mask` returned: None (every leaf), or a tree of bools
+        (Python or array, a prefix of the params' tree).
+      on: the map of a selected leaf, ``(update, param) -> new update``.
+      off: the map of any other leaf.
+      updates: the updates.
+      params: the params, with the updates' structure.
+
+    Returns:
+      The new updates.
+    """
+    if mask_tree is None:
+        return jax.tree.map(on, updates, params)
+
+    def select(m, u_sub, p_sub):
+        if isinstance(m, (bool, np.bool_)):
+            return jax.tree.map(on if m else off, u_sub, p_sub)
+        return jax.tree.map(lambda u, p: jnp.where(m, on(u, p), off(u, p)), u_sub, p_sub)
+
+    return jax.tree.map(select, mask_tree, updates, params)
 
 
 def _compile(name: str, patterns: str | Sequence[str]) -> list[re.Pattern]:

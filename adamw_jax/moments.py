@@ -8,12 +8,9 @@ import numpy as np
 import optax
 
 from adamw_jax import _moment_storage as _storage
-from adamw_jax import _packing, _validate
+from adamw_jax import _numerics, _packing, _validate
+from adamw_jax._base import MomentDtype, ScalarOrArray
 
-ScalarOrArray = float | jax.Array
-MomentDtype = Any  # None, a floating dtype (e.g. jnp.bfloat16), or the string "int8".
-
-_INT32_MAX = jnp.iinfo(jnp.int32).max
 DEFAULT_BLOCK_SIZE = 256
 DEFAULT_MIN_QUANTIZE_SIZE = 4096
 MOMENT_LAYOUTS = ("tree", "packed")
@@ -39,11 +36,6 @@ class ScaleByAdamState(NamedTuple):
     mu: optax.Updates
     nu: optax.Updates
     nu_max: optax.Updates
-
-
-def safe_increment(count: jax.Array) -> jax.Array:
-    """Adds one to an int32 counter, staying at ``2**31 - 1`` instead of wrapping."""
-    return jnp.where(count < _INT32_MAX, count + 1, jnp.int32(_INT32_MAX)).astype(jnp.int32)
 
 
 def _check_moment_dtype(name: str, dtype: MomentDtype) -> None:
@@ -90,17 +82,6 @@ def _storage_dtype(name: str, requested: MomentDtype, param: jax.Array, real: bo
             "use None or a complex dtype for the first moment of complex parameters."
         )
     return requested
-
-
-def compute_dtype(*dtypes: Any) -> jnp.dtype:
-    """The dtype arithmetic runs in: float32, or the widest of ``dtypes`` when wider.
-
-    Complex when any input is complex. Independent of JAX's dtype-promotion mode.
-    """
-    bits = max([32, *(jnp.finfo(d).bits for d in dtypes)])
-    if any(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes):
-        return jnp.dtype(jnp.complex128 if bits > 32 else jnp.complex64)
-    return jnp.dtype(jnp.float64 if bits > 32 else jnp.float32)
 
 
 def scale_by_adam(
@@ -261,7 +242,7 @@ def scale_by_adam(
                 else [None] * len(mu_leaves)
             )
         _validate.check_inexact_leaves("updates", updates)
-        count = safe_increment(state.count)
+        count = _numerics.safe_increment(state.count)
 
         scalars_by_dtype: dict = {}
 
@@ -291,7 +272,7 @@ def scale_by_adam(
             return scalars_by_dtype[c]
 
         def leaf(g, mu, nu, nu_max):
-            c = compute_dtype(g.dtype, _storage.dtype_of(mu))
+            c = _numerics.compute_dtype(g.dtype, _storage.dtype_of(mu))
             k = scalars(c)
             r = k["r"]
             gc = g.astype(c)
@@ -313,7 +294,7 @@ def scale_by_adam(
             if amsgrad:
                 new_max = _storage.store_second(v_hat, nu_max, block_size, average=False)
             new_mu = _storage.store(m, mu, block_size)
-            out_dtype = _wider(g.dtype, _storage.dtype_of(mu))
+            out_dtype = _numerics.wider(g.dtype, _storage.dtype_of(mu))
             return u.astype(out_dtype), new_mu, _storage.store_second(v, nu, block_size), new_max
 
         treedef = jax.tree.structure(updates)
@@ -324,8 +305,8 @@ def scale_by_adam(
                 state.mu,
                 state.nu,
                 state.nu_max if amsgrad else None,
-                _wider,
-                compute_dtype,
+                _numerics.wider,
+                _numerics.compute_dtype,
             )
             nu_max = nu_max if amsgrad else state.nu_max
             new_updates = jax.tree.unflatten(treedef, directions)
@@ -361,16 +342,6 @@ def _is_positive_constant(x: Any) -> bool:
         return float(x) > 0
     except (TypeError, ValueError):
         return False
-
-
-def _wider(a: Any, b: Any) -> jnp.dtype:
-    """The wider of two inexact dtypes (complex when either is)."""
-    bits = max(jnp.finfo(a).bits, jnp.finfo(b).bits)
-    if jnp.issubdtype(a, jnp.complexfloating) or jnp.issubdtype(b, jnp.complexfloating):
-        return jnp.dtype(jnp.complex128 if bits > 32 else jnp.complex64)
-    if bits == 16:  # float16 and bfloat16 are not ordered: keep the gradient's
-        return jnp.dtype(a) if jnp.finfo(a).bits == 16 else jnp.dtype(b)
-    return jnp.dtype(a) if jnp.finfo(a).bits >= jnp.finfo(b).bits else jnp.dtype(b)
 
 
 def _unzip(treedef, out, amsgrad: bool, old_nu_max) -> tuple[Any, Any, Any, Any]:

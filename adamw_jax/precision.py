@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamw_jax import _validate
-from adamw_jax.moments import safe_increment
+from adamw_jax import _numerics, _validate
 
 METHODS = ("compensated", "stochastic_rounding")
 
@@ -152,6 +151,6 @@ def low_precision_update(
                 new_c.append((y - (landed.astype(jnp.float32) - p32)).astype(c.dtype))
         comp = jax.tree.unflatten(treedef, new_c) if method == "compensated" else optax.EmptyState()
         new_updates = jax.tree.unflatten(treedef, new_u)
-        return new_updates, LowPrecisionUpdateState(safe_increment(state.count), comp)
+        return new_updates, LowPrecisionUpdateState(_numerics.safe_increment(state.count), comp)
 
     return optax.GradientTransformation(init_fn, update_fn)

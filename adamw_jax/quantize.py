@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamw_jax import _validate
+from adamw_jax import _numerics, _validate
 
 
 class QuantizedArray(NamedTuple):
@@ -60,9 +60,6 @@ class QuantizedArray(NamedTuple):
 # binade at [1, 2).
 _SIGNED_FORMAT = (3, 4)
 _UNSIGNED_FORMAT = (4, 4)
-# 2**32 / golden ratio: the multiplier of stochastic rounding's hash (also of the bfloat16
-# rounding in adamw_jax._moment_storage).
-_HASH = 0x9E3779B1
 
 
 def _format(signed: bool) -> tuple[int, int, int]:
@@ -99,7 +96,7 @@ def _encode(y: jax.Array, signed: bool, stochastic: bool = False) -> jax.Array:
         # Rounds up with probability fraction / 2**shift: add `shift` pseudo-random bits,
         # the top bits of y's bit pattern times an odd constant (multiplicative hashing;
         # the product wraps around, and each bit of y changes all the bits above it).
-        offset = jax.lax.shift_right_logical(bits * jnp.int32(_HASH - 2**32), jnp.int32(32 - shift))
+        offset = jax.lax.shift_right_logical(_numerics.hash_bits(bits), jnp.int32(32 - shift))
     else:  # adding half a code rounds to nearest (ties up)
         offset = jnp.int32(1 << (shift - 1))
     # A carry out of the fraction moves to the next code up, from the top normal code too.
@@ -445,28 +442,3 @@ def zeros_like(x: jax.Array, *, signed: bool, block_size: int = 256) -> Quantize
         jnp.zeros_like(x, dtype=jnp.float32), signed=signed, block_size=block_size
     )
     return QuantizedArray(codes, jnp.zeros_like(absmax))
-
-
-def state_nbytes(tree: Any) -> int:
-    """The bytes held by the arrays of a pytree, such as an optimizer state.
-
-    Args:
-      tree: any pytree; leaves with a ``shape`` and ``dtype`` (``jax.Array``,
-        ``np.ndarray``, ``jax.ShapeDtypeStruct``) are counted, other leaves (Python numbers)
-        add nothing.
-
-    Returns:
-      The total size in bytes, as a Python int.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import adamw_jax
-      >>> params = {"w": jnp.zeros((100, 100))}
-      >>> adamw_jax.state_nbytes(adamw_jax.adamw(1e-3).init(params))  # 2 moments, 2 counts
-      80008
-    """
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-            total += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
-    return int(total)

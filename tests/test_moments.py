@@ -8,7 +8,7 @@ import pytest
 from _helpers import run_side_by_side, shrinking_gradients
 
 import adamw_jax
-from adamw_jax.moments import safe_increment
+from adamw_jax._numerics import safe_increment
 
 
 def numpy_scale_by_adam(grads, b1, b2, eps, eps_root, bias_correction):
