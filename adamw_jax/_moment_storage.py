@@ -1,6 +1,8 @@
 """How :func:`adamw_jax.scale_by_adam` stores its moments, and loads them back in float32.
 
-Three formats, chosen per leaf:
+The storage keywords (``mu_dtype``, ``nu_dtype``, ``block_size``, ``min_quantize_size``,
+``moment_layout``) travel as one checked value, a :class:`MomentStorage` made by
+:func:`moment_storage`. Three formats, chosen per leaf:
 
 * a floating dtype (float32, bfloat16, ...): the moment itself, cast; a bfloat16 second
   moment rounded stochastically (:func:`store_second`);
@@ -31,10 +33,111 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamw_jax import _numerics, quantize
+from adamw_jax import _numerics, _validate, quantize
+from adamw_jax._base import MomentDtype
 from adamw_jax.quantize import QuantizedArray
 
 INT8 = "int8"
+DEFAULT_BLOCK_SIZE = 256
+DEFAULT_MIN_QUANTIZE_SIZE = 4096
+MOMENT_LAYOUTS = ("tree", "packed")
+
+
+class MomentStorage(NamedTuple):
+    """How :func:`adamw_jax.scale_by_adam` stores its moments: its five storage keywords.
+
+    Made, and checked, by :func:`moment_storage`; see :func:`adamw_jax.scale_by_adam` for
+    what each means.
+
+    Attributes:
+      mu_dtype: the first moment's: None (the params' dtype), a floating dtype or ``"int8"``.
+      nu_dtype: the second moment's: None (the params' real dtype), a floating dtype or
+        ``"int8"``.
+      block_size: with ``"int8"``, elements per quantization block (an int >= 1).
+      min_quantize_size: with ``"int8"``, leaves with fewer elements stay float32 (an int
+        >= 0).
+      layout: ``"tree"`` or ``"packed"`` (``moment_layout``).
+    """
+
+    mu_dtype: MomentDtype
+    nu_dtype: MomentDtype
+    block_size: int
+    min_quantize_size: int
+    layout: str
+
+
+def moment_storage(
+    *,
+    mu_dtype: MomentDtype = None,
+    nu_dtype: MomentDtype = None,
+    block_size: int | None = None,
+    min_quantize_size: int | None = None,
+    moment_layout: str = "tree",
+) -> MomentStorage:
+    """The checked :class:`MomentStorage` of :func:`adamw_jax.scale_by_adam`'s keywords.
+
+    ``block_size`` and ``min_quantize_size`` None become their defaults; a concrete integer
+    0-d array (what ``optax.inject_hyperparams`` makes of an int) becomes its int.
+
+    Raises:
+      TypeError, ValueError: naming the first keyword that is not accepted.
+    """
+    _check_moment_dtype("mu_dtype", mu_dtype)
+    _check_moment_dtype("nu_dtype", nu_dtype)
+    # Traced integers are refused with a pointer to static_args.
+    block_size = _validate.check_static_int("block_size", block_size)
+    min_quantize_size = _validate.check_static_int("min_quantize_size", min_quantize_size)
+    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    min_quantize_size = (
+        DEFAULT_MIN_QUANTIZE_SIZE if min_quantize_size is None else min_quantize_size
+    )
+    quantize.check_block_size(block_size)
+    _check_min_quantize_size(min_quantize_size)
+    _validate.check_choice("moment_layout", moment_layout, MOMENT_LAYOUTS)
+    if moment_layout == "packed" and (is_int8(mu_dtype) or is_int8(nu_dtype)):
+        raise ValueError(
+            'moment_layout="packed" stores floating-point moments; mu_dtype or nu_dtype '
+            f'"int8" needs moment_layout="tree" (got mu_dtype={mu_dtype!r}, '
+            f"nu_dtype={nu_dtype!r})."
+        )
+    return MomentStorage(mu_dtype, nu_dtype, block_size, min_quantize_size, moment_layout)
+
+
+def _check_moment_dtype(name: str, dtype: MomentDtype) -> None:
+    if dtype is None:
+        return
+    if isinstance(dtype, (jax.Array, np.ndarray, jax.core.Tracer)):
+        # What optax.inject_hyperparams makes of a dtype class: it takes jnp.bfloat16 (a
+        # callable) for a schedule and passes its value at the step count.
+        raise TypeError(
+            f'{name} must be None, a floating dtype or "int8"; got an array {dtype!r}. Under '
+            "optax.inject_hyperparams a dtype class such as jnp.bfloat16 is callable and taken "
+            f"for a schedule: pass static_args=({name!r},), or the dtype's name as a string "
+            '(e.g. "bfloat16").'
+        )
+    if isinstance(dtype, (int, float)) and not isinstance(dtype, bool):
+        raise ValueError(
+            f'{name} must be None, a floating dtype or "int8"; got the number {dtype!r}. (In '
+            "Optax's positional order mu_dtype comes sixth, before weight_decay: pass "
+            "weight_decay by name.)"
+        )
+    if is_int8(dtype):
+        return
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError as err:
+        raise ValueError(
+            f'{name} must be None, a floating dtype or "int8"; got {dtype!r}.'
+        ) from err
+    if not jnp.issubdtype(resolved, jnp.inexact):
+        raise ValueError(f'{name} must be None, a floating dtype or "int8"; got {dtype!r}.')
+
+
+def _check_min_quantize_size(min_quantize_size: Any) -> None:
+    if isinstance(min_quantize_size, bool) or not isinstance(min_quantize_size, (int, np.integer)):
+        raise TypeError(f"min_quantize_size must be an int in [0, inf); got {min_quantize_size!r}.")
+    if min_quantize_size < 0:
+        raise ValueError(f"min_quantize_size must be in [0, inf); got {min_quantize_size!r}.")
 
 
 def is_int8(requested: Any) -> bool:
@@ -47,16 +150,57 @@ def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedArray)
 
 
-def check_options(block_size: Any, min_quantize_size: Any) -> None:
-    """Raises if the blockwise-storage keywords are not positive / non-negative ints."""
-    quantize._check_block_size(block_size)
-    if isinstance(min_quantize_size, bool) or not isinstance(min_quantize_size, (int, np.integer)):
-        raise TypeError(f"min_quantize_size must be an int in [0, inf); got {min_quantize_size!r}.")
-    if min_quantize_size < 0:
-        raise ValueError(f"min_quantize_size must be in [0, inf); got {min_quantize_size!r}.")
+def zeros(param: jax.Array, storage: MomentStorage) -> Any:
+    """The zero first moment of ``param``, as ``storage`` keeps it."""
+    return _zeros("mu_dtype", storage.mu_dtype, param, storage, real=False)
 
 
-def int8_zeros(
+def zeros_second(param: jax.Array, storage: MomentStorage) -> Any:
+    """The zero second moment of ``param`` (real, like its square), as ``storage`` keeps it."""
+    return _zeros("nu_dtype", storage.nu_dtype, param, storage, real=True)
+
+
+def floating_dtypes(param: jax.Array, storage: MomentStorage) -> tuple[jnp.dtype, jnp.dtype]:
+    """The dtypes the first and second moment of ``param`` are stored in (no ``"int8"``)."""
+    return (
+        _floating_dtype("mu_dtype", storage.mu_dtype, param, real=False),
+        _floating_dtype("nu_dtype", storage.nu_dtype, param, real=True),
+    )
+
+
+def _zeros(
+    name: str, requested: MomentDtype, param: jax.Array, storage: MomentStorage, *, real: bool
+) -> Any:
+    if is_int8(requested):
+        return _int8_zeros(
+            name,
+            param,
+            real=real,
+            block_size=storage.block_size,
+            min_quantize_size=storage.min_quantize_size,
+        )
+    # zeros_like, not zeros: under explicit sharding the moment's type carries the param's
+    # sharding, as the step's output will.
+    return jnp.zeros_like(param, dtype=_floating_dtype(name, requested, param, real))
+
+
+def _floating_dtype(name: str, requested: MomentDtype, param: jax.Array, real: bool) -> jnp.dtype:
+    """The dtype a moment of ``param`` is stored in, for a requested floating dtype or None."""
+    param_dtype = jnp.result_type(param)
+    is_complex = jnp.issubdtype(param_dtype, jnp.complexfloating)
+    if requested is None:
+        base = jnp.finfo(param_dtype).dtype if (real and is_complex) else param_dtype
+        return jnp.dtype(base)
+    requested = jnp.dtype(requested)
+    if is_complex and not real and not jnp.issubdtype(requested, jnp.complexfloating):
+        raise ValueError(
+            f"{name}={requested} is real, but a parameter is complex ({param_dtype}); "
+            "use None or a complex dtype for the first moment of complex parameters."
+        )
+    return requested
+
+
+def _int8_zeros(
     name: str, param: jax.Array, *, real: bool, block_size: int, min_quantize_size: int
 ) -> Any:
     """The zero ``"int8"`` moment of ``param``: quantized, or float32 when the leaf is small."""
@@ -244,37 +388,32 @@ def _block_max(stored: Any, block_size: int) -> jax.Array:
     own (real) dtype.
     """
     if is_quantized(stored):
-        codes, scales = stored
-        blocks = quantize._blocks(codes.reshape(codes.shape or (1,)), block_size)
-        largest, smallest = quantize.block_max_min(blocks)
-        top = jnp.maximum(largest.astype(jnp.int32), -smallest.astype(jnp.int32))
-        value = quantize._decode(top, signed=codes.dtype == jnp.int8)
-        return value.reshape(scales.shape) * scales.astype(jnp.float32)
+        return quantize.stored_absmax(stored, block_size)
     real = jnp.abs(stored) if jnp.iscomplexobj(stored) else stored
-    blocks = quantize._blocks(real.reshape(real.shape or (1,)), block_size)
+    blocks = quantize.split_blocks(real.reshape(real.shape or (1,)), block_size)
     axis = (blocks.ndim - 1,)  # two plain reductions of the input: no |x| written out
     top = jnp.maximum(jax.lax.reduce_max(blocks, axis), -jax.lax.reduce_min(blocks, axis))
     return top.reshape(quantize.scales_shape(real.shape, block_size))
 
 
 def update_leaf(
-    leaf: Callable[..., tuple[Any, ...]],
-    g: jax.Array,
+    step: Callable[..., tuple[Any, ...]],
+    grad: jax.Array,
     mu: Any,
     nu: Any,
     nu_max: Any,
     block_size: int,
 ) -> tuple[Any, ...]:
-    """``leaf(g, mu, nu, nu_max)``, encoding the new quantized moments in one pass each.
+    """``step(grad, mu, nu, nu_max)``, encoding the new quantized moments in one pass each.
 
-    ``leaf`` is the per-parameter step of :func:`adamw_jax.scale_by_adam`: it returns the
+    ``step`` is the per-parameter step of :func:`adamw_jax.scale_by_adam`: it returns the
     direction and the new ``mu, nu, nu_max`` (``nu_max`` None without AMSGrad), loading
     and storing them with this module's functions.
 
     Quantizing a new moment needs each block's largest magnitude. Reduced from the new
     values themselves, XLA on CPU first writes them out in full (4 bytes per element,
     once per moment) and reads them back. Instead, each block is encoded with a bound of
-    its largest new magnitude found from the inputs alone: ``leaf`` applied to the
+    its largest new magnitude found from the inputs alone: ``step`` applied to the
     blocks' largest magnitudes of the gradient and of the stored moments (read from the
     largest code). Every stored moment of Adam is a non-decreasing function of ``|g|``
     and of the old moments' magnitudes with non-negative weights, so the result bounds
@@ -283,20 +422,20 @@ def update_leaf(
     ``(1 - b2) max g**2``; the new values are then encoded elementwise, in the pass that
     computes them (:func:`adamw_jax.quantize.quantize_with_absmax`).
     """
-    states = (mu, nu, nu_max)
-    which = [i for i, s in enumerate(states) if is_quantized(s)]
-    if not which:
-        return leaf(g, mu, nu, nu_max)
+    moments = (mu, nu, nu_max)
+    quantized = [i for i, moment in enumerate(moments) if is_quantized(moment)]
+    if not quantized:
+        return step(grad, mu, nu, nu_max)
     # Quantized moments enter as plain float32 arrays of what they hold (the second
-    # moment's root squared); the leaf then hands back plain bounds, the second moment's
+    # moment's root squared); the step then hands back plain bounds, the second moment's
     # (not its root's) included.
     maxima = []
-    for i, s in enumerate(states):
-        top = None if s is None else _block_max(s, block_size)
-        maxima.append(jnp.square(top) if i > 0 and is_quantized(s) else top)
-    bounds = leaf(_block_max(g, block_size), *maxima)
-    staged = list(states)
-    for i in which:
+    for i, moment in enumerate(moments):
+        top = None if moment is None else _block_max(moment, block_size)
+        maxima.append(jnp.square(top) if i > 0 and is_quantized(moment) else top)
+    bounds = step(_block_max(grad, block_size), *maxima)
+    staged = list(moments)
+    for i in quantized:
         bound = bounds[1 + i].astype(jnp.float32)
-        staged[i] = _Bounded(states[i], jnp.abs(bound) if i == 0 else jnp.sqrt(bound))
-    return leaf(g, *staged)
+        staged[i] = _Bounded(moments[i], jnp.abs(bound) if i == 0 else jnp.sqrt(bound))
+    return step(grad, *staged)

@@ -66,6 +66,21 @@ def hash_bits(bits: jax.Array) -> jax.Array:
     return bits * jnp.asarray(HASH_MULTIPLIER, jnp.uint32).astype(bits.dtype)
 
 
+def shift_right_stochastically(fixed: jax.Array, seed_bits: jax.Array, shift: int) -> jax.Array:
+    """``fixed >> shift``, rounded up with probability (its dropped bits) / ``2**shift``.
+
+    The one stochastic rounding of the stored moments: ``fixed`` (uint32, or int32 >= 0) is a
+    fixed-point number whose lowest ``shift`` bits are the fraction of the way to the next
+    representable value; ``shift`` pseudo-random bits, the top bits of
+    :func:`hash_bits` of ``seed_bits``, are added to it before the shift, which carries into
+    the kept bits with exactly that probability. The rounded value is then unbiased.
+    """
+    noise = jax.lax.shift_right_logical(
+        hash_bits(seed_bits), jnp.asarray(32 - shift, seed_bits.dtype)
+    )
+    return jax.lax.shift_right_logical(fixed + noise, jnp.asarray(shift, fixed.dtype))
+
+
 def round_to_bfloat16_stochastically(x: jax.Array) -> jax.Array:
     """``x`` (float32) in bfloat16, rounded stochastically with bits hashed from ``x``.
 
@@ -74,12 +89,31 @@ def round_to_bfloat16_stochastically(x: jax.Array) -> jax.Array:
     stored value is unbiased. NaN stays NaN.
     """
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    noise = jax.lax.shift_right_logical(hash_bits(bits), jnp.uint32(16))
-    # bfloat16 is float32's top 16 bits: adding 16 random bits below them carries into the
-    # kept bits with probability (the dropped bits) / 2**16.
-    top = jax.lax.shift_right_logical(bits + noise, jnp.uint32(16)).astype(jnp.uint16)
+    # bfloat16 is float32's top 16 bits: the float32 bits are a fixed-point number whose
+    # lowest 16 bits are the fraction of the way to the next bfloat16.
+    top = shift_right_stochastically(bits, bits, 16).astype(jnp.uint16)
     rounded = jax.lax.bitcast_convert_type(top, jnp.bfloat16)
     return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), rounded)
+
+
+def round_to_dtype_stochastically(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
+    """``x`` (float32) in the narrower floating ``dtype``, rounded stochastically with ``key``.
+
+    Of the two neighbours of ``x`` in ``dtype`` the one farther from ``x`` is chosen with
+    probability equal to the fraction of the gap between them that separates ``x`` from the
+    nearer one, so the rounding is unbiased. Unlike :func:`round_to_bfloat16_stochastically`
+    the randomness comes from ``key`` (``jax.random.uniform``), not from ``x``: the same
+    value rounds independently under different keys. A value that is exact in ``dtype``,
+    NaN, or beyond its range (no finite neighbour) rounds to nearest.
+    """
+    nearest = x.astype(dtype)
+    near32 = nearest.astype(jnp.float32)
+    direction = jnp.where(near32 < x, jnp.inf, -jnp.inf).astype(dtype)
+    other = jnp.nextafter(nearest, direction)
+    gap = other.astype(jnp.float32) - near32
+    safe_gap = jnp.where(gap != 0, gap, 1.0)
+    p_other = jnp.where((gap != 0) & jnp.isfinite(gap), (x - near32) / safe_gap, 0.0)
+    return jnp.where(jax.random.uniform(key, x.shape) < p_other, other, nearest)
 
 
 def explicit_sharding(x: jax.Array) -> NamedSharding | None:

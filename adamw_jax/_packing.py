@@ -134,41 +134,27 @@ def check_matches(updates: Any, moments: PackedMoments) -> None:
 
 
 def update(
-    leaf: Callable[..., tuple[Any, ...]],
-    g_leaves: Sequence[jax.Array],
+    step: Callable[..., tuple[Any, ...]],
+    grads: Sequence[jax.Array],
     mu: PackedMoments,
     nu: PackedMoments,
     nu_max: PackedMoments | None,
-    out_dtype: Callable[[Any, Any], Any],
-    common_dtype: Callable[..., Any],
 ) -> tuple[list[jax.Array], PackedMoments, PackedMoments, PackedMoments | None]:
-    """Runs ``leaf`` once per buffer; returns per-leaf directions and the new buffers.
+    """Runs ``step`` once per buffer; returns per-leaf directions and the new buffers.
 
-    ``leaf(g, mu, nu, nu_max) -> (u, mu, nu, nu_max)`` is :func:`adamw_jax.scale_by_adam`'s
-    elementwise step. The gradients of a shared buffer are concatenated (in their dtype, or
-    in ``common_dtype(*their dtypes)`` when they differ), and its direction is sliced back
-    into leaves, each cast to ``out_dtype(gradient dtype, moment dtype)``.
+    ``step(grad, mu, nu, nu_max) -> (direction, mu, nu, nu_max)`` is
+    :func:`adamw_jax.scale_by_adam`'s elementwise step, ``nu_max`` None without AMSGrad.
+    The gradients of a shared buffer are concatenated (see :func:`_step_buffer`).
     """
-    shapes = [tuple(jnp.shape(g)) for g in g_leaves]
-    directions: list[Any] = [None] * len(g_leaves)
+    directions: list[Any] = [None] * len(grads)
     new_mu, new_nu, new_max = [], [], []
     for k, group in enumerate(mu.groups):
-        old_mu, old_nu = mu.buffers[k], nu.buffers[k]
-        vm = None if nu_max is None else nu_max.buffers[k]
-        if len(group) == 1:
-            u, m, v, vm = leaf(g_leaves[group[0]], old_mu, old_nu, vm)
-            directions[group[0]] = u
-        else:
-            dtypes = {jnp.dtype(g_leaves[i].dtype) for i in group}
-            common = dtypes.pop() if len(dtypes) == 1 else common_dtype(*dtypes)
-            g = jnp.concatenate([_flatten(g_leaves[i].astype(common)) for i in group])
-            u, m, v, vm = leaf(g, old_mu, old_nu, vm)
-            offset = 0
-            for i in group:
-                size = math.prod(shapes[i])
-                piece = _unflatten(jax.lax.slice(u, (offset,), (offset + size,)), g_leaves[i])
-                directions[i] = piece.astype(out_dtype(g_leaves[i].dtype, old_mu.dtype))
-                offset += size
+        old_max = None if nu_max is None else nu_max.buffers[k]
+        group_directions, m, v, vm = _step_buffer(
+            step, grads, group, mu.buffers[k], nu.buffers[k], old_max
+        )
+        for i, direction in zip(group, group_directions, strict=True):
+            directions[i] = direction
         new_mu.append(m)
         new_nu.append(v)
         new_max.append(vm)
@@ -182,3 +168,35 @@ def update(
         like(nu, new_nu),
         None if nu_max is None else like(nu_max, new_max),
     )
+
+
+def _step_buffer(
+    step: Callable[..., tuple[Any, ...]],
+    grads: Sequence[jax.Array],
+    group: Sequence[int],
+    mu: jax.Array,
+    nu: jax.Array,
+    nu_max: jax.Array | None,
+) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array | None]:
+    """``step`` on one buffer: its leaves' directions (in ``group``'s order), its new moments.
+
+    A buffer of one leaf takes the leaf's gradient as it is. A shared buffer takes its
+    leaves' gradients concatenated (in their dtype, or in their
+    :func:`~adamw_jax._numerics.compute_dtype` when they differ), and its direction is
+    sliced back into leaves, each cast to the wider of its gradient's and the moment's dtype.
+    """
+    if len(group) == 1:
+        direction, new_mu, new_nu, new_max = step(grads[group[0]], mu, nu, nu_max)
+        return [direction], new_mu, new_nu, new_max
+    dtypes = {jnp.dtype(grads[i].dtype) for i in group}
+    common = dtypes.pop() if len(dtypes) == 1 else _numerics.compute_dtype(*dtypes)
+    grad = jnp.concatenate([_flatten(grads[i].astype(common)) for i in group])
+    direction, new_mu, new_nu, new_max = step(grad, mu, nu, nu_max)
+    directions = []
+    offset = 0
+    for i in group:
+        size = math.prod(jnp.shape(grads[i]))
+        piece = _unflatten(jax.lax.slice(direction, (offset,), (offset + size,)), grads[i])
+        directions.append(piece.astype(_numerics.wider(grads[i].dtype, mu.dtype)))
+        offset += size
+    return directions, new_mu, new_nu, new_max

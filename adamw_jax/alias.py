@@ -4,8 +4,9 @@ import optax
 
 from adamw_jax import _validate, precision
 from adamw_jax._base import Mask, MomentDtype, ScalarOrArray, ScalarOrSchedule
+from adamw_jax._moment_storage import moment_storage
 from adamw_jax.decay import add_decayed_weights, decoupled_weight_decay
-from adamw_jax.moments import scale_by_adam
+from adamw_jax.moments import scale_by_adam_with_storage
 
 
 def adamw(
@@ -107,19 +108,23 @@ def adamw(
     """
     if param_update is not None:
         _validate.check_choice("param_update", param_update, (None, *precision.METHODS))
+    storage = moment_storage(
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        block_size=block_size,
+        min_quantize_size=min_quantize_size,
+        moment_layout=moment_layout,
+    )
     steps = [
-        scale_by_adam(
+        scale_by_adam_with_storage(
             b1,
             b2,
             eps,
             eps_root,
-            amsgrad=amsgrad,
+            storage=storage,
             nesterov=nesterov,
-            mu_dtype=mu_dtype,
-            nu_dtype=nu_dtype,
-            block_size=block_size,
-            min_quantize_size=min_quantize_size,
-            moment_layout=moment_layout,
+            amsgrad=amsgrad,
+            bias_correction=True,
         ),
         decoupled_weight_decay(
             learning_rate,
@@ -204,20 +209,25 @@ def adam(
     """
     _validate.check_scalar("learning_rate", learning_rate, low=0.0, allow_schedule=True)
     _validate.check_scalar("l2", l2, low=0.0, allow_schedule=True)
+    penalty = add_decayed_weights(l2, mask)
+    storage = moment_storage(
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        block_size=block_size,
+        min_quantize_size=min_quantize_size,
+        moment_layout=moment_layout,
+    )
     return optax.chain(
-        add_decayed_weights(l2, mask),
-        scale_by_adam(
+        penalty,
+        scale_by_adam_with_storage(
             b1,
             b2,
             eps,
             eps_root,
-            amsgrad=amsgrad,
+            storage=storage,
             nesterov=nesterov,
-            mu_dtype=mu_dtype,
-            nu_dtype=nu_dtype,
-            block_size=block_size,
-            min_quantize_size=min_quantize_size,
-            moment_layout=moment_layout,
+            amsgrad=amsgrad,
+            bias_correction=True,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

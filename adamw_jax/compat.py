@@ -12,9 +12,10 @@ one rounding of that sum (exactly, whenever the step is smaller than the paramet
 the usual case: the subtraction is then exact by Sterbenz' lemma).
 """
 
+import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamw_jax import _numerics, _validate
+from adamw_jax import _numerics, _trees, _validate
 from adamw_jax._base import ScalarOrSchedule
 from adamw_jax.masks import leaf_path
 
@@ -68,6 +69,111 @@ def _scalar_dtype() -> jnp.dtype:
     return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+
+
+def _one_minus(beta: Any, dtype: jnp.dtype) -> jax.Array:
+    """``1 - beta``, in Python's double precision when ``beta`` is a number."""
+    if isinstance(beta, (int, float, np.number)):
+        return jnp.asarray(1.0 - float(beta), dtype)
+    return 1 - jnp.asarray(beta, dtype)
+
+
+def _check_update_inputs(name: str, updates: Any, params: Any) -> None:
+    """Refuses a ported step without updates, without params, or with mismatched trees."""
+    _validate.check_updates_given(name, updates)
+    _validate.check_params_given(name, params)
+    _validate.check_same_structure("updates", updates, params, "the params")
+    _validate.check_inexact_leaves("updates", updates)
+
+
+def _zero_state(state_cls: type, params: Any, amsgrad: bool) -> Any:
+    """A fresh ported state of class ``state_cls``: count 0 and zero moments like the params."""
+
+    def zeros():
+        return jax.tree.map(jnp.zeros_like, params)
+
+    nu_max = zeros() if amsgrad else optax.EmptyState()
+    return state_cls(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros(), nu_max=nu_max)
+
+
+def _map_leaves(
+    leaf_step: Callable, updates: Any, params: Any, state: Any, amsgrad: bool, *per_leaf: list
+) -> tuple[Any, Any, Any, Any]:
+    """``leaf_step(grad, param, mu, nu, nu_max, *extras)`` on every leaf, back as trees.
+
+    ``nu_max`` is None without ``amsgrad``; ``per_leaf`` are further lists, one entry per
+    leaf, passed as ``extras``. ``leaf_step`` returns (update, mu, nu, nu_max); the result
+    is those four trees, the last being ``state.nu_max`` unchanged without ``amsgrad``.
+    """
+    treedef = jax.tree.structure(params)
+    maxes = jax.tree.leaves(state.nu_max) if amsgrad else [None] * treedef.num_leaves
+    columns = (
+        jax.tree.leaves(updates),
+        jax.tree.leaves(params),
+        jax.tree.leaves(state.mu),
+        jax.tree.leaves(state.nu),
+        maxes,
+        *per_leaf,
+    )
+    rows = [leaf_step(*args) for args in zip(*columns, strict=True)]
+    if not amsgrad:
+        return (*_trees.unzip(treedef, rows, 3), state.nu_max)
+    return tuple(_trees.unzip(treedef, rows, 4))
+
+
+# PyTorch.
+
+
+class _TorchScalars(NamedTuple):
+    """The scalars of one :func:`torch_adamw` step, in the scalar dtype (``_scalar_dtype``)."""
+
+    decay_factor: jax.Array  # 1 - lr * weight_decay
+    step_size: jax.Array  # lr / (1 - beta1**t)
+    bias_correction2_sqrt: jax.Array  # sqrt(1 - beta2**t)
+    one_minus_b1: jax.Array
+    beta2: jax.Array
+    one_minus_b2: jax.Array
+    eps: jax.Array
+    zero: jax.Array  # int32: 0 at run time, unknown at compile time (see _opaque)
+
+
+def _check_betas(betas: Any) -> tuple[Any, Any]:
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), each in [0, 1); got {betas!r}.")
+    _validate.check_scalar("betas[0]", betas[0], low=0.0, high=1.0)
+    _validate.check_scalar("betas[1]", betas[1], low=0.0, high=1.0)
+    return betas[0], betas[1]
+
+
+def _bias_correction(beta: Any, t: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """``1 - beta**t``, as ``-expm1(t * log(beta))`` to keep its relative accuracy."""
+    if isinstance(beta, (int, float, np.number)):
+        log_beta = jnp.asarray(math.log(beta) if beta > 0 else -math.inf, dtype)
+    else:
+        log_beta = jnp.log(jnp.asarray(beta, dtype))
+    return -jnp.expm1(t.astype(dtype) * log_beta)
+
+
+def _torch_scalars(
+    taken: jax.Array, t: jax.Array, lr: Any, weight_decay: Any, beta1: Any, beta2: Any, eps: Any
+) -> _TorchScalars:
+    """The scalars of step ``t``, ``taken`` (= ``t - 1`` unless saturated) steps being done."""
+    s = _scalar_dtype()
+    eta = jnp.asarray(_numerics.value_at(lr, taken), s)
+    return _TorchScalars(
+        decay_factor=1 - eta * jnp.asarray(weight_decay, s),
+        step_size=eta / _bias_correction(beta1, t, s),
+        bias_correction2_sqrt=jnp.sqrt(_bias_correction(beta2, t, s)),
+        one_minus_b1=_one_minus(beta1, s),
+        beta2=jnp.asarray(beta2, s),
+        one_minus_b2=_one_minus(beta2, s),
+        eps=jnp.asarray(eps, s),
+        zero=(taken < 0).astype(jnp.int32),
+    )
+
+
 def _elementwise_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """float32 for 16-bit params (PyTorch's CPU opmath type), else the params' own dtype."""
     dtype = jnp.dtype(dtype)
@@ -100,38 +206,67 @@ def _opaque(x: jax.Array, zero: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits ^ zero.astype(int_dtype), x.dtype)
 
 
-def _one_minus(beta: Any, dtype: jnp.dtype) -> jax.Array:
-    """``1 - beta``, in Python's double precision when ``beta`` is a number."""
-    if isinstance(beta, (int, float, np.number)):
-        return jnp.asarray(1.0 - float(beta), dtype)
-    return 1 - jnp.asarray(beta, dtype)
+def _torch_lerp(start: jax.Array, end: jax.Array, weight: jax.Array, beta: Any) -> jax.Array:
+    """``torch.lerp(start, end, weight)``, ``weight`` being ``1 - beta``.
+
+    ``start + weight * (end - start)`` for ``weight < 0.5``, else
+    ``end - (end - start) * (1 - weight)``; for a number ``beta`` the formula is chosen by
+    Python's ``1 - beta``, as PyTorch chooses it.
+    """
+    small = start + weight * (end - start)
+    large = end - (end - start) * (1 - weight)
+    if _is_number(beta):
+        return small if 1.0 - float(beta) < 0.5 else large
+    return jnp.where(weight < 0.5, small, large)
 
 
-def _bias_correction(beta: Any, t: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """``1 - beta**t``, as ``-expm1(t * log(beta))`` to keep its relative accuracy."""
-    if isinstance(beta, (int, float, np.number)):
-        log_beta = jnp.asarray(math.log(beta) if beta > 0 else -math.inf, dtype)
-    else:
-        log_beta = jnp.log(jnp.asarray(beta, dtype))
-    return -jnp.expm1(t.astype(dtype) * log_beta)
+def _torch_leaf_step(
+    g: jax.Array,
+    p: jax.Array,
+    m: jax.Array,
+    v: jax.Array,
+    v_max: jax.Array | None,
+    *,
+    scalars: _TorchScalars,
+    beta1: Any,
+    maximize: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """One parameter's PyTorch step: (update, mu, nu, nu_max), nu_max None without AMSGrad.
 
+    Computed on real views (``view_as_real``) in PyTorch's opmath dtype, each kernel's
+    result rounded to the params' dtype as PyTorch writes it.
+    """
+    store = jnp.finfo(p.dtype).dtype
+    c = _elementwise_dtype(store)
 
-def _check_betas(betas: Any) -> tuple[Any, Any]:
-    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), each in [0, 1); got {betas!r}.")
-    _validate.check_scalar("betas[0]", betas[0], low=0.0, high=1.0)
-    _validate.check_scalar("betas[1]", betas[1], low=0.0, high=1.0)
-    return betas[0], betas[1]
+    def kernel(x):
+        """Rounds to the params' dtype, as each PyTorch kernel writes its result."""
+        return x if store == c else x.astype(store).astype(c)
 
-
-def _zero_state(params, amsgrad: bool) -> tuple[Any, Any, Any, Any]:
-    """The fields of a fresh ported state: count 0 and zero moments like the params."""
-
-    def zeros():
-        return jax.tree.map(jnp.zeros_like, params)
-
-    nu_max = zeros() if amsgrad else optax.EmptyState()
-    return jnp.zeros([], jnp.int32), zeros(), zeros(), nu_max
+    gr, pr = _as_real(g).astype(c), _as_real(p).astype(c)
+    mr, vr = _as_real(m).astype(c), _as_real(v).astype(c)
+    if maximize:
+        gr = -gr
+    # The decayed weights, rounded before the add (no fused multiply-add).
+    new_p = kernel(_opaque(pr * scalars.decay_factor.astype(c), scalars.zero))
+    new_m = kernel(_torch_lerp(mr, gr, scalars.one_minus_b1.astype(c), beta1))
+    new_v = kernel(vr * scalars.beta2.astype(c))
+    new_v = kernel((scalars.one_minus_b2.astype(c) * gr) * gr + new_v)
+    new_max = None if v_max is None else jnp.maximum(_as_real(v_max).astype(c), new_v)
+    second = new_v if new_max is None else new_max
+    # A true division (XLA would multiply by the reciprocal of a broadcast scalar).
+    divisor = _opaque(
+        jnp.broadcast_to(scalars.bias_correction2_sqrt.astype(c), second.shape), scalars.zero
+    )
+    denom = kernel(kernel(jnp.sqrt(second)) / divisor)
+    denom = kernel(denom + scalars.eps.astype(c))
+    new_p = kernel(new_p + ((-scalars.step_size).astype(c) * new_m) / denom)
+    return (
+        _from_real(new_p, p) - p,
+        _from_real(new_m, m),
+        _from_real(new_v, v),
+        None if new_max is None else _from_real(new_max, v_max),
+    )
 
 
 def torch_adamw(
@@ -214,92 +349,33 @@ def torch_adamw(
 
     def init_fn(params):
         _validate.check_inexact_leaves("params", params)
-        return TorchAdamWState(*_zero_state(params, amsgrad))
+        return _zero_state(TorchAdamWState, params, amsgrad)
 
     def update_fn(updates, state, params=None):
-        _validate.check_updates_given("torch_adamw", updates)
-        _validate.check_params_given("torch_adamw", params)
-        _validate.check_same_structure("updates", updates, params, "the params")
-        _validate.check_inexact_leaves("updates", updates)
+        _check_update_inputs("torch_adamw", updates, params)
         count = _numerics.safe_increment(state.count)
-        s = _scalar_dtype()
-        eta = jnp.asarray(_numerics.value_at(lr, state.count), s)
-        decay_factor = 1 - eta * jnp.asarray(weight_decay, s)
-        step_size = eta / _bias_correction(beta1, count, s)
-        bc2_sqrt = jnp.sqrt(_bias_correction(beta2, count, s))
-        w1, w2 = _one_minus(beta1, s), _one_minus(beta2, s)
-        zero = (state.count < 0).astype(jnp.int32)  # 0 when run, unknown when compiled
-
-        def leaf(g, p, m, v, v_max, _):
-            store = jnp.finfo(p.dtype).dtype
-            c = _elementwise_dtype(store)
-
-            def kernel(x):
-                """Rounds to the params' dtype, as each PyTorch kernel writes its result."""
-                return x if store == c else x.astype(store).astype(c)
-
-            gr, pr = _as_real(g).astype(c), _as_real(p).astype(c)
-            mr, vr = _as_real(m).astype(c), _as_real(v).astype(c)
-            if maximize:
-                gr = -gr
-            new_p = kernel(_opaque(pr * decay_factor.astype(c), zero))  # rounded before the add
-            # torch.lerp(m, g, w): m + w * (g - m) for w < 0.5, else g - (g - m) * (1 - w).
-            wc = w1.astype(c)
-            small = mr + wc * (gr - mr)
-            large = gr - (gr - mr) * (1 - wc)
-            if _is_number(beta1):
-                new_m = small if 1.0 - float(beta1) < 0.5 else large
-            else:
-                new_m = jnp.where(wc < 0.5, small, large)
-            new_m = kernel(new_m)
-            new_v = kernel(vr * jnp.asarray(beta2, s).astype(c))
-            new_v = kernel((w2.astype(c) * gr) * gr + new_v)
-            if amsgrad:
-                new_max = jnp.maximum(_as_real(v_max).astype(c), new_v)
-                second = new_max
-            else:
-                new_max, second = None, new_v
-            # A true division (XLA would multiply by the reciprocal of a broadcast scalar).
-            divisor = _opaque(jnp.broadcast_to(bc2_sqrt.astype(c), second.shape), zero)
-            denom = kernel(kernel(jnp.sqrt(second)) / divisor)
-            denom = kernel(denom + jnp.asarray(eps, s).astype(c))
-            new_p = kernel(new_p + ((-step_size).astype(c) * new_m) / denom)
-            return (
-                _from_real(new_p, p) - p,
-                _from_real(new_m, m),
-                _from_real(new_v, v),
-                None if new_max is None else _from_real(new_max, v_max),
-            )
-
-        flags = [True] * len(jax.tree.leaves(params))
-        return _map_leaves(leaf, updates, params, state, flags, amsgrad, TorchAdamWState, count)
+        scalars = _torch_scalars(state.count, count, lr, weight_decay, beta1, beta2, eps)
+        leaf_step = functools.partial(
+            _torch_leaf_step, scalars=scalars, beta1=beta1, maximize=maximize
+        )
+        new_updates, mu, nu, nu_max = _map_leaves(leaf_step, updates, params, state, amsgrad)
+        return new_updates, TorchAdamWState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+# Keras.
 
 
-def _map_leaves(leaf, updates, params, state, flags, amsgrad, state_cls, count):
-    """Applies ``leaf`` to each (grad, param, mu, nu, nu_max, flag) and rebuilds the trees."""
-    treedef = jax.tree.structure(params)
-    maxes = jax.tree.leaves(state.nu_max) if amsgrad else [None] * treedef.num_leaves
-    out = [
-        leaf(*args)
-        for args in zip(
-            jax.tree.leaves(updates),
-            jax.tree.leaves(params),
-            jax.tree.leaves(state.mu),
-            jax.tree.leaves(state.nu),
-            maxes,
-            flags,
-            strict=True,
-        )
-    ]
-    new_updates, mu, nu = (jax.tree.unflatten(treedef, [o[i] for o in out]) for i in range(3))
-    nu_max = jax.tree.unflatten(treedef, [o[3] for o in out]) if amsgrad else state.nu_max
-    return new_updates, state_cls(count, mu, nu, nu_max)
+class _KerasScalars(NamedTuple):
+    """The scalars of one :func:`keras_adamw` step; each leaf casts them to its dtype."""
+
+    t: jax.Array  # int32: Keras' iterations + 1
+    learning_rate: jax.Array  # float32, as Keras keeps it in a variable
+    weight_decay: Any
+    beta_1: Any
+    beta_2: Any
+    epsilon: Any
 
 
 def _exclusion_pattern(names: Any) -> re.Pattern | None:
@@ -319,6 +395,58 @@ def _exclusion_pattern(names: Any) -> re.Pattern | None:
         raise ValueError(
             f"exclude_from_weight_decay={names!r} does not form a valid pattern: {err}."
         ) from err
+
+
+def _check_real(params: Any) -> None:
+    """Refuses complex params: Keras' variables are real."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if jnp.iscomplexobj(leaf):
+            raise TypeError(
+                f"params at {leaf_path(path)} are complex ({jnp.result_type(leaf)}); "
+                "keras_adamw ports Keras, whose variables are real. Use torch_adamw or "
+                "adamw_jax.adamw for complex parameters."
+            )
+
+
+def _decay_flags(pattern: re.Pattern | None, params: Any) -> list[bool]:
+    """Per leaf of ``params``, whether it decays: its path does not match ``pattern``."""
+    return [
+        pattern is None or pattern.search(leaf_path(path)) is None
+        for path, _ in jax.tree_util.tree_leaves_with_path(params)
+    ]
+
+
+def _keras_leaf_step(
+    g: jax.Array,
+    p: jax.Array,
+    m: jax.Array,
+    v: jax.Array,
+    v_max: jax.Array | None,
+    decay: bool,
+    *,
+    scalars: _KerasScalars,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """One variable's Keras step: (update, mu, nu, nu_max), nu_max None without AMSGrad.
+
+    Computed in the variable's dtype, as Keras computes it.
+    """
+    d = p.dtype
+    lr = scalars.learning_rate.astype(d)
+    g = g.astype(d)
+    if decay:
+        p_dec = p - p * jnp.asarray(scalars.weight_decay, d) * lr
+    else:
+        p_dec = p
+    t = scalars.t.astype(d)
+    b1_power = jnp.power(jnp.asarray(scalars.beta_1, d), t)
+    b2_power = jnp.power(jnp.asarray(scalars.beta_2, d), t)
+    alpha = lr * jnp.sqrt(1 - b2_power) / (1 - b1_power)
+    new_m = m + (g - m) * _one_minus(scalars.beta_1, d)
+    new_v = v + (jnp.square(g) - v) * _one_minus(scalars.beta_2, d)
+    new_max = None if v_max is None else jnp.maximum(v_max, new_v)
+    second = new_v if new_max is None else new_max
+    new_p = p_dec - (new_m * alpha) / (jnp.sqrt(second) + jnp.asarray(scalars.epsilon, d))
+    return (new_p - p).astype(d), new_m, new_v, new_max
 
 
 def keras_adamw(
@@ -397,52 +525,29 @@ def keras_adamw(
     _validate.check_bool("amsgrad", amsgrad)
     pattern = _exclusion_pattern(exclude_from_weight_decay)
 
-    def decays(path) -> bool:
-        return pattern is None or pattern.search(leaf_path(path)) is None
-
     def init_fn(params):
         _validate.check_inexact_leaves("params", params)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-            if jnp.iscomplexobj(leaf):
-                raise TypeError(
-                    f"params at {leaf_path(path)} are complex ({jnp.result_type(leaf)}); "
-                    "keras_adamw ports Keras, whose variables are real. Use torch_adamw or "
-                    "adamw_jax.adamw for complex parameters."
-                )
-        return KerasAdamWState(*_zero_state(params, amsgrad))
+        _check_real(params)
+        return _zero_state(KerasAdamWState, params, amsgrad)
 
     def update_fn(updates, state, params=None):
-        _validate.check_updates_given("keras_adamw", updates)
-        _validate.check_params_given("keras_adamw", params)
-        _validate.check_same_structure("updates", updates, params, "the params")
-        _validate.check_inexact_leaves("updates", updates)
+        _check_update_inputs("keras_adamw", updates, params)
         count = _numerics.safe_increment(state.count)
         # Keras stores the learning rate in a float32 variable.
         eta32 = jnp.asarray(_numerics.value_at(learning_rate, state.count)).astype(jnp.float32)
-        flags = [decays(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
-
-        def leaf(g, p, m, v, v_max, decay):
-            d = p.dtype
-            lr = eta32.astype(d)
-            g = g.astype(d)
-            if decay:
-                p_dec = p - p * jnp.asarray(weight_decay, d) * lr
-            else:
-                p_dec = p
-            step = count.astype(d)
-            b1_power = jnp.power(jnp.asarray(beta_1, d), step)
-            b2_power = jnp.power(jnp.asarray(beta_2, d), step)
-            alpha = lr * jnp.sqrt(1 - b2_power) / (1 - b1_power)
-            new_m = m + (g - m) * _one_minus(beta_1, d)
-            new_v = v + (jnp.square(g) - v) * _one_minus(beta_2, d)
-            if amsgrad:
-                new_max = jnp.maximum(v_max, new_v)
-                second = new_max
-            else:
-                new_max, second = None, new_v
-            new_p = p_dec - (new_m * alpha) / (jnp.sqrt(second) + jnp.asarray(epsilon, d))
-            return (new_p - p).astype(d), new_m, new_v, new_max
-
-        return _map_leaves(leaf, updates, params, state, flags, amsgrad, KerasAdamWState, count)
+        scalars = _KerasScalars(
+            t=count,
+            learning_rate=eta32,
+            weight_decay=weight_decay,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=epsilon,
+        )
+        leaf_step = functools.partial(_keras_leaf_step, scalars=scalars)
+        decays = _decay_flags(pattern, params)  # one flag per leaf, after nu_max
+        new_updates, mu, nu, nu_max = _map_leaves(
+            leaf_step, updates, params, state, amsgrad, decays
+        )
+        return new_updates, KerasAdamWState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
     return optax.GradientTransformation(init_fn, update_fn)

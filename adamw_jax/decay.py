@@ -1,6 +1,8 @@
 """Weight decay: the L2-style ``add_decayed_weights`` and the decoupled decay of AdamW."""
 
-from typing import NamedTuple
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +45,8 @@ def add_decayed_weights(
         callable ``params -> bool pytree`` (see :mod:`adamw_jax.masks`).
 
     Returns:
-      An ``optax.GradientTransformation``; its ``update`` requires ``params``.
+      An ``optax.GradientTransformation``; its ``update`` requires ``params`` unless
+      ``weight_decay`` is the number 0 (then the updates pass through unchanged).
 
     Example:
       >>> import jax.numpy as jnp
@@ -65,22 +68,46 @@ def add_decayed_weights(
         del params
         return AddDecayedWeightsState(jnp.zeros([], jnp.int32))
 
+    needs_params = not _is_zero(weight_decay)
+
     def update_fn(updates, state, params=None):
-        _validate.check_updates_given("add_decayed_weights", updates)
-        _validate.check_params_given("add_decayed_weights", params)
-        _validate.check_same_structure("updates", updates, params, "the params")
+        count = _numerics.safe_increment(state.count)
+        if params is None and not needs_params:  # adding 0 * params needs no params
+            _validate.check_updates_given("add_decayed_weights", updates)
+            return updates, AddDecayedWeightsState(count)
+        _check_update_args("add_decayed_weights", updates, params)
         wd = _numerics.value_at(weight_decay, state.count)
-
-        def decay(u, p):
-            c = _numerics.compute_dtype(u.dtype, p.dtype)
-            return (u.astype(c) + jnp.asarray(wd, c) * p.astype(c)).astype(u.dtype)
-
-        new = masks.map_masked(
-            masks.resolve_mask(mask, params), decay, lambda u, p: u, updates, params
-        )
-        return new, AddDecayedWeightsState(_numerics.safe_increment(state.count))
+        decay = functools.partial(_add_decayed_weight, wd)
+        new = masks.map_masked(masks.resolve_mask(mask, params), decay, _unchanged, updates, params)
+        return new, AddDecayedWeightsState(count)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_zero(value: Any) -> bool:
+    """Whether ``value`` is known, before tracing, to be the number 0 (not a schedule)."""
+    if _numerics.is_schedule(value) or isinstance(value, jax.core.Tracer):
+        return False
+    return float(value) == 0.0
+
+
+def _check_update_args(name: str, updates: Any, params: Any) -> None:
+    """Refuses missing updates or params, and updates that do not fit the params."""
+    _validate.check_updates_given(name, updates)
+    _validate.check_params_given(name, params)
+    _validate.check_same_structure("updates", updates, params, "the params")
+
+
+def _add_decayed_weight(wd: Any, u: jax.Array, p: jax.Array) -> jax.Array:
+    """``u + wd * p`` in the update's dtype."""
+    c = _numerics.compute_dtype(u.dtype, p.dtype)
+    return (u.astype(c) + jnp.asarray(wd, c) * p.astype(c)).astype(u.dtype)
+
+
+def _unchanged(u: jax.Array, p: jax.Array) -> jax.Array:
+    """The update as it is: a leaf that does not decay."""
+    del p
+    return u
 
 
 def decoupled_weight_decay(
@@ -141,6 +168,33 @@ def decoupled_weight_decay(
     _validate.check_scalar("weight_decay", weight_decay, low=0.0, allow_schedule=True)
     _validate.check_choice("decay_coupling", decay_coupling, DECAY_COUPLINGS)
     _validate.check_mask("mask", mask)
+    _check_peak_learning_rate(peak_learning_rate, decay_coupling, learning_rate)
+    coupling = effective_coupling(decay_coupling, peak_learning_rate)
+
+    def init_fn(params):
+        del params
+        return DecoupledWeightDecayState(jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        _check_update_args("decoupled_weight_decay", updates, params)
+        lr = _numerics.value_at(learning_rate, state.count)
+        wd = _numerics.value_at(weight_decay, state.count)
+        # Made once per compute dtype, for all the leaves computed in it.
+        scalars = functools.cache(
+            functools.partial(decay_scalars, lr, wd, coupling, peak_learning_rate)
+        )
+        decayed = functools.partial(_decayed_step, coupling, scalars)
+        plain = functools.partial(_plain_step, scalars)
+        new = masks.map_masked(masks.resolve_mask(mask, params), decayed, plain, updates, params)
+        return new, DecoupledWeightDecayState(_numerics.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_peak_learning_rate(
+    peak_learning_rate: Any, decay_coupling: str, learning_rate: ScalarOrSchedule
+) -> None:
+    """Refuses a peak without ``"schedule"``, and ``"schedule"`` on a schedule without one."""
     if peak_learning_rate is not None:
         if decay_coupling != "schedule":
             raise ValueError(
@@ -157,48 +211,50 @@ def decoupled_weight_decay(
             "and learning_rate is a schedule: the decay follows learning_rate(t) / "
             "peak_learning_rate."
         )
-    # With "schedule" and no peak the multiplier is 1: the same step as "none".
-    coupling = (
-        "none" if decay_coupling == "schedule" and peak_learning_rate is None else (decay_coupling)
-    )
 
-    def init_fn(params):
-        del params
-        return DecoupledWeightDecayState(jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None):
-        _validate.check_updates_given("decoupled_weight_decay", updates)
-        _validate.check_params_given("decoupled_weight_decay", params)
-        _validate.check_same_structure("updates", updates, params, "the params")
-        lr = _numerics.value_at(learning_rate, state.count)
-        wd = _numerics.value_at(weight_decay, state.count)
+def effective_coupling(decay_coupling: str, peak_learning_rate: Any) -> str:
+    """The coupling the step applies: ``"schedule"`` without a peak is ``"none"``.
 
-        scalars_by_dtype: dict = {}
+    Without ``peak_learning_rate`` the multiplier learning rate / peak is taken as 1, which
+    is the step of ``"none"``.
+    """
+    if decay_coupling == "schedule" and peak_learning_rate is None:
+        return "none"
+    return decay_coupling
 
-        def scalars(c):
-            """(learning rate, decay factor) in dtype ``c``, made once for all leaves."""
-            if c not in scalars_by_dtype:
-                lam = jnp.asarray(wd, c)
-                if coupling == "schedule":
-                    lam = lam / jnp.asarray(peak_learning_rate, c)
-                scalars_by_dtype[c] = (jnp.asarray(lr, c), lam)
-            return scalars_by_dtype[c]
 
-        def plain(u, p):
-            c = _numerics.compute_dtype(u.dtype, p.dtype)
-            eta, _ = scalars(c)
-            return (-eta * u.astype(c)).astype(p.dtype)
+class DecayScalars(NamedTuple):
+    """One step's scalars in one compute dtype."""
 
-        def decayed(u, p):
-            c = _numerics.compute_dtype(u.dtype, p.dtype)
-            (eta, lam), uc, pc = scalars(c), u.astype(c), p.astype(c)
-            if coupling == "none":
-                step = eta * uc + lam * pc
-            else:  # "lr", and "schedule" with lam already divided by the peak
-                step = eta * (uc + lam * pc)
-            return (-step).astype(p.dtype)
+    lr: jax.Array  # the learning rate, eta_t
+    decay: jax.Array  # lambda_t; divided by eta_peak with the "schedule" coupling
 
-        new = masks.map_masked(masks.resolve_mask(mask, params), decayed, plain, updates, params)
-        return new, DecoupledWeightDecayState(_numerics.safe_increment(state.count))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+def decay_scalars(
+    lr: Any, wd: Any, coupling: str, peak_learning_rate: Any, dtype: Any
+) -> DecayScalars:
+    """The learning rate and decay factor of a step (values at its count) in ``dtype``."""
+    decay = jnp.asarray(wd, dtype)
+    if coupling == "schedule":
+        decay = decay / jnp.asarray(peak_learning_rate, dtype)
+    return DecayScalars(jnp.asarray(lr, dtype), decay)
+
+
+def _decayed_step(
+    coupling: str, scalars: Callable[[Any], DecayScalars], u: jax.Array, p: jax.Array
+) -> jax.Array:
+    """``-(eta u + d w)`` in the param's dtype: a leaf that decays."""
+    c = _numerics.compute_dtype(u.dtype, p.dtype)
+    s, uc, pc = scalars(c), u.astype(c), p.astype(c)
+    if coupling == "none":
+        step = s.lr * uc + s.decay * pc
+    else:  # "lr", and "schedule" with the decay already divided by the peak
+        step = s.lr * (uc + s.decay * pc)
+    return (-step).astype(p.dtype)
+
+
+def _plain_step(scalars: Callable[[Any], DecayScalars], u: jax.Array, p: jax.Array) -> jax.Array:
+    """``-eta u`` in the param's dtype: a leaf that does not decay."""
+    c = _numerics.compute_dtype(u.dtype, p.dtype)
+    return (-scalars(c).lr * u.astype(c)).astype(p.dtype)

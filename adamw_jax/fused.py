@@ -25,17 +25,18 @@ import optax
 from adamw_jax import _moment_storage, _numerics, _validate, masks
 from adamw_jax._base import Mask, MomentDtype, ScalarOrArray, ScalarOrSchedule
 from adamw_jax.alias import adamw
-from adamw_jax.decay import DecoupledWeightDecayState
+from adamw_jax.decay import DecoupledWeightDecayState, decay_scalars, effective_coupling
 from adamw_jax.moments import ScaleByAdamState
 
 BACKENDS = ("auto", "kernel", "xla")
 _TARGET = "adamw_jax_fused_adamw"
-PROBE_TARGET = "adamw_jax_stream_probe"  # the same-traffic bandwidth probe of the benchmark
 _EXTENSION = "adamw_jax._fused_adamw_kernel"
 _LEAVES_PER_CALL = 64
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-# The decay modes of the kernel's `coupling` attribute.
+# The kernel's `coupling` attribute (enum Decay in csrc/fused_adamw.cc) for each coupling
+# the step applies: "schedule" is "lr" with the decay factor already divided by the peak.
 _LR_COUPLED, _INDEPENDENT = 1, 2
+_KERNEL_COUPLING = {"lr": _LR_COUPLED, "schedule": _LR_COUPLED, "none": _INDEPENDENT}
 
 
 class FusedAdamW(NamedTuple):
@@ -62,87 +63,13 @@ def kernel_available() -> bool:
     Registers the custom call on first use and runs one tiny step through it, so that a
     kernel built against an incompatible ``jaxlib`` reports False instead of failing later.
     """
-    try:
-        spec = importlib.util.find_spec(_EXTENSION)
-    except (ImportError, ValueError):
-        return False
-    if spec is None or not spec.origin:
+    if not register_cpu_target(_TARGET, "AdamwJaxFusedAdamw"):
         return False
     try:
-        library = ctypes.CDLL(spec.origin)
-        handler = jax.ffi.pycapsule(library.AdamwJaxFusedAdamw)
-        jax.ffi.register_ffi_target(_TARGET, handler, platform="cpu")
-        probe = jax.ffi.pycapsule(library.AdamwJaxStreamProbe)
-        jax.ffi.register_ffi_target(PROBE_TARGET, probe, platform="cpu")
-        one = jnp.ones([1], jnp.float32)
-        hyper = jnp.zeros([12], jnp.float32).at[4].set(1.0).at[5].set(1.0)
-        out = _call([(one, one, one, one, None)], hyper, np.ones([1], np.uint8), _LR_COUPLED)
-        jax.block_until_ready(out)
-    except Exception:  # any failure to load or run means: use the XLA path
+        _run_self_test()
+    except Exception:  # any failure to run means: use the XLA path
         return False
     return True
-
-
-def _aliased_call(target, groups, operands_fn, outputs, **attributes):
-    """Calls ``target`` once per group of leaves, its outputs aliased to inputs.
-
-    ``operands_fn(group_index, group)`` gives the leading (non-leaf) operands of a call;
-    ``outputs`` the positions, within a leaf's inputs, of the inputs it overwrites. XLA's
-    alias analysis grows steeply with the aliases of one call, so leaves travel in groups
-    of at most ``_LEAVES_PER_CALL``.
-    """
-    out = []
-    for k, group in enumerate(groups):
-        operands, results, aliases = list(operands_fn(k, group)), [], {}
-        for ins in group:
-            for position in outputs:
-                aliases[len(operands) + position] = len(results)
-                x = ins[position]
-                results.append(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
-            operands += ins
-        call = jax.ffi.ffi_call(target, results, input_output_aliases=aliases)
-        out += call(*operands, **attributes)
-    return out
-
-
-def _groups(items: list) -> list[list]:
-    return [items[k : k + _LEAVES_PER_CALL] for k in range(0, len(items), _LEAVES_PER_CALL)]
-
-
-def _call(leaves, hyper, flags, coupling: int, nesterov: bool = False):
-    """Runs the kernel on ``[(p, g, m, v, v_max or None), ...]``; returns its outputs.
-
-    The outputs are ``p, m, v[, v_max]`` per leaf, in order, each aliased to its input.
-    """
-    amsgrad = leaves[0][4] is not None
-    per_leaf = [[p, g, m, v, v_max] if amsgrad else [p, g, m, v] for p, g, m, v, v_max in leaves]
-    flags = jnp.asarray(flags, jnp.uint8)
-    return _aliased_call(
-        _TARGET,
-        _groups(per_leaf),
-        lambda k, _: [hyper, flags[k * _LEAVES_PER_CALL : (k + 1) * _LEAVES_PER_CALL]],
-        (0, 2, 3, 4) if amsgrad else (0, 2, 3),
-        amsgrad=np.int64(amsgrad),
-        nesterov=np.int64(nesterov),
-        coupling=np.int64(coupling),
-    )
-
-
-def stream_probe(
-    params: optax.Params, grads: optax.Updates, mu: optax.Updates, nu: optax.Updates
-) -> tuple[optax.Params, tuple[optax.Updates, optax.Updates]]:
-    """The benchmark's bandwidth probe: ``p + g, m + g, v + g`` in place, float32 leaves.
-
-    The same memory traffic and call structure as the kernel's step (read 4 arrays, write
-    3), with one addition per element: what the machine can move in this pattern. Needs
-    :func:`kernel_available`; returns ``(params, (mu, nu))``.
-    """
-    treedef = jax.tree.structure(params)
-    columns = [treedef.flatten_up_to(t) for t in (params, grads, mu, nu)]
-    per_leaf = [list(x) for x in zip(*columns, strict=True)]
-    out = _aliased_call(PROBE_TARGET, _groups(per_leaf), lambda k, _: [], (0, 2, 3))
-    p, m, v = (jax.tree.unflatten(treedef, out[k::3]) for k in range(3))
-    return p, (m, v)
 
 
 def fused_adamw(
@@ -256,22 +183,21 @@ def fused_adamw(
         moment_layout=moment_layout,
     )
     _validate.check_choice("backend", backend, BACKENDS)
-    if decay_coupling == "schedule" and peak_learning_rate is not None:
-        coupling, peak = _LR_COUPLED, peak_learning_rate
-    else:
-        coupling, peak = (_LR_COUPLED if decay_coupling == "lr" else _INDEPENDENT), None
-
-    def xla_step(params, grads, state):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
+    coupling = effective_coupling(decay_coupling, peak_learning_rate)
+    options = _KernelOptions(amsgrad, nesterov, _KERNEL_COUPLING[coupling])
+    # Settings the kernel does not implement: with them, every step takes the XLA code.
+    needs_xla = (
+        _moment_storage.is_int8(mu_dtype)
+        or _moment_storage.is_int8(nu_dtype)
+        or param_update is not None
+        or moment_layout != "tree"
+    )
 
     def plan(params, grads, state):
-        """The per-leaf decay flags when the kernel applies, else None."""
+        """The per-leaf decay flags when the kernel takes this step, else None."""
         if backend == "xla" or jax.default_backend() != "cpu" or not kernel_available():
             return None
-        if _moment_storage.is_int8(mu_dtype) or _moment_storage.is_int8(nu_dtype):
-            return None
-        if param_update is not None or moment_layout != "tree":
+        if needs_xla:
             return None
         return _kernel_plan(mask, params, grads, state)
 
@@ -281,72 +207,24 @@ def fused_adamw(
     def step(params, grads, state):
         _validate.check_updates_given("fused_adamw's step", grads)
         flags = plan(params, grads, state)
+        if flags is None and backend == "kernel":
+            raise _kernel_refused()
         if flags is None:
-            if backend == "kernel":
-                raise ValueError(
-                    'backend="kernel" but the fused kernel does not apply here: it needs the '
-                    "CPU backend, the built kernel (kernel_available() is "
-                    f"{kernel_available()}), float32 params and grads, float32 or bfloat16 "
-                    'moments in the "tree" layout and a mask of one bool per leaf.'
-                )
-            return xla_step(params, grads, state)
-        adam_state, decay_state = state
-        hyper = _hyper(
-            b1, b2, eps, eps_root, learning_rate, weight_decay, peak, adam_state, decay_state
+            return _xla_step(tx, params, grads, state)
+        hyper = _kernel_hyper(
+            b1, b2, eps, eps_root, learning_rate, weight_decay, coupling, peak_learning_rate, state
         )
-        p_leaves, treedef = jax.tree.flatten(params)
-        if not p_leaves:
-            return xla_step(params, grads, state)
-        per_leaf = zip(
-            p_leaves,
-            treedef.flatten_up_to(grads),
-            jax.tree.leaves(adam_state.mu),
-            jax.tree.leaves(adam_state.nu),
-            jax.tree.leaves(adam_state.nu_max) if amsgrad else [None] * len(p_leaves),
-            strict=True,
-        )
-        out = _call(list(per_leaf), hyper, flags, coupling, nesterov)
-        width = 4 if amsgrad else 3
-        columns = [jax.tree.unflatten(treedef, out[k::width]) for k in range(width)]
-        new_adam = ScaleByAdamState(
-            _numerics.safe_increment(adam_state.count),
-            columns[1],
-            columns[2],
-            columns[3] if amsgrad else adam_state.nu_max,
-        )
-        return columns[0], (
-            new_adam,
-            DecoupledWeightDecayState(_numerics.safe_increment(decay_state.count)),
-        )
+        if not jax.tree.leaves(params):  # an empty tree: no kernel call to make
+            return _xla_step(tx, params, grads, state)
+        return _kernel_step(options, params, grads, state, hyper, flags)
 
     return FusedAdamW(tx.init, step, kernel_used)
 
 
-def _hyper(b1, b2, eps, eps_root, learning_rate, weight_decay, peak, adam_state, decay_state):
-    """The kernel's 12 float32 scalars for this step, computed as ``adamw``'s XLA code does."""
-    r = jnp.float32
-    beta1, beta2 = jnp.asarray(b1, r), jnp.asarray(b2, r)
-    t = _numerics.safe_increment(adam_state.count).astype(r)
-    c1, c2 = 1 - beta1**t, 1 - beta2**t
-    lr = jnp.asarray(_numerics.value_at(learning_rate, decay_state.count), r)
-    wd = jnp.asarray(_numerics.value_at(weight_decay, decay_state.count), r)
-    if peak is not None:
-        wd = wd / jnp.asarray(peak, r)
-    values = [
-        beta1,
-        1 - beta1,
-        beta2,
-        1 - beta2,
-        1 / c1,
-        1 / c2,
-        jnp.asarray(eps, r),
-        jnp.asarray(eps_root, r),
-        lr,
-        wd,
-        beta1 / (1 - beta1 ** (t + 1)),
-        (1 - beta1) / c1,
-    ]
-    return jnp.stack([jnp.reshape(x, []) for x in values])
+def _xla_step(tx: optax.GradientTransformation, params, grads, state):
+    """The step as ``adamw``'s XLA code takes it: ``tx.update``, then ``apply_updates``."""
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
 
 
 def _kernel_plan(mask, params, grads, state):
@@ -389,3 +267,187 @@ def _decay_flags(mask, params, num_leaves: int):
     if all(isinstance(m, (bool, np.bool_)) for m in flags):
         return np.asarray(flags, np.uint8)
     return jnp.stack([jnp.asarray(m).astype(jnp.uint8) for m in flags])
+
+
+def _kernel_refused() -> ValueError:
+    """The error of ``backend="kernel"`` where the kernel does not apply."""
+    return ValueError(
+        'backend="kernel" but the fused kernel does not apply here: it needs the '
+        "CPU backend, the built kernel (kernel_available() is "
+        f"{kernel_available()}), float32 params and grads, float32 or bfloat16 "
+        'moments in the "tree" layout and a mask of one bool per leaf.'
+    )
+
+
+class _KernelHyper(NamedTuple):
+    """The kernel's float32 scalars for one step.
+
+    It reads them as one float32 vector in the order of these fields: its ``enum Hyper``
+    in ``csrc/fused_adamw.cc`` names the same slots, and the two change together.
+    """
+
+    b1: jax.Array
+    one_minus_b1: jax.Array
+    b2: jax.Array
+    one_minus_b2: jax.Array
+    inv_c1: jax.Array  # 1 / (1 - b1^t)
+    inv_c2: jax.Array  # 1 / (1 - b2^t)
+    eps: jax.Array
+    eps_root: jax.Array
+    lr: jax.Array  # the learning rate at this step
+    wd: jax.Array  # the decay factor: weight_decay, or weight_decay / peak learning rate
+    nesterov_m: jax.Array  # b1 / (1 - b1^(t+1))
+    nesterov_g: jax.Array  # (1 - b1) / (1 - b1^t)
+
+    def stacked(self) -> jax.Array:
+        """The vector the kernel reads: the fields, in order."""
+        return jnp.stack([jnp.reshape(x, []) for x in self])
+
+
+def _kernel_hyper(
+    b1, b2, eps, eps_root, learning_rate, weight_decay, coupling, peak_learning_rate, state
+) -> _KernelHyper:
+    """The kernel's scalars for this step, computed as ``adamw``'s XLA code does."""
+    adam_state, decay_state = state
+    r = jnp.float32
+    beta1, beta2 = jnp.asarray(b1, r), jnp.asarray(b2, r)
+    t = _numerics.safe_increment(adam_state.count).astype(r)
+    c1, c2 = 1 - beta1**t, 1 - beta2**t
+    lr = _numerics.value_at(learning_rate, decay_state.count)
+    wd = _numerics.value_at(weight_decay, decay_state.count)
+    scalars = decay_scalars(lr, wd, coupling, peak_learning_rate, r)
+    return _KernelHyper(
+        b1=beta1,
+        one_minus_b1=1 - beta1,
+        b2=beta2,
+        one_minus_b2=1 - beta2,
+        inv_c1=1 / c1,
+        inv_c2=1 / c2,
+        eps=jnp.asarray(eps, r),
+        eps_root=jnp.asarray(eps_root, r),
+        lr=scalars.lr,
+        wd=scalars.decay,
+        nesterov_m=beta1 / (1 - beta1 ** (t + 1)),
+        nesterov_g=(1 - beta1) / c1,
+    )
+
+
+class _KernelOptions(NamedTuple):
+    """The kernel's attributes: the same for every step of one optimizer."""
+
+    amsgrad: bool
+    nesterov: bool
+    coupling: int  # how the decay enters the step: _LR_COUPLED or _INDEPENDENT
+
+
+def _kernel_step(options: _KernelOptions, params, grads, state, hyper, flags):
+    """The step through the kernel: the new ``(params, state)``, written in place."""
+    adam_state, decay_state = state
+    p_leaves, treedef = jax.tree.flatten(params)
+    amsgrad = options.amsgrad
+    moments = [adam_state.mu, adam_state.nu, *([adam_state.nu_max] if amsgrad else [])]
+    per_leaf = zip(
+        p_leaves,
+        treedef.flatten_up_to(grads),
+        *(jax.tree.leaves(moment) for moment in moments),
+        strict=True,
+    )
+    out = _run_kernel(options, [list(ins) for ins in per_leaf], hyper, flags)
+    width = 1 + len(moments)  # the kernel's outputs: p, m, v[, v_max] per leaf
+    new_params, mu, nu, *nu_max = (jax.tree.unflatten(treedef, out[k::width]) for k in range(width))
+    new_adam = ScaleByAdamState(
+        _numerics.safe_increment(adam_state.count),
+        mu,
+        nu,
+        nu_max[0] if amsgrad else adam_state.nu_max,
+    )
+    new_decay = DecoupledWeightDecayState(_numerics.safe_increment(decay_state.count))
+    return new_params, (new_adam, new_decay)
+
+
+def _run_kernel(options: _KernelOptions, per_leaf, hyper: _KernelHyper, flags):
+    """Runs the kernel on ``[[p, g, m, v(, v_max)], ...]``; returns its outputs.
+
+    The outputs are ``p, m, v(, v_max)`` per leaf, in order, each aliased to its input.
+    """
+    vector = hyper.stacked()
+    flags = jnp.asarray(flags, jnp.uint8)
+    return aliased_call(
+        _TARGET,
+        per_leaf,
+        (0, 2, 3, 4) if options.amsgrad else (0, 2, 3),
+        lambda k: [vector, flags[k * _LEAVES_PER_CALL : (k + 1) * _LEAVES_PER_CALL]],
+        amsgrad=np.int64(options.amsgrad),
+        nesterov=np.int64(options.nesterov),
+        coupling=np.int64(options.coupling),
+    )
+
+
+def aliased_call(
+    target: str,
+    per_leaf: list[tuple[jax.Array, ...]],
+    outputs: tuple[int, ...],
+    leading: Callable[[int], list[jax.Array]],
+    **attributes: Any,
+) -> list[jax.Array]:
+    """Calls the FFI ``target`` on every leaf's inputs, its outputs aliased to inputs.
+
+    ``per_leaf`` holds each leaf's inputs; ``outputs`` the positions, among them, of the
+    inputs a call overwrites (its outputs, in order); ``leading(k)`` the operands that come
+    before the leaves' in the ``k``-th call. XLA's alias analysis grows steeply with the
+    aliases of one call, so leaves travel in calls of at most ``_LEAVES_PER_CALL``. Returns
+    every leaf's outputs, in order.
+    """
+    out = []
+    for k, start in enumerate(range(0, len(per_leaf), _LEAVES_PER_CALL)):
+        operands, results, aliases = list(leading(k)), [], {}
+        for ins in per_leaf[start : start + _LEAVES_PER_CALL]:
+            for position in outputs:
+                aliases[len(operands) + position] = len(results)
+                x = ins[position]
+                results.append(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
+            operands += ins
+        call = jax.ffi.ffi_call(target, results, input_output_aliases=aliases)
+        out += call(*operands, **attributes)
+    return out
+
+
+def _run_self_test() -> None:
+    """One tiny step through the kernel; raises when it does not run."""
+    zero, one = np.float32(0.0), np.float32(1.0)
+    hyper = _KernelHyper(*[zero] * len(_KernelHyper._fields))._replace(inv_c1=one, inv_c2=one)
+    x = jnp.ones([1], jnp.float32)
+    options = _KernelOptions(amsgrad=False, nesterov=False, coupling=_LR_COUPLED)
+    out = _run_kernel(options, [[x, x, x, x]], hyper, np.ones([1], np.uint8))
+    jax.block_until_ready(out)
+
+
+def register_cpu_target(target: str, symbol: str) -> bool:
+    """Registers the built extension's handler ``symbol`` as the CPU FFI target ``target``.
+
+    Returns False when the extension was not built, does not load or has no such handler.
+    """
+    library = _extension()
+    if library is None:
+        return False
+    try:
+        handler = jax.ffi.pycapsule(getattr(library, symbol))
+        jax.ffi.register_ffi_target(target, handler, platform="cpu")
+    except Exception:  # any failure to load means: not available
+        return False
+    return True
+
+
+@functools.cache
+def _extension() -> ctypes.CDLL | None:
+    """The built C++ extension, loaded; None when it was not built or does not load."""
+    try:
+        spec = importlib.util.find_spec(_EXTENSION)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    try:
+        return ctypes.CDLL(spec.origin)
+    except OSError:
+        return None

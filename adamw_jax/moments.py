@@ -1,19 +1,33 @@
-"""Adam's first and second moment scaling, with bias correction, AMSGrad and Nesterov."""
+"""Adam's first and second moment scaling, with bias correction, AMSGrad and Nesterov.
 
+Read top-down: :func:`scale_by_adam` checks its storage keywords into one
+:class:`~adamw_jax._moment_storage.MomentStorage` and builds the transformation with
+:func:`scale_by_adam_with_storage` (which :func:`adamw_jax.adamw` and
+:func:`adamw_jax.adam` call directly). Each step makes the step's scalars once per compute
+dtype (:class:`AdamScalars`) and runs :func:`_adam_step`, the whole of Adam's arithmetic
+for one leaf, on every leaf (``"tree"`` layout, :func:`_update_tree`) or every buffer
+(``"packed"``, :func:`_update_packed`). How moments are stored (floating dtypes, the square
+root of a float16 second moment, blockwise ``"int8"``) is :mod:`adamw_jax._moment_storage`'s
+business; the step only loads and stores through it.
+"""
+
+import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from adamw_jax import _moment_storage as _storage
-from adamw_jax import _numerics, _packing, _validate
+from adamw_jax import _numerics, _packing, _trees, _validate
 from adamw_jax._base import MomentDtype, ScalarOrArray
 
-DEFAULT_BLOCK_SIZE = 256
-DEFAULT_MIN_QUANTIZE_SIZE = 4096
-MOMENT_LAYOUTS = ("tree", "packed")
+# Re-exported: names this module defined before the storage keywords' checks moved out.
+from adamw_jax._moment_storage import DEFAULT_BLOCK_SIZE as DEFAULT_BLOCK_SIZE
+from adamw_jax._moment_storage import DEFAULT_MIN_QUANTIZE_SIZE as DEFAULT_MIN_QUANTIZE_SIZE
+from adamw_jax._moment_storage import MOMENT_LAYOUTS as MOMENT_LAYOUTS
+from adamw_jax._moment_storage import MomentStorage
 
 
 class ScaleByAdamState(NamedTuple):
@@ -36,52 +50,6 @@ class ScaleByAdamState(NamedTuple):
     mu: optax.Updates
     nu: optax.Updates
     nu_max: optax.Updates
-
-
-def _check_moment_dtype(name: str, dtype: MomentDtype) -> None:
-    if dtype is None:
-        return
-    if isinstance(dtype, (jax.Array, np.ndarray, jax.core.Tracer)):
-        # What optax.inject_hyperparams makes of a dtype class: it takes jnp.bfloat16 (a
-        # callable) for a schedule and passes its value at the step count.
-        raise TypeError(
-            f'{name} must be None, a floating dtype or "int8"; got an array {dtype!r}. Under '
-            "optax.inject_hyperparams a dtype class such as jnp.bfloat16 is callable and taken "
-            f"for a schedule: pass static_args=({name!r},), or the dtype's name as a string "
-            '(e.g. "bfloat16").'
-        )
-    if isinstance(dtype, (int, float)) and not isinstance(dtype, bool):
-        raise ValueError(
-            f'{name} must be None, a floating dtype or "int8"; got the number {dtype!r}. (In '
-            "Optax's positional order mu_dtype comes sixth, before weight_decay: pass "
-            "weight_decay by name.)"
-        )
-    if _storage.is_int8(dtype):
-        return
-    try:
-        resolved = jnp.dtype(dtype)
-    except TypeError as err:
-        raise ValueError(
-            f'{name} must be None, a floating dtype or "int8"; got {dtype!r}.'
-        ) from err
-    if not jnp.issubdtype(resolved, jnp.inexact):
-        raise ValueError(f'{name} must be None, a floating dtype or "int8"; got {dtype!r}.')
-
-
-def _storage_dtype(name: str, requested: MomentDtype, param: jax.Array, real: bool) -> jnp.dtype:
-    """The dtype a moment of ``param`` is stored in."""
-    param_dtype = jnp.result_type(param)
-    is_complex = jnp.issubdtype(param_dtype, jnp.complexfloating)
-    if requested is None:
-        base = jnp.finfo(param_dtype).dtype if (real and is_complex) else param_dtype
-        return jnp.dtype(base)
-    requested = jnp.dtype(requested)
-    if is_complex and not real and not jnp.issubdtype(requested, jnp.complexfloating):
-        raise ValueError(
-            f"{name}={requested} is real, but a parameter is complex ({param_dtype}); "
-            "use None or a complex dtype for the first moment of complex parameters."
-        )
-    return requested
 
 
 def scale_by_adam(
@@ -177,6 +145,43 @@ def scale_by_adam(
       Reddi et al., "On the Convergence of Adam and Beyond" (AMSGrad), ICLR 2018.
       Dozat, "Incorporating Nesterov Momentum into Adam" (NAdam), ICLR workshop 2016.
     """
+    storage = _storage.moment_storage(
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        block_size=block_size,
+        min_quantize_size=min_quantize_size,
+        moment_layout=moment_layout,
+    )
+    return scale_by_adam_with_storage(
+        b1,
+        b2,
+        eps,
+        eps_root,
+        storage=storage,
+        nesterov=nesterov,
+        amsgrad=amsgrad,
+        bias_correction=bias_correction,
+    )
+
+
+def scale_by_adam_with_storage(
+    b1: ScalarOrArray,
+    b2: ScalarOrArray,
+    eps: ScalarOrArray,
+    eps_root: ScalarOrArray,
+    *,
+    storage: MomentStorage,
+    nesterov: bool,
+    amsgrad: bool,
+    bias_correction: bool,
+) -> optax.GradientTransformation:
+    """:func:`scale_by_adam` with its five storage keywords given as one checked value.
+
+    What :func:`scale_by_adam`, :func:`adamw_jax.adamw` and :func:`adamw_jax.adam` build
+    on, each making ``storage`` once with :func:`adamw_jax._moment_storage.moment_storage`
+    (which checks the keywords). The other arguments are :func:`scale_by_adam`'s, without
+    defaults, and are checked here. Not exported by the package.
+    """
     _validate.check_scalar("b1", b1, low=0.0, high=1.0)
     _validate.check_scalar("b2", b2, low=0.0, high=1.0)
     _validate.check_scalar("eps", eps, low=0.0)
@@ -184,153 +189,254 @@ def scale_by_adam(
     _validate.check_bool("amsgrad", amsgrad)
     _validate.check_bool("nesterov", nesterov)
     _validate.check_bool("bias_correction", bias_correction)
-    _check_moment_dtype("mu_dtype", mu_dtype)
-    _check_moment_dtype("nu_dtype", nu_dtype)
-    # Concrete 0-d integer arrays (what optax.inject_hyperparams makes of ints) are taken as
-    # ints; traced ones are refused with a pointer to static_args.
-    block_size = _validate.check_static_int("block_size", block_size)
-    min_quantize_size = _validate.check_static_int("min_quantize_size", min_quantize_size)
-    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-    min_quantize_size = (
-        DEFAULT_MIN_QUANTIZE_SIZE if min_quantize_size is None else min_quantize_size
-    )
-    _storage.check_options(block_size, min_quantize_size)
-    _validate.check_choice("moment_layout", moment_layout, MOMENT_LAYOUTS)
-    packed = moment_layout == "packed"
-    if packed and (_storage.is_int8(mu_dtype) or _storage.is_int8(nu_dtype)):
-        raise ValueError(
-            'moment_layout="packed" stores floating-point moments; mu_dtype or nu_dtype '
-            f'"int8" needs moment_layout="tree" (got mu_dtype={mu_dtype!r}, '
-            f"nu_dtype={nu_dtype!r})."
-        )
-
-    eps_is_positive = _is_positive_constant(eps)
-
-    def zeros(name, requested, real):
-        def make(p):
-            if _storage.is_int8(requested):
-                return _storage.int8_zeros(
-                    name, p, real=real, block_size=block_size, min_quantize_size=min_quantize_size
-                )
-            # zeros_like, not zeros: under explicit sharding the moment's type carries the
-            # param's sharding, as the step's output will.
-            return jnp.zeros_like(p, dtype=_storage_dtype(name, requested, p, real))
-
-        return make
+    packed = storage.layout == "packed"
+    # Unless eps is known to be positive, a zero denominator gives a zero direction, not 0/0.
+    guard_zero_denominator = not _is_positive_constant(eps)
 
     def init_fn(params: optax.Params) -> ScaleByAdamState:
         _validate.check_inexact_leaves("params", params)
-        if packed:
-            mu, nu = _packed_zeros(params, mu_dtype, nu_dtype)
-        else:
-            mu = jax.tree.map(zeros("mu_dtype", mu_dtype, real=False), params)
-            nu = jax.tree.map(zeros("nu_dtype", nu_dtype, real=True), params)
+        mu, nu = (_packed_zeros if packed else _tree_zeros)(params, storage)
         nu_max = jax.tree.map(jnp.zeros_like, nu) if amsgrad else optax.EmptyState()
         return ScaleByAdamState(jnp.zeros([], jnp.int32), mu, nu, nu_max)
 
-    def update_fn(updates, state: ScaleByAdamState, params=None):
+    def update_fn(
+        updates: optax.Updates, state: ScaleByAdamState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, ScaleByAdamState]:
         del params
         _validate.check_updates_given("scale_by_adam", updates)
-        if packed:
-            _packing.check_matches(updates, state.mu)
-        else:
-            mu_leaves = _storage.per_param(updates, state.mu, block_size)
-            nu_leaves = _storage.per_param(updates, state.nu, block_size)
-            nu_max_leaves = (
-                _storage.per_param(updates, state.nu_max, block_size)
-                if amsgrad
-                else [None] * len(mu_leaves)
-            )
-        _validate.check_inexact_leaves("updates", updates)
         count = _numerics.safe_increment(state.count)
-
-        scalars_by_dtype: dict = {}
-
-        def scalars(c):
-            """This step's scalar factors for compute dtype ``c``, made once for all leaves."""
-            if c not in scalars_by_dtype:
-                r = jnp.finfo(c).dtype  # the real counterpart of the compute dtype
-                beta1, beta2 = jnp.asarray(b1, r), jnp.asarray(b2, r)
-                t = count.astype(r)
-                if bias_correction:
-                    c1, c2, c1_next = 1 - beta1**t, 1 - beta2**t, 1 - beta1 ** (t + 1)
-                else:
-                    c1 = c2 = c1_next = jnp.ones([], r)
-                scalars_by_dtype[c] = dict(
-                    r=r,
-                    b1=beta1.astype(c),
-                    one_minus_b1=(1 - beta1).astype(c),
-                    b2=beta2,
-                    one_minus_b2=1 - beta2,
-                    c1=c1.astype(c),
-                    c2=c2,
-                    nesterov_m=(beta1 / c1_next).astype(c),
-                    nesterov_g=((1 - beta1) / c1).astype(c),
-                    eps=jnp.asarray(eps, r),
-                    eps_root=jnp.asarray(eps_root, r),
-                )
-            return scalars_by_dtype[c]
-
-        def leaf(g, mu, nu, nu_max):
-            c = _numerics.compute_dtype(g.dtype, _storage.dtype_of(mu))
-            k = scalars(c)
-            r = k["r"]
-            gc = g.astype(c)
-            m = k["b1"] * _storage.load(mu, c, block_size) + k["one_minus_b1"] * gc
-            g2 = jnp.real(gc * jnp.conj(gc)) if jnp.iscomplexobj(gc) else gc * gc
-            v = k["b2"] * _storage.load_second(nu, r, block_size) + k["one_minus_b2"] * g2
-            v_hat = v / k["c2"]
-            if amsgrad:
-                v_hat = jnp.maximum(_storage.load_second(nu_max, r, block_size), v_hat)
-            if nesterov:
-                m_hat = k["nesterov_m"] * m + k["nesterov_g"] * gc
-            else:
-                m_hat = m / k["c1"]
-            denom = (jnp.sqrt(v_hat + k["eps_root"]) + k["eps"]).astype(c)
-            u = m_hat / denom
-            if not eps_is_positive:  # a zero second moment gives a zero direction, not 0/0
-                u = jnp.where(denom == 0, jnp.zeros([], c), u)
-            new_max = None
-            if amsgrad:
-                new_max = _storage.store_second(v_hat, nu_max, block_size, average=False)
-            new_mu = _storage.store(m, mu, block_size)
-            out_dtype = _numerics.wider(g.dtype, _storage.dtype_of(mu))
-            return u.astype(out_dtype), new_mu, _storage.store_second(v, nu, block_size), new_max
-
-        treedef = jax.tree.structure(updates)
+        scalars_for = functools.cache(
+            functools.partial(
+                _adam_scalars,
+                count=count,
+                b1=b1,
+                b2=b2,
+                eps=eps,
+                eps_root=eps_root,
+                bias_correction=bias_correction,
+            )
+        )
+        step = functools.partial(
+            _adam_step,
+            scalars_for=scalars_for,
+            nesterov=nesterov,
+            guard_zero_denominator=guard_zero_denominator,
+            block_size=storage.block_size,
+        )
         if packed:
-            directions, mu, nu, nu_max = _packing.update(
-                leaf,
-                jax.tree.leaves(updates),
-                state.mu,
-                state.nu,
-                state.nu_max if amsgrad else None,
-                _numerics.wider,
-                _numerics.compute_dtype,
+            directions, mu, nu, nu_max = _update_packed(step, updates, state, amsgrad)
+        else:
+            directions, mu, nu, nu_max = _update_tree(
+                step, updates, state, amsgrad, storage.block_size
             )
-            nu_max = nu_max if amsgrad else state.nu_max
-            new_updates = jax.tree.unflatten(treedef, directions)
-            return new_updates, ScaleByAdamState(count, mu, nu, nu_max)
-        out = [
-            _storage.update_leaf(leaf, g, m, v, vm, block_size)
-            for g, m, v, vm in zip(
-                jax.tree.leaves(updates), mu_leaves, nu_leaves, nu_max_leaves, strict=True
-            )
-        ]
-        new_updates, mu, nu, nu_max = _unzip(treedef, out, amsgrad, state.nu_max)
-        return new_updates, ScaleByAdamState(count, mu, nu, nu_max)
+        return directions, ScaleByAdamState(count, mu, nu, nu_max)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+class AdamScalars(NamedTuple):
+    r"""One step's scalar factors of :func:`_adam_step`, for one compute dtype.
+
+    The first moment is computed in the compute dtype (complex for complex params), the
+    second moment in its real counterpart; each factor is in the dtype of what it
+    multiplies. Without bias correction both corrections are 1.
+
+    Attributes:
+      real_dtype: the real counterpart of the compute dtype (the second moment's).
+      b1: :math:`\beta_1` (compute dtype).
+      one_minus_b1: :math:`1 - \beta_1` (compute dtype).
+      b2: :math:`\beta_2` (real).
+      one_minus_b2: :math:`1 - \beta_2` (real).
+      bias_correction1: :math:`1 - \beta_1^t` (compute dtype).
+      bias_correction2: :math:`1 - \beta_2^t` (real).
+      nesterov_momentum: :math:`\beta_1 / (1 - \beta_1^{t+1})`, the weight of :math:`m_t`
+        in Nesterov's look-ahead (compute dtype).
+      nesterov_gradient: :math:`(1 - \beta_1) / (1 - \beta_1^t)`, the weight of
+        :math:`g_t` in it (compute dtype).
+      eps: :math:`\epsilon` (real).
+      eps_root: :math:`\epsilon_{root}` (real).
+    """
+
+    real_dtype: jnp.dtype
+    b1: jax.Array
+    one_minus_b1: jax.Array
+    b2: jax.Array
+    one_minus_b2: jax.Array
+    bias_correction1: jax.Array
+    bias_correction2: jax.Array
+    nesterov_momentum: jax.Array
+    nesterov_gradient: jax.Array
+    eps: jax.Array
+    eps_root: jax.Array
+
+
+def _adam_scalars(
+    compute_dtype: jnp.dtype,
+    *,
+    count: jax.Array,
+    b1: ScalarOrArray,
+    b2: ScalarOrArray,
+    eps: ScalarOrArray,
+    eps_root: ScalarOrArray,
+    bias_correction: bool,
+) -> AdamScalars:
+    """The :class:`AdamScalars` of step ``count`` (1 for the first step) in ``compute_dtype``."""
+    real_dtype = jnp.finfo(compute_dtype).dtype
+    beta1, beta2 = jnp.asarray(b1, real_dtype), jnp.asarray(b2, real_dtype)
+    t = count.astype(real_dtype)
+    if bias_correction:
+        correction1, correction2 = 1 - beta1**t, 1 - beta2**t
+        next_correction1 = 1 - beta1 ** (t + 1)
+    else:
+        correction1 = correction2 = next_correction1 = jnp.ones([], real_dtype)
+    return AdamScalars(
+        real_dtype=real_dtype,
+        b1=beta1.astype(compute_dtype),
+        one_minus_b1=(1 - beta1).astype(compute_dtype),
+        b2=beta2,
+        one_minus_b2=1 - beta2,
+        bias_correction1=correction1.astype(compute_dtype),
+        bias_correction2=correction2,
+        nesterov_momentum=(beta1 / next_correction1).astype(compute_dtype),
+        nesterov_gradient=((1 - beta1) / correction1).astype(compute_dtype),
+        eps=jnp.asarray(eps, real_dtype),
+        eps_root=jnp.asarray(eps_root, real_dtype),
+    )
+
+
+def _adam_step(
+    grad: jax.Array,
+    mu: Any,
+    nu: Any,
+    nu_max: Any,
+    *,
+    scalars_for: Callable[[jnp.dtype], AdamScalars],
+    nesterov: bool,
+    guard_zero_denominator: bool,
+    block_size: int,
+) -> tuple[jax.Array, Any, Any, Any]:
+    r"""Adam's step on one leaf (or one packed buffer): the direction and the new moments.
+
+    With gradient :math:`g`, stored moments :math:`m, v` (and :math:`\hat v_{\max}` with
+    AMSGrad, i.e. when ``nu_max`` is not None), at step :math:`t`:
+
+    .. math::
+
+      m_t = \beta_1 m + (1 - \beta_1) g, \qquad
+      v_t = \beta_2 v + (1 - \beta_2) |g|^2, \\
+      \hat v_t = v_t / (1 - \beta_2^t)
+        \quad (\text{AMSGrad: } \max(\hat v_{\max}, v_t / (1 - \beta_2^t))), \\
+      \hat m_t = m_t / (1 - \beta_1^t)
+        \quad (\text{Nesterov: } \beta_1 m_t / (1 - \beta_1^{t+1})
+                + (1 - \beta_1) g / (1 - \beta_1^t)), \\
+      u_t = \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon).
+
+    The first moment and the direction are computed in the compute dtype
+    (:func:`~adamw_jax._numerics.compute_dtype` of the gradient's and the first moment's
+    dtypes: float32, or wider), the second moment in its real counterpart, with the factors
+    ``scalars_for(compute_dtype)``. With ``guard_zero_denominator``
+    (``eps`` not known to be positive) the direction is 0 where the denominator is exactly
+    0 (a zero second moment: no gradient yet), not 0/0.
+
+    Args:
+      grad: the leaf's gradient.
+      mu, nu, nu_max: its stored moments, as :mod:`adamw_jax._moment_storage` keeps them
+        (``nu_max`` None without AMSGrad); they are loaded and stored through it.
+      scalars_for: the step's :class:`AdamScalars` for a compute dtype (made once per dtype).
+      nesterov: use Nesterov's look-ahead for :math:`\hat m_t`.
+      guard_zero_denominator: map a zero denominator to a zero direction.
+      block_size: the ``"int8"`` moments' block size.
+
+    Returns:
+      ``(u_t, m_t, v_t, new nu_max)``: the direction in the wider of the gradient's and the
+      first moment's dtypes, the moments stored like ``mu``, ``nu`` (and ``nu_max``, None
+      without AMSGrad), :math:`\hat v_t` being AMSGrad's new running maximum.
+    """
+    compute_dtype = _numerics.compute_dtype(grad.dtype, _storage.dtype_of(mu))
+    scalars = scalars_for(compute_dtype)
+    real_dtype = scalars.real_dtype
+    g = grad.astype(compute_dtype)  # g of the math above
+    m = scalars.b1 * _storage.load(mu, compute_dtype, block_size) + scalars.one_minus_b1 * g
+    g_squared = jnp.real(g * jnp.conj(g)) if jnp.iscomplexobj(g) else g * g
+    old_v = _storage.load_second(nu, real_dtype, block_size)
+    v = scalars.b2 * old_v + scalars.one_minus_b2 * g_squared
+    v_hat = v / scalars.bias_correction2
+    if nu_max is not None:  # AMSGrad
+        v_hat = jnp.maximum(_storage.load_second(nu_max, real_dtype, block_size), v_hat)
+    if nesterov:
+        m_hat = scalars.nesterov_momentum * m + scalars.nesterov_gradient * g
+    else:
+        m_hat = m / scalars.bias_correction1
+    denominator = (jnp.sqrt(v_hat + scalars.eps_root) + scalars.eps).astype(compute_dtype)
+    direction = m_hat / denominator
+    if guard_zero_denominator:
+        direction = jnp.where(denominator == 0, jnp.zeros([], compute_dtype), direction)
+    new_max = None
+    if nu_max is not None:
+        new_max = _storage.store_second(v_hat, nu_max, block_size, average=False)
+    new_mu = _storage.store(m, mu, block_size)
+    out_dtype = _numerics.wider(grad.dtype, _storage.dtype_of(mu))
+    return direction.astype(out_dtype), new_mu, _storage.store_second(v, nu, block_size), new_max
+
+
+def _update_tree(
+    step: Callable[..., tuple[Any, ...]],
+    updates: optax.Updates,
+    state: ScaleByAdamState,
+    amsgrad: bool,
+    block_size: int,
+) -> tuple[optax.Updates, Any, Any, Any]:
+    """The ``"tree"`` layout's step: ``step`` on each leaf; the directions and new moments.
+
+    The state's moments are matched to the leaves of ``updates`` first (a quantized moment
+    rebuilt from whatever container a framework made of it); ``"int8"`` moments are
+    encoded in the pass that computes them (:func:`~adamw_jax._moment_storage.update_leaf`).
+    """
+    mu = _storage.per_param(updates, state.mu, block_size)
+    nu = _storage.per_param(updates, state.nu, block_size)
+    if amsgrad:
+        nu_max = _storage.per_param(updates, state.nu_max, block_size)
+    else:
+        nu_max = [None] * len(mu)
+    _validate.check_inexact_leaves("updates", updates)
+    rows = [
+        _storage.update_leaf(step, grad, *moments, block_size)
+        for grad, *moments in zip(jax.tree.leaves(updates), mu, nu, nu_max, strict=True)
+    ]
+    directions, mu, nu, new_max = _trees.unzip(jax.tree.structure(updates), rows, 4)
+    return directions, mu, nu, new_max if amsgrad else state.nu_max
+
+
+def _update_packed(
+    step: Callable[..., tuple[Any, ...]],
+    updates: optax.Updates,
+    state: ScaleByAdamState,
+    amsgrad: bool,
+) -> tuple[optax.Updates, Any, Any, Any]:
+    """The ``"packed"`` layout's step: ``step`` on each buffer; the directions, new moments."""
+    _packing.check_matches(updates, state.mu)
+    _validate.check_inexact_leaves("updates", updates)
+    directions, mu, nu, new_max = _packing.update(
+        step, jax.tree.leaves(updates), state.mu, state.nu, state.nu_max if amsgrad else None
+    )
+    directions = jax.tree.unflatten(jax.tree.structure(updates), directions)
+    return directions, mu, nu, new_max if amsgrad else state.nu_max
+
+
+def _tree_zeros(params: optax.Params, storage: MomentStorage) -> tuple[Any, Any]:
+    """The zero moments of the ``"tree"`` layout: trees like the params."""
+    mu = jax.tree.map(lambda param: _storage.zeros(param, storage), params)
+    nu = jax.tree.map(lambda param: _storage.zeros_second(param, storage), params)
+    return mu, nu
+
+
 def _packed_zeros(
-    params: optax.Params, mu_dtype: MomentDtype, nu_dtype: MomentDtype
+    params: optax.Params, storage: MomentStorage
 ) -> tuple[_packing.PackedMoments, _packing.PackedMoments]:
     """The zero moments of the ``"packed"`` layout: one buffer per group of leaves."""
-    leaves = jax.tree.leaves(params)
-    mu_dtypes = [_storage_dtype("mu_dtype", mu_dtype, p, real=False) for p in leaves]
-    nu_dtypes = [_storage_dtype("nu_dtype", nu_dtype, p, real=True) for p in leaves]
-    keys = list(zip(mu_dtypes, nu_dtypes, strict=True))
+    keys = [_storage.floating_dtypes(param, storage) for param in jax.tree.leaves(params)]
+    mu_dtypes = [mu_dtype for mu_dtype, _ in keys]
+    nu_dtypes = [nu_dtype for _, nu_dtype in keys]
     return _packing.zeros(params, mu_dtypes, keys), _packing.zeros(params, nu_dtypes, keys)
 
 
@@ -342,11 +448,3 @@ def _is_positive_constant(x: Any) -> bool:
         return float(x) > 0
     except (TypeError, ValueError):
         return False
-
-
-def _unzip(treedef, out, amsgrad: bool, old_nu_max) -> tuple[Any, Any, Any, Any]:
-    updates = jax.tree.unflatten(treedef, [o[0] for o in out])
-    mu = jax.tree.unflatten(treedef, [o[1] for o in out])
-    nu = jax.tree.unflatten(treedef, [o[2] for o in out])
-    nu_max = jax.tree.unflatten(treedef, [o[3] for o in out]) if amsgrad else old_nu_max
-    return updates, mu, nu, nu_max

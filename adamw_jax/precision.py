@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamw_jax import _numerics, _validate
+from adamw_jax import _numerics, _trees, _validate
 
 METHODS = ("compensated", "stochastic_rounding")
 
@@ -51,16 +51,45 @@ def _is_low_precision(dtype: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
 
 
-def _stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
-    """Rounds float32 ``x`` to ``dtype``: to either neighbour, unbiased in expectation."""
-    nearest = x.astype(dtype)
-    near32 = nearest.astype(jnp.float32)
-    direction = jnp.where(near32 < x, jnp.inf, -jnp.inf).astype(dtype)
-    other = jnp.nextafter(nearest, direction)
-    gap = other.astype(jnp.float32) - near32
-    safe_gap = jnp.where(gap != 0, gap, 1.0)
-    p_other = jnp.where((gap != 0) & jnp.isfinite(gap), (x - near32) / safe_gap, 0.0)
-    return jnp.where(jax.random.uniform(key, x.shape) < p_other, other, nearest)
+def _zero_compensation(p: jax.Array) -> jax.Array:
+    """A leaf's empty Kahan buffer: zeros like a low-precision ``p``, else a scalar zero."""
+    dtype = jnp.result_type(p)
+    if _is_low_precision(dtype):
+        return jnp.zeros_like(p)  # keeps an explicit sharding in the type
+    return jnp.zeros((), dtype)
+
+
+def _compensated_leaf(u: jax.Array, p: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A leaf's update and new Kahan buffer: ``w + u + c`` rounded to nearest, the rest kept.
+
+    Leaves of float32 or wider pass through: ``(u, c)``.
+    """
+    if not _is_low_precision(p.dtype):
+        return u, c
+    p32 = p.astype(jnp.float32)
+    y = u.astype(jnp.float32) + c.astype(jnp.float32)
+    target = (p32 + y).astype(p.dtype)
+    step = (target.astype(jnp.float32) - p32).astype(p.dtype)
+    landed = (p + step).astype(p.dtype)  # what optax.apply_updates computes
+    return step.astype(u.dtype), (y - (landed.astype(jnp.float32) - p32)).astype(c.dtype)
+
+
+def _stochastically_rounded_leaf(
+    u: jax.Array, p: jax.Array, step_key: jax.Array, index: int
+) -> jax.Array:
+    """A leaf's update landing on ``w + u`` rounded stochastically.
+
+    The key is ``step_key`` folded with the leaf's ``index``. Leaves of float32 or wider
+    pass through: ``u``.
+    """
+    if not _is_low_precision(p.dtype):
+        return u
+    key = jax.random.fold_in(step_key, index)
+    p32 = p.astype(jnp.float32)
+    y = u.astype(jnp.float32) + 0.0  # kept: outside jit it turns -0.0 into +0.0
+    target = _numerics.round_to_dtype_stochastically(p32 + y, p.dtype, key)
+    step = (target.astype(jnp.float32) - p32).astype(p.dtype)
+    return step.astype(u.dtype)
 
 
 def low_precision_update(
@@ -111,15 +140,11 @@ def low_precision_update(
 
     def init_fn(params):
         _validate.check_inexact_leaves("params", params)
-
-        def zeros(p):
-            dtype = jnp.result_type(p)
-            if _is_low_precision(dtype):
-                return jnp.zeros_like(p)  # keeps an explicit sharding in the type
-            return jnp.zeros((), dtype)
-
-        comp = jax.tree.map(zeros, params) if method == "compensated" else optax.EmptyState()
-        return LowPrecisionUpdateState(jnp.zeros([], jnp.int32), comp)
+        if method == "compensated":
+            compensation = jax.tree.map(_zero_compensation, params)
+        else:
+            compensation = optax.EmptyState()
+        return LowPrecisionUpdateState(jnp.zeros([], jnp.int32), compensation)
 
     def update_fn(updates, state, params=None):
         _validate.check_updates_given("low_precision_update", updates)
@@ -127,30 +152,22 @@ def low_precision_update(
         _validate.check_same_structure("updates", updates, params, "the params")
         treedef = jax.tree.structure(params)
         u_leaves, p_leaves = treedef.flatten_up_to(updates), jax.tree.leaves(params)
+        # The step's key (unused, and dropped under jit, when compensated).
+        key = jax.random.fold_in(jax.random.key(seed), state.count)
         if method == "compensated":
             c_leaves = treedef.flatten_up_to(state.compensation)
+            rows = [
+                _compensated_leaf(u, p, c)
+                for u, p, c in zip(u_leaves, p_leaves, c_leaves, strict=True)
+            ]
+            new_updates, compensation = _trees.unzip(treedef, rows, 2)
         else:
-            c_leaves = [None] * len(p_leaves)
-        key = jax.random.fold_in(jax.random.key(seed), state.count)
-        new_u, new_c = [], []
-        for i, (u, p, c) in enumerate(zip(u_leaves, p_leaves, c_leaves, strict=True)):
-            if not _is_low_precision(p.dtype):
-                new_u.append(u)
-                new_c.append(c)
-                continue
-            p32 = p.astype(jnp.float32)
-            y = u.astype(jnp.float32) + (c.astype(jnp.float32) if c is not None else 0.0)
-            if method == "compensated":
-                target = (p32 + y).astype(p.dtype)
-            else:
-                target = _stochastic_round(p32 + y, p.dtype, jax.random.fold_in(key, i))
-            step = (target.astype(jnp.float32) - p32).astype(p.dtype)
-            new_u.append(step.astype(u.dtype))
-            if c is not None:
-                landed = (p + step).astype(p.dtype)  # what optax.apply_updates computes
-                new_c.append((y - (landed.astype(jnp.float32) - p32)).astype(c.dtype))
-        comp = jax.tree.unflatten(treedef, new_c) if method == "compensated" else optax.EmptyState()
-        new_updates = jax.tree.unflatten(treedef, new_u)
-        return new_updates, LowPrecisionUpdateState(_numerics.safe_increment(state.count), comp)
+            new_u = [
+                _stochastically_rounded_leaf(u, p, key, i)
+                for i, (u, p) in enumerate(zip(u_leaves, p_leaves, strict=True))
+            ]
+            new_updates, compensation = jax.tree.unflatten(treedef, new_u), optax.EmptyState()
+        count = _numerics.safe_increment(state.count)
+        return new_updates, LowPrecisionUpdateState(count, compensation)
 
     return optax.GradientTransformation(init_fn, update_fn)

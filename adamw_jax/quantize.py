@@ -92,15 +92,11 @@ def _encode(y: jax.Array, signed: bool, stochastic: bool = False) -> jax.Array:
     z = y * jnp.float32(2.0 ** (bias - 1 + m_bits + shift)) + jnp.float32(2.0**23)
     subnormal = jax.lax.bitcast_convert_type(z, jnp.int32) - jnp.int32(150 << 23)
     fixed = jnp.where(y < jnp.float32(2.0 ** (1 - bias)), subnormal, normal)
-    if stochastic:
-        # Rounds up with probability fraction / 2**shift: add `shift` pseudo-random bits,
-        # the top bits of y's bit pattern times an odd constant (multiplicative hashing;
-        # the product wraps around, and each bit of y changes all the bits above it).
-        offset = jax.lax.shift_right_logical(_numerics.hash_bits(bits), jnp.int32(32 - shift))
-    else:  # adding half a code rounds to nearest (ties up)
-        offset = jnp.int32(1 << (shift - 1))
     # A carry out of the fraction moves to the next code up, from the top normal code too.
-    code = (fixed + offset) >> shift
+    if stochastic:  # up with probability fraction / 2**shift, bits hashed from y's
+        code = _numerics.shift_right_stochastically(fixed, bits, shift)
+    else:  # adding half a code rounds to nearest (ties up)
+        code = (fixed + jnp.int32(1 << (shift - 1))) >> shift
     return jnp.minimum(code, 2 ** (e_bits + m_bits) - 1)  # >= 0 already
 
 
@@ -139,7 +135,13 @@ def code_book(signed: bool) -> np.ndarray:
     return np.asarray(_decode(jnp.arange(256, dtype=jnp.int32), False))
 
 
-def _check_block_size(block_size: Any) -> None:
+def check_block_size(block_size: Any) -> None:
+    """Raises unless ``block_size`` is an int (a Python or NumPy integer) in [1, inf).
+
+    Raises:
+      TypeError: for anything but an integer (a bool included).
+      ValueError: for an integer below 1.
+    """
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
         raise TypeError(f"block_size must be an int in [1, inf); got {block_size!r}.")
     if block_size < 1:
@@ -156,8 +158,16 @@ def scales_shape(shape: tuple[int, ...], block_size: int = 256) -> tuple[int, ..
     return (*shape[:-1], math.ceil(shape[-1] / block_size))
 
 
-def _blocks(x: jax.Array, block_size: int) -> jax.Array:
-    """``x`` (ndim >= 1) zero-padded along its last axis and split to (..., blocks, block)."""
+def split_blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """The blocks of ``x``: its last axis zero-padded to whole blocks and split.
+
+    Args:
+      x: an array with at least one axis.
+      block_size: elements per block along the last axis, in [1, inf).
+
+    Returns:
+      ``x`` reshaped to ``(*x.shape[:-1], ceil(x.shape[-1] / block_size), block_size)``.
+    """
     n = x.shape[-1]
     n_blocks = math.ceil(n / block_size)
     pad = n_blocks * block_size - n
@@ -229,7 +239,7 @@ def quantize(
       Gupta et al., "Deep Learning with Limited Numerical Precision", ICML 2015
       (stochastic rounding).
     """
-    _check_block_size(block_size)
+    check_block_size(block_size)
     _validate.check_choice("rounding", rounding, _ROUNDINGS)
     absmax = block_absmax(x, signed=signed, block_size=block_size)
     return quantize_with_absmax(
@@ -251,7 +261,7 @@ def _check_floating(x: Any) -> jax.Array:
 
 def _magnitude_blocks(x: jax.Array, signed: bool, block_size: int) -> jax.Array:
     """``|x|`` (signed) or ``max(x, 0)`` in float32, split to (..., blocks, block)."""
-    xb = _blocks(x.astype(jnp.float32).reshape(x.shape or (1,)), block_size)
+    xb = split_blocks(x.astype(jnp.float32).reshape(x.shape or (1,)), block_size)
     return jnp.abs(xb) if signed else jnp.maximum(xb, 0.0)
 
 
@@ -276,9 +286,9 @@ def block_absmax(x: jax.Array, *, signed: bool, block_size: int = 256) -> jax.Ar
       >>> quantize.block_absmax(jnp.array([1.0, -3.0, 2.0]), signed=True, block_size=2)
       Array([3., 2.], dtype=float32)
     """
-    _check_block_size(block_size)
+    check_block_size(block_size)
     x = _check_floating(x)
-    xb = _blocks(x.astype(jnp.float32).reshape(x.shape or (1,)), block_size)
+    xb = split_blocks(x.astype(jnp.float32).reshape(x.shape or (1,)), block_size)
     largest, smallest = block_max_min(xb)
     # Both results are used (the unsigned book's min(-smallest, 0) <= 0 changes nothing),
     # which keeps this one fused two-output reduction (see block_max_min).
@@ -332,7 +342,7 @@ def quantize_with_absmax(
     Returns:
       A :class:`QuantizedArray` with ``codes.shape == x.shape``.
     """
-    _check_block_size(block_size)
+    check_block_size(block_size)
     _validate.check_choice("rounding", rounding, _ROUNDINGS)
     x = _check_floating(x)
     shape = x.shape
@@ -354,7 +364,7 @@ def quantize_with_absmax(
         positive = jnp.minimum(jax.lax.bitcast_convert_type(magnitude, jnp.int32), 1)
         code = jnp.maximum(code, positive)
     if signed:  # -code where x's sign bit is set: (code ^ s) - s with s = 0 or -1
-        xb = _blocks(x.astype(jnp.float32).reshape(shape or (1,)), block_size)
+        xb = split_blocks(x.astype(jnp.float32).reshape(shape or (1,)), block_size)
         sign = jax.lax.bitcast_convert_type(xb, jnp.int32) >> 31
         codes = ((code ^ sign) - sign).astype(jnp.int8)
     else:
@@ -386,7 +396,7 @@ def dequantize(q: QuantizedArray, block_size: int = 256) -> jax.Array:
       >>> quantize.dequantize(q, block_size=2)
       Array([4., 1., 0.], dtype=float32)
     """
-    _check_block_size(block_size)
+    check_block_size(block_size)
     codes, scales = q
     signed = codes.dtype == jnp.int8
     if not signed and codes.dtype != jnp.uint8:
@@ -401,8 +411,31 @@ def dequantize(q: QuantizedArray, block_size: int = 256) -> jax.Array:
         )
     n = k.shape[-1]
     s = scales.astype(jnp.float32).reshape(scales_shape(k.shape, block_size))
-    out = _blocks(values, block_size) * s[..., None]
+    out = split_blocks(values, block_size) * s[..., None]
     return _unblock(out, n).reshape(shape)
+
+
+def stored_absmax(q: QuantizedArray, block_size: int = 256) -> jax.Array:
+    """The largest magnitude each block of ``q`` decodes to, from its codes and scales.
+
+    The code-book value of the block's largest code (in magnitude) times its scale: each
+    block's largest magnitude of ``dequantize(q, block_size)``, found without decoding
+    every element.
+
+    Args:
+      q: the codes and scales, as made by :func:`quantize`.
+      block_size: the block size it was made with, in [1, inf).
+
+    Returns:
+      A float32 array shaped like ``q.scales``.
+    """
+    check_block_size(block_size)
+    codes, scales = q
+    blocks = split_blocks(codes.reshape(codes.shape or (1,)), block_size)
+    largest, smallest = block_max_min(blocks)
+    top = jnp.maximum(largest.astype(jnp.int32), -smallest.astype(jnp.int32))
+    value = _decode(top, signed=codes.dtype == jnp.int8)
+    return value.reshape(scales.shape) * scales.astype(jnp.float32)
 
 
 def zeros(shape: tuple[int, ...], *, signed: bool, block_size: int = 256) -> QuantizedArray:
@@ -416,7 +449,7 @@ def zeros(shape: tuple[int, ...], *, signed: bool, block_size: int = 256) -> Qua
     Returns:
       A :class:`QuantizedArray` that dequantizes to ``jnp.zeros(shape)``.
     """
-    _check_block_size(block_size)
+    check_block_size(block_size)
     codes = jnp.zeros(shape, jnp.int8 if signed else jnp.uint8)
     return QuantizedArray(codes, jnp.zeros(scales_shape(tuple(shape), block_size), jnp.float32))
 
@@ -436,7 +469,7 @@ def zeros_like(x: jax.Array, *, signed: bool, block_size: int = 256) -> Quantize
     Returns:
       A :class:`QuantizedArray` that dequantizes to ``jnp.zeros_like(x, jnp.float32)``.
     """
-    _check_block_size(block_size)
+    check_block_size(block_size)
     codes = jnp.zeros_like(x, dtype=jnp.int8 if signed else jnp.uint8)
     absmax = block_absmax(
         jnp.zeros_like(x, dtype=jnp.float32), signed=signed, block_size=block_size

@@ -26,6 +26,6 @@ x.block_until_ready()
 seconds = (time.perf_counter() - start) / 50
 print(f"copy bandwidth (jax, 1 GiB read + 1 GiB write, 50 queued in-place copies): {2 * x.nbytes / seconds / 1e9:.0f} GB/s")
 EOF
-timeout 360 python3 -m adamw_jax.benchmark --scale 4 --rounds 7 --json "$OUT/gpu.json" 2>&1 \
+timeout 360 python3 benchmarks/step_time.py --scale 4 --rounds 7 --json "$OUT/gpu.json" 2>&1 \
   | tee "$OUT/gpu.txt"
 timeout 120 python3 benchmarks/memory.py 2>&1 | tee "$OUT/memory.txt"

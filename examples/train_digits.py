@@ -20,6 +20,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 
 NUM_CLASSES = 10
+PLOT_NAME = "digits_adamw.png"  # the plot's file name when --out names a directory
 
 
 # ----------------------------------------------------------------------------------- data
@@ -241,7 +243,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--hidden", type=int, default=256, help="width of the hidden layers (%(default)s)")
     add("--eval-every", type=int, default=50, help="steps between evaluations (%(default)s)")
     add("--seed", type=int, default=0, help="seed of split, init, batches (%(default)s)")
-    add("--out", default="out/digits_adamw.png", help="the PNG plot (%(default)s)")
+    add(
+        "--out",
+        default=f"out/{PLOT_NAME}",
+        help=f"the PNG plot: a .png file, or a directory to write {PLOT_NAME} in (%(default)s)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -258,6 +264,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     if args.lr <= 0 or args.weight_decay < 0:
         p.error(f"need --lr > 0 and --weight-decay >= 0; got {args.lr}, {args.weight_decay}")
+    out = Path(args.out)
+    if out.is_dir() or args.out.endswith(("/", os.sep)):
+        out = out / PLOT_NAME
+    elif out.suffix.lower() != ".png":
+        p.error(f"--out must be a .png file or a directory; got {args.out!r}")
+    args.out = str(out)
     return args
 
 

@@ -1,8 +1,101 @@
-"""Helpers shared by several test modules: side-by-side runs and checkpoint round trips."""
+"""Helpers shared by the test modules: runs of N steps, tree comparisons, checkpoint round trips.
 
+Runs (each returns a :class:`Run`):
+
+- :func:`run_steps`: N updates of a transformation, one Python call each (eager, or each
+  step jitted), on the gradients ``grad_fn(params, t)``.
+- :func:`run_scan`: N updates inside one jitted ``lax.scan`` over per-step inputs.
+- :func:`run_side_by_side`: two transformations fed the same gradients in one scan.
+
+Comparisons: closeness and value equality use chex directly, as Optax's tests do
+(``chex.assert_trees_all_close(a, b, rtol=..., atol=...)``,
+``chex.assert_trees_all_equal(a, b)``). Two checks chex has no assertion for live here:
+:func:`assert_trees_bitwise_equal` (bits, not values: ``-0.0 != 0.0``) and
+:func:`assert_trees_close_to_leaf_scale` (a tolerance in ulps of each leaf's largest value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+
+class Run(NamedTuple):
+    """The end of a run: final params and state, and what each step gave (see the runner)."""
+
+    params: Any
+    state: Any
+    per_step: Any
+
+
+def run_steps(
+    tx: optax.GradientTransformation,
+    params: Any,
+    grad_fn: Callable[[Any, int], Any],
+    steps: int,
+    *,
+    jit: bool = False,
+) -> Run:
+    """``steps`` updates of ``tx`` from ``tx.init(params)``, one Python call per step.
+
+    Step ``t`` (0, 1, ...) takes the gradients ``grad_fn(params, t)`` (computed eagerly, ``t``
+    a Python int), calls ``tx.update(grads, state, params)`` and applies the updates with
+    ``optax.apply_updates``. With ``jit`` the update and its application are one jitted
+    function, compiled once. ``per_step`` is the list of every step's updates.
+    """
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, updates
+
+    if jit:
+        step = jax.jit(step)
+    state = tx.init(params)
+    per_step = []
+    for t in range(steps):
+        params, state, updates = step(params, state, grad_fn(params, t))
+        per_step.append(updates)
+    return Run(params, state, per_step)
+
+
+def run_scan(
+    tx: optax.GradientTransformation,
+    params: Any,
+    grad_fn: Callable[[Any, Any], Any],
+    xs: Any,
+    *,
+    has_aux: bool = False,
+) -> Run:
+    """Updates of ``tx`` from ``tx.init(params)`` as one jitted ``lax.scan`` (init included).
+
+    ``xs`` is scanned over its leading axis (a pytree of arrays, e.g. one gradient or noise
+    sample per step), or an int ``n`` for the step indices ``jnp.arange(n, dtype=int32)``.
+    Each step takes the gradients ``grad_fn(params, x)`` (traced), calls
+    ``tx.update(grads, state, params)`` and applies the updates. With ``has_aux``,
+    ``grad_fn`` returns ``(grads, aux)`` and ``per_step`` is ``aux`` stacked over the steps
+    (e.g. each step's loss); otherwise ``per_step`` is None.
+    """
+    if isinstance(xs, int):
+        xs = jnp.arange(xs, dtype=jnp.int32)
+
+    def step(carry, x):
+        params, state = carry
+        grads, aux = grad_fn(params, x) if has_aux else (grad_fn(params, x), None)
+        updates, state = tx.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), aux
+
+    @jax.jit
+    def run(params, xs):
+        (params, state), per_step = jax.lax.scan(step, (params, tx.init(params)), xs)
+        return Run(params, state, per_step)
+
+    return run(params, xs)
 
 
 def shrinking_gradients(steps: int, shape: tuple[int, ...], seed: int, max_rate: float):
@@ -34,22 +127,53 @@ def run_side_by_side(tx_a, tx_b, grads):
     return s_a, s_b, np.asarray(ratios)
 
 
+def _bits(x: Any) -> np.ndarray:
+    """The leaf's bytes as unsigned integers (one per element where the width allows)."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    x = np.ascontiguousarray(np.asarray(x))
+    if x.dtype.itemsize in (1, 2, 4, 8):
+        return x.view(np.dtype(f"u{x.dtype.itemsize}"))
+    return np.frombuffer(x.tobytes(), np.uint8)
+
+
+def assert_trees_bitwise_equal(*trees: Any) -> None:
+    """Asserts the trees are the same bits: structure, shapes, dtypes and every byte.
+
+    ``chex.assert_trees_all_equal`` compares values (``-0.0 == 0.0``, NaN equals NaN); this
+    compares each leaf's bytes, with chex, after chex has checked shapes and dtypes.
+    """
+    chex.assert_trees_all_equal_shapes_and_dtypes(*trees)
+    chex.assert_trees_all_equal(*(jax.tree.map(_bits, tree) for tree in trees), strict=True)
+
+
+def assert_trees_close_to_leaf_scale(actual: Any, desired: Any, ulps: int = 8) -> None:
+    """Each floating leaf within ``ulps`` float32 ulps of the desired leaf's largest magnitude.
+
+    An absolute tolerance per leaf, ``ulps * spacing(max |desired|)``, which
+    ``chex.assert_trees_all_close`` (one ``atol`` for all leaves) cannot express. Empty
+    leaves are skipped; integer leaves (step counts) are compared the same way, which for
+    values below 2**21 means exactly. Both trees must be finite.
+    """
+    chex.assert_trees_all_equal_structs(actual, desired)
+    chex.assert_tree_all_finite((actual, desired))
+    pairs = zip(jax.tree.leaves_with_path(actual), jax.tree.leaves(desired), strict=True)
+    for (path, a), b in pairs:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.size == 0:
+            continue
+        tol = ulps * float(np.spacing(np.float32(np.max(np.abs(b)))))
+        where = jax.tree_util.keystr(path)  # named in chex's message
+        chex.assert_trees_all_close({where: a}, {where: b}, rtol=0.0, atol=tol)
+
+
 def checkpoint_round_trip(state, path):
-    """Saves ``state`` with orbax and restores it; asserts the copy is exact and returns it."""
+    """Saves ``state`` with orbax and restores it; asserts the copy is bitwise exact, returns it."""
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(path, state)
         ckpt.wait_until_finished()
         restored = ckpt.restore(path, jax.eval_shape(lambda: state))
-    assert jax.tree.structure(restored) == jax.tree.structure(state)
-    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_trees_bitwise_equal(restored, state)
     return restored
-
-
-def assert_trees_equal(a, b):
-    """Asserts two pytrees have equal leaves, bit for bit."""
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

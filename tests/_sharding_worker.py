@@ -306,6 +306,27 @@ def check_int8_blocks(results: dict[str, Any]) -> None:
     results["int8_blocks"] = out
 
 
+def check_single_device(results: dict[str, Any]) -> None:
+    """Params on one device, not the default one, without a mesh: where the state goes."""
+    device = jax.devices()[5]
+    params = jax.device_put({"w": jnp.ones((4, 3)), "b": jnp.ones(3)}, device)
+    tx = adamw_jax.adamw(1e-3, amsgrad=True)
+    shardings = jax.tree.leaves(sharding.state_shardings(tx, params))
+    state = jax.tree.leaves(sharding.init(tx, params))
+
+    def device_ids(leaves):
+        return sorted({d.id for x in leaves for d in x.devices()})
+
+    results["single_device"] = {
+        "param_device": device.id,
+        "shardings_are_the_params": all(s == params["w"].sharding for s in shardings),
+        "state_devices": device_ids(state),
+        "state_leaves": len(state),
+        # For contrast, plain jit of init puts every leaf on the default device.
+        "plain_jit_init_devices": device_ids(jax.tree.leaves(jax.jit(tx.init)(params))),
+    }
+
+
 def check_abstract(results: dict[str, Any]) -> None:
     """Abstract params (ShapeDtypeStruct with shardings) give the same placements."""
     mesh = _mesh((4, 2), ("data", "model"))
@@ -354,6 +375,7 @@ def main(out_dir: str) -> None:
         check(results)
         seconds[check.__name__] = round(time.perf_counter() - start, 2)
     check_abstract(results)
+    check_single_device(results)
     results["seconds"] = seconds
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -1,6 +1,21 @@
-"""An independent NumPy transcription of DESIGN.md's AdamW update, for comparisons.
+"""An independent NumPy transcription of the AdamW update, for comparisons.
 
-Everything runs in float64 NumPy, one step at a time, exactly as the formulas read.
+Everything runs in float64 NumPy, one step at a time, exactly as the formulas read. For each
+leaf ``w`` with gradient ``g`` at step ``t = 1, 2, ...`` (hyperparameters that are schedules
+are evaluated at ``t - 1``, the step count before the update)::
+
+    g   = g + l2 * w                      (only on leaves the mask decays; l2 = 0 by default)
+    m   = b1 * m + (1 - b1) * g           v = b2 * v + (1 - b2) * g**2
+    c1  = 1 - b1**t                       c2 = 1 - b2**t      (both 1 without bias correction)
+    v̂   = v / c2                          (AMSGrad: v̂ = v_max = max(v_max, v / c2))
+    m̂   = m / c1                          (Nesterov: b1 * m / (1 - b1**(t+1)) + (1 - b1) * g / c1)
+    u   = m̂ / (sqrt(v̂ + eps_root) + eps)
+    w   = w - lr * u - d * w
+
+with the decay ``d`` by ``decay_coupling``: ``lr * weight_decay`` ("lr"),
+``(lr / peak_learning_rate) * weight_decay`` ("schedule"; ``weight_decay`` when no peak is
+given), ``weight_decay`` ("none"); ``d = 0`` on leaves the mask leaves out. This is the
+update of the README's "The update" section.
 """
 
 from __future__ import annotations

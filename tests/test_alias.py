@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import run_scan
 from reference import adamw_trajectory, max_rel_err
 
 import adamw_jax
@@ -27,22 +28,14 @@ def problem(steps: int, seed: int = 0):
 
 
 def run_jax(tx, params, curv, noise, dtype):
-    """Runs tx on the gradients curv * w + noise_t inside one jitted scan."""
+    """The final params (NumPy) of tx on the gradients curv * w + noise_t, in ``dtype``."""
     cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)  # noqa: E731
     params, curv, noise = cast(params), cast(curv), cast(noise)
 
-    @jax.jit
-    def run(params, noise):
-        def step(carry, n_t):
-            w, state = carry
-            grads = jax.tree.map(lambda c, x, n: c * x + n, curv, w, n_t)
-            updates, state = tx.update(grads, state, w)
-            return (optax.apply_updates(w, updates), state), None
+    def grads(w, n_t):
+        return jax.tree.map(lambda c, x, n: c * x + n, curv, w, n_t)
 
-        (w, _), _ = jax.lax.scan(step, (params, tx.init(params)), noise)
-        return w
-
-    return jax.tree.map(np.asarray, run(params, noise))
+    return jax.tree.map(np.asarray, run_scan(tx, params, grads, noise).params)
 
 
 def run_reference(params, curv, noise, **hp):
@@ -244,15 +237,11 @@ def _run_optax_protocol(tx, params, steps):
     """``steps`` jitted steps on a curved problem; returns the params and the final state."""
     curv = jax.tree.map(lambda p: 0.5 + jnp.abs(p), params)
 
-    @jax.jit
-    def step(carry, t):
-        w, state = carry
-        grads = jax.tree.map(lambda c, x: c * x + 0.1 * jnp.sin(t + x), curv, w)
-        updates, state = tx.update(grads, state, w)
-        return (optax.apply_updates(w, updates), state), None
+    def grads(w, t):
+        return jax.tree.map(lambda c, x: c * x + 0.1 * jnp.sin(t + x), curv, w)
 
-    (w, state), _ = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(steps, dtype=float))
-    return w, state
+    params, state, _ = run_scan(tx, params, grads, jnp.arange(steps, dtype=float))
+    return params, state
 
 
 def _first_moment(state):

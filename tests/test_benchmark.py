@@ -1,13 +1,18 @@
-"""``python -m adamw_jax.benchmark --quick`` runs and reports every column for every tree."""
+"""``python benchmarks/step_time.py --quick`` runs and reports every column for every tree."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from adamw_jax import benchmark
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 JAX_ROWS = (
     "bandwidth probe",
@@ -30,7 +35,14 @@ FIELDS = (
 )
 
 
-def test_quick_run_prints_and_writes_every_column(tmp_path, capsys):
+@pytest.fixture
+def benchmark(monkeypatch):
+    """``benchmarks/step_time.py``, imported with its folder on ``sys.path`` (as it runs)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("step_time")
+
+
+def test_quick_run_prints_and_writes_every_column(benchmark, tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert benchmark.main(["--quick", "--json", str(path)]) == 0
     printed = capsys.readouterr().out
@@ -55,9 +67,32 @@ def test_quick_run_prints_and_writes_every_column(tmp_path, capsys):
             assert row["compile_s"] > 0 and row["peak_mb"] >= 0
         optax_row = tree["rows"][JAX_ROWS.index("optax.adamw")]
         assert optax_row["ratio_to_optax"] == 1.0
+        # the probe's loop ships in the kernel's extension: both run in C++, or neither
+        notes = {row["contender"]: row["note"] for row in tree["rows"]}
+        native_probe = notes["bandwidth probe"] == "C++ same-pattern probe"
+        assert native_probe == (notes["adamw_jax.fused_adamw"] == "C++ kernel")
 
 
-def test_bad_arguments_are_refused(capsys):
+def test_bad_arguments_are_refused(benchmark, capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--scale", "0"])
     assert "--scale" in capsys.readouterr().err
+
+
+def test_runs_as_a_script():
+    """From the command line, where the contenders come from the script's own folder."""
+    root = str(BENCHMARKS.parent)  # adamw_jax importable even when not installed
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "step_time.py"), "--scale", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "usage: python benchmarks/step_time.py" in done.stderr
+    assert "--scale must be > 0" in done.stderr

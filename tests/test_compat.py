@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import run_scan
 
 from adamw_jax import compat, schedules
 
@@ -71,19 +72,9 @@ def _cast(tree, real_dtype):
 
 
 def _run_jax(tx, params, grads):
-    """Final params after ``len(grads)`` steps of ``tx``, as one jitted scan."""
-
-    @jax.jit
-    def run(params, grads):
-        def body(carry, g):
-            p, state = carry
-            updates, state = tx.update(g, state, p)
-            return (optax.apply_updates(p, updates), state), None
-
-        (params, _), _ = jax.lax.scan(body, (params, tx.init(params)), grads)
-        return params
-
-    out = run(jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, grads))
+    """Final params (NumPy) after ``len(grads)`` steps of ``tx`` on ``grads``, one jitted scan."""
+    params, grads = jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, grads)
+    out = run_scan(tx, params, lambda _, g: g, grads).params
     return {k: np.asarray(v) for k, v in out.items()}
 
 

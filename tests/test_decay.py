@@ -1,5 +1,6 @@
 """add_decayed_weights and decoupled_weight_decay, with masks and schedules."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,9 +23,7 @@ def test_add_decayed_weights_is_a_drop_in_for_optax(mask):
     theirs = optax.add_decayed_weights(0.3, mask)
     got, _ = ours.update(GRADS, ours.init(PARAMS), PARAMS)
     want, _ = theirs.update(GRADS, theirs.init(PARAMS), PARAMS)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want
-    )
+    chex.assert_trees_all_equal(got, want)
 
 
 def test_add_decayed_weights_follows_a_schedule():
@@ -46,7 +45,7 @@ def test_decoupled_step_per_coupling(coupling, expected_decay):
     )
     got, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS)
     want = jax.tree.map(lambda g, p: -0.1 * g - expected_decay * p, GRADS, PARAMS)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=0.0)
 
 
 def test_schedule_coupling_follows_the_multiplier_only():

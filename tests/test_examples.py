@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import assert_trees_bitwise_equal
 
 import adamw_jax
 
@@ -31,11 +32,6 @@ def _load(name: str):
     return module
 
 
-def _same_bits(a, b) -> bool:
-    a, b = np.asarray(a), np.asarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
 # --------------------------------------------------------------------------------- digits
 def test_digits_split_is_fixed_disjoint_and_complete():
     digits = _load("train_digits")
@@ -46,8 +42,7 @@ def test_digits_split_is_fixed_disjoint_and_complete():
     rows = {k: {x.tobytes() for x in v[0]} for k, v in a.items()}
     # Some digits images are exact duplicates of each other, so allow a handful of overlaps.
     assert len(rows["train"] & rows["test"]) < 10
-    for k in a:
-        assert _same_bits(a[k][0], b[k][0]) and _same_bits(a[k][1], b[k][1])
+    assert_trees_bitwise_equal(a, b)
 
 
 def test_digits_quick_run_beats_chance_and_writes_png(tmp_path):
@@ -71,6 +66,26 @@ def test_digits_quick_run_beats_chance_and_writes_png(tmp_path):
     width, height = struct.unpack(">II", png[16:24])
     assert (width, height) == (1000, 400)  # figsize (10, 4) at 100 dpi
     assert len(png) > 10_000  # curves, labels and legends, not an empty canvas
+
+
+def test_digits_out_directory_gets_the_png_inside(tmp_path):
+    """``--out DIR`` (existing, or ending in a slash) writes DIR/digits_adamw.png."""
+    digits = _load("train_digits")
+    tiny = ["--steps", "2", "--eval-every", "1", "--hidden", "8", "--no-progress"]
+    result = digits.main([*tiny, "--out", str(tmp_path)])
+    png = tmp_path / digits.PLOT_NAME
+    assert digits.PLOT_NAME == "digits_adamw.png"
+    assert result["out"] == str(png)
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    assert digits.parse_args(["--out", f"{tmp_path}/new/"]).out == str(tmp_path / "new" / png.name)
+
+
+@pytest.mark.parametrize("out", ["curves.jpg", "curves"])
+def test_digits_out_that_is_neither_png_nor_directory_is_refused(out, tmp_path, capsys):
+    digits = _load("train_digits")
+    with pytest.raises(SystemExit):
+        digits.parse_args(["--out", str(tmp_path / out)])
+    assert "--out must be a .png file or a directory" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------- char transformer LM
@@ -112,24 +127,13 @@ def test_char_transformer_resume_is_bitwise_identical(lm_runs):
     assert cut["end_step"] == 6
     # The interruption came after step 6; the latest checkpoint is step 4: 5 and 6 rerun.
     assert (resumed["start_step"], resumed["end_step"]) == (4, 12)
-    assert jax.tree.structure(full["state"]) == jax.tree.structure(resumed["state"])
-    full_leaves = jax.tree.leaves(full["state"])
-    resumed_leaves = jax.tree.leaves(resumed["state"])
-    assert len(full_leaves) > 100  # params, both moments, the accumulator, counters
-    mismatched = [
-        i
-        for i, (a, b) in enumerate(zip(full_leaves, resumed_leaves, strict=True))
-        if not _same_bits(a, b)
-    ]
-    assert mismatched == []
+    assert len(jax.tree.leaves(full["state"])) > 100  # params, moments, accumulator, counters
+    assert_trees_bitwise_equal(resumed["state"], full["state"])
     # The steps the resumed run took saw the same batches: identical losses, to the bit.
     assert resumed["losses"] == full["losses"][4:]
     # ...and the comparison can fail: the interrupted state differs from the final one.
-    cut_params = jax.tree.leaves(cut["state"]["params"])
-    assert not all(
-        _same_bits(a, b)
-        for a, b in zip(cut_params, jax.tree.leaves(full["state"]["params"]), strict=True)
-    )
+    with pytest.raises(AssertionError):
+        assert_trees_bitwise_equal(cut["state"]["params"], full["state"]["params"])
 
 
 def test_char_transformer_resume_with_other_optimizer_structure_raises(lm_runs):
@@ -187,11 +191,7 @@ def test_restore_helper_checks_structure_shapes_and_dtypes(tmp_path):
     fresh = _opt_tree(adamw_jax.adamw(1e-3), jax.tree.map(jnp.zeros_like, params))
     restored, meta = lm.restore_checkpoint(manager, 3, fresh)
     assert meta == {"data_position": 6}
-    assert jax.tree.structure(restored) == jax.tree.structure(saved)
-    assert all(
-        _same_bits(a, b)
-        for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), strict=True)
-    )
+    assert_trees_bitwise_equal(restored, saved)
 
     # AMSGrad keeps one more moment: missing from the checkpoint.
     with pytest.raises(ValueError, match=r"in the target but not in checkpoint 3.*nu_max"):

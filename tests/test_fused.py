@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 import reference
+from _helpers import assert_trees_close_to_leaf_scale, run_steps
 
 import adamw_jax
 from adamw_jax import fused, masks
@@ -44,19 +45,6 @@ def _run(opt, steps, params=None):
     for t in range(steps):
         params, state = step(params, _grads(params, t), state)
     return params, state
-
-
-def _assert_close_ulps(a_tree, b_tree, ulps=8):
-    """Each leaf within ``ulps`` float ulps of its own largest magnitude."""
-    pairs = zip(jax.tree.leaves_with_path(a_tree), jax.tree.leaves(b_tree), strict=True)
-    for (path, a), b in pairs:
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        if a.size == 0 or not np.issubdtype(a.dtype, np.floating):
-            continue
-        scale = np.max(np.abs(b))
-        tol = ulps * np.spacing(np.float32(scale))
-        err = np.max(np.abs(a - b))
-        assert err <= tol, f"{jax.tree_util.keystr(path)}: {err} > {tol}"
 
 
 def test_kernel_is_built():
@@ -102,7 +90,7 @@ def test_kernel_matches_xla_over_200_steps(name):
     assert kernel.kernel_used(params, params, kernel.init(params))
     assert not xla.kernel_used(params, params, xla.init(params))
     got, want = _run(kernel, 200), _run(xla, 200)
-    _assert_close_ulps(got, want)
+    assert_trees_close_to_leaf_scale(got, want, ulps=8)
     assert int(got[1][0].count) == int(want[1][0].count) == 200
     assert int(got[1][1].count) == 200
     # the run moved the params: agreement is not trivially between two unchanged trees
@@ -145,7 +133,7 @@ def test_state_is_adamw_state_and_interchangeable():
         if t >= 3:
             p_mixed, state = tx_step(p_mixed, _grads(p_mixed, t), state)
         p_plain, s_plain = tx_step(p_plain, _grads(p_plain, t), s_plain)
-    _assert_close_ulps(p_mixed, p_plain)
+    assert_trees_close_to_leaf_scale(p_mixed, p_plain, ulps=8)
 
 
 def test_fallback_when_kernel_unavailable(monkeypatch):
@@ -155,11 +143,8 @@ def test_fallback_when_kernel_unavailable(monkeypatch):
     params = _params()
     assert not opt.kernel_used(params, params, opt.init(params))
     got, _ = _run(opt, 5)
-    p, s = _params(), tx.init(params)
-    for t in range(5):
-        updates, s = tx.update(_grads(p, t), s, p)
-        p = optax.apply_updates(p, updates)
-    _assert_close_ulps(got, p)
+    want = run_steps(tx, _params(), _grads, 5).params
+    assert_trees_close_to_leaf_scale(got, want, ulps=8)
     with pytest.raises(ValueError, match="kernel_available"):
         fused.fused_adamw(1e-2, backend="kernel").step(params, params, opt.init(params))
 
@@ -183,7 +168,7 @@ def test_unsupported_inputs_take_the_xla_path(kwargs, params):
     got, _ = jax.jit(opt.step)(params, grads, state)
     updates, _ = tx.update(grads, tx.init(params), params)
     want = optax.apply_updates(params, updates)
-    _assert_close_ulps(got, want)
+    assert_trees_close_to_leaf_scale(got, want, ulps=8)
     assert float(jnp.max(jnp.abs(got["w"].astype(jnp.float32) - 1.0))) > 1e-3
     with pytest.raises(ValueError, match="does not apply"):
         fused.fused_adamw(1e-2, **kwargs, backend="kernel").step(params, grads, state)
@@ -210,7 +195,7 @@ def test_many_leaves_split_over_calls_keep_their_masks():
     assert kernel.kernel_used(params, params, kernel.init(params))
     got = _run(kernel, 5, fresh())
     want = _run(xla, 5, fresh())
-    _assert_close_ulps(got, want)
+    assert_trees_close_to_leaf_scale(got, want, ulps=8)
     plain = _run(fused.fused_adamw(1e-2, weight_decay=0.0, backend="kernel"), 5, fresh())
     decayed = [k for k in mask if mask[k]]
     # the mask took effect: masked-out leaves match the undecayed run, decayed ones do not

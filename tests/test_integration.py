@@ -1,9 +1,11 @@
 """adamw inside the JAX/Optax toolbox: jit, vmap, chain, inject_hyperparams, MultiSteps, ..."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _helpers import run_steps
 
 import adamw_jax
 
@@ -13,18 +15,6 @@ PARAMS = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.linspace(0.5,
 def grads_at(t: int):
     key = jax.random.fold_in(jax.random.key(42), t)
     return jax.tree.map(lambda p: jax.random.normal(key, p.shape), PARAMS)
-
-
-def run_eager(tx, steps, params=PARAMS):
-    state = tx.init(params)
-    for t in range(steps):
-        updates, state = tx.update(grads_at(t), state, params)
-        params = optax.apply_updates(params, updates)
-    return params, state
-
-
-def assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
 
 def test_jit_with_donation_matches_eager():
@@ -39,18 +29,17 @@ def test_jit_with_donation_matches_eager():
     params, state = jax.tree.map(jnp.copy, PARAMS), tx.init(PARAMS)
     for t in range(20):
         params, state = step_donated(params, state, grads_at(t))
-    want_params, want_state = run_eager(tx, 20)
-    assert_trees_close(params, want_params)
-    assert_trees_close(state, want_state)
+    want = run_steps(tx, PARAMS, lambda _, t: grads_at(t), 20)
+    chex.assert_trees_all_close(params, want.params, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(state, want.state, rtol=1e-6, atol=1e-7)
 
 
 def test_second_update_does_not_recompile():
     tx = adamw_jax.adamw(optax.cosine_decay_schedule(1e-2, 100), weight_decay=0.1)
-    traces = []
 
     @jax.jit
+    @chex.assert_max_traces(n=1)  # a second trace raises
     def step(params, state, grads):
-        traces.append(None)  # runs only while tracing
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
@@ -58,7 +47,6 @@ def test_second_update_does_not_recompile():
     with jax.numpy_dtype_promotion("standard"):  # optax's schedules mix int and float
         for t in range(3):
             params, state = step(params, state, grads_at(t))
-    assert len(traces) == 1
 
 
 def test_vmap_over_independent_optimizers():
@@ -78,35 +66,36 @@ def test_vmap_over_independent_optimizers():
         grads = jax.tree.map(lambda g: scales.reshape(-1, *[1] * g.ndim) * g, grads_at(t))
         batch, states = step(batch, states, grads)
     for i, s in enumerate(np.asarray(scales)):
-        state = tx.init(jax.tree.map(lambda p: s * p, PARAMS))
-        params = jax.tree.map(lambda p: s * p, PARAMS)
-        for t in range(10):
-            updates, state = tx.update(jax.tree.map(lambda g: s * g, grads_at(t)), state, params)
-            params = optax.apply_updates(params, updates)
-        assert_trees_close(jax.tree.map(lambda x: x[i], batch), params)
+        alone = run_steps(
+            tx,
+            jax.tree.map(lambda p: s * p, PARAMS),
+            lambda _, t: jax.tree.map(lambda g: s * g, grads_at(t)),
+            10,
+        )
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda x: x[i], batch), alone.params, rtol=1e-6, atol=1e-7
+        )
 
 
 def test_chain_after_clip_by_global_norm():
     tx = optax.chain(optax.clip_by_global_norm(0.5), adamw_jax.adamw(1e-2, weight_decay=0.1))
-    got, _ = run_eager(tx, 10)
-    inner = adamw_jax.adamw(1e-2, weight_decay=0.1)
-    params, state = PARAMS, inner.init(PARAMS)
-    for t in range(10):
+    got = run_steps(tx, PARAMS, lambda _, t: grads_at(t), 10).params
+
+    def clipped(_, t):
         g = grads_at(t)
         norm = optax.tree.norm(g)
-        g = jax.tree.map(lambda x: x * jnp.minimum(1.0, 0.5 / norm), g)
-        updates, state = inner.update(g, state, params)
-        params = optax.apply_updates(params, updates)
-    assert_trees_close(got, params)
+        return jax.tree.map(lambda x: x * jnp.minimum(1.0, 0.5 / norm), g)
+
+    want = run_steps(adamw_jax.adamw(1e-2, weight_decay=0.1), PARAMS, clipped, 10).params
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_inject_hyperparams_changes_lr_and_wd_without_recompiling():
     tx = optax.inject_hyperparams(adamw_jax.adamw)(learning_rate=1e-2, weight_decay=0.1)
-    traces = []
 
     @jax.jit
+    @chex.assert_max_traces(n=1)  # a second trace raises
     def step(params, state, grads):
-        traces.append(None)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
@@ -121,8 +110,7 @@ def test_inject_hyperparams_changes_lr_and_wd_without_recompiling():
         ref = adamw_jax.adamw(lr, weight_decay=wd)
         updates, ref_state = ref.update(grads_at(t), ref_state, ref_params)
         ref_params = optax.apply_updates(ref_params, updates)
-    assert len(traces) == 1
-    assert_trees_close(params, ref_params)
+    chex.assert_trees_all_close(params, ref_params, rtol=1e-6, atol=1e-7)
 
 
 def test_multisteps_accumulates_gradients():
@@ -143,11 +131,11 @@ def _multisteps(k):
             updates, state = tx.update(g, state, params)
             params = optax.apply_updates(params, updates)
             if i < k - 1:  # no step until k gradients are in
-                assert_trees_close(params, window_start, rtol=0, atol=0)
+                chex.assert_trees_all_equal(params, window_start)
         mean = jax.tree.map(lambda *gs: sum(gs) / k, *grads)
         updates, ref_state = inner.update(mean, ref_state, ref_params)
         ref_params = optax.apply_updates(ref_params, updates)
-        assert_trees_close(params, ref_params)
+        chex.assert_trees_all_close(params, ref_params, rtol=1e-6, atol=1e-7)
 
 
 def test_apply_if_finite_skips_nonfinite_steps():
@@ -164,17 +152,17 @@ def test_apply_if_finite_skips_nonfinite_steps():
         updates, state = step(g, state, params)
         params = optax.apply_updates(params, updates)
         if t in (2, 3):
-            jax.tree.map(np.testing.assert_array_equal, (params, state.inner_state), before)
+            chex.assert_trees_all_equal((params, state.inner_state), before)
         else:
             updates, ref_state = inner.update(g, ref_state, ref_params)
             ref_params = optax.apply_updates(ref_params, updates)
     assert int(state.total_notfinite) == 2
-    assert_trees_close(params, ref_params)
+    chex.assert_trees_all_close(params, ref_params, rtol=1e-6, atol=1e-7)
 
 
 def test_masked_wrapper_leaves_other_leaves_alone():
     tx = optax.masked(adamw_jax.adamw(0.1, weight_decay=0.5), {"w": True, "b": False})
-    params, _ = run_eager(tx, 5)
+    params = run_steps(tx, PARAMS, lambda _, t: grads_at(t), 5).params
     expected = PARAMS["b"]
     for t in range(5):  # optax.masked passes the raw gradient through on masked-out leaves
         expected = expected + grads_at(t)["b"]

@@ -3,9 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from _helpers import run_side_by_side, shrinking_gradients
+from _helpers import run_scan, run_side_by_side, run_steps, shrinking_gradients
 
 import adamw_jax
 from adamw_jax._numerics import safe_increment
@@ -24,29 +23,23 @@ def numpy_scale_by_adam(grads, b1, b2, eps, eps_root, bias_correction):
     return out
 
 
-def run(tx, grads, dtype):
-    state = tx.init(jnp.zeros(grads[0].shape, dtype))
-    update = jax.jit(tx.update)
-    out = []
-    for g in grads:
-        u, state = update(jnp.asarray(g, dtype), state)
-        out.append(np.asarray(u))
-    return out, state
-
-
 @pytest.mark.parametrize("bias_correction", [True, False])
 def test_directions_match_numpy_float64(bias_correction):
     rng = np.random.default_rng(0)
     grads = [rng.normal(size=(4, 3)) * 10.0 ** rng.uniform(-3, 1) for _ in range(50)]
     kw = dict(b1=0.8, b2=0.95, eps=1e-6, eps_root=1e-9)
     with jax.enable_x64(True):
-        got, state = run(
-            adamw_jax.scale_by_adam(**kw, bias_correction=bias_correction), grads, jnp.float64
+        got = run_steps(
+            adamw_jax.scale_by_adam(**kw, bias_correction=bias_correction),
+            jnp.zeros(grads[0].shape, jnp.float64),
+            lambda _, t: jnp.asarray(grads[t], jnp.float64),
+            len(grads),
+            jit=True,
         )
     want = numpy_scale_by_adam(grads, **kw, bias_correction=bias_correction)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-    assert int(state.count) == 50
+    for a, b in zip(got.per_step, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-12, atol=1e-14)
+    assert int(got.state.count) == 50
 
 
 def test_first_step_is_exactly_bias_corrected():
@@ -61,12 +54,18 @@ def test_complex_params_use_squared_magnitude():
     rng = np.random.default_rng(1)
     grads = [rng.normal(size=5) + 1j * rng.normal(size=5) for _ in range(20)]
     with jax.enable_x64(True):
-        got, state = run(adamw_jax.scale_by_adam(), grads, jnp.complex128)
+        got = run_steps(
+            adamw_jax.scale_by_adam(),
+            jnp.zeros(grads[0].shape, jnp.complex128),
+            lambda _, t: jnp.asarray(grads[t], jnp.complex128),
+            len(grads),
+            jit=True,
+        )
     want = numpy_scale_by_adam(grads, 0.9, 0.999, 1e-8, 0.0, True)
-    assert state.nu.dtype == jnp.float64  # the second moment is real
-    assert state.mu.dtype == jnp.complex128
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12)
+    assert got.state.nu.dtype == jnp.float64  # the second moment is real
+    assert got.state.mu.dtype == jnp.complex128
+    for a, b in zip(got.per_step, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-12)
 
 
 def test_float64_params_compute_in_float64():
@@ -100,14 +99,8 @@ def least_squares_loss(tx, steps=300, seed=0):
     a = jax.random.normal(key_a, (64, 16))
     y = a @ jax.random.normal(key_w, (16,)) + 0.1 * jax.random.normal(key_n, (64,))
     loss = lambda w: jnp.mean((a @ w - y) ** 2)  # noqa: E731
-
-    def step(carry, _):
-        w, state = carry
-        updates, state = tx.update(jax.grad(loss)(w), state, w)
-        return (optax.apply_updates(w, updates), state), None
-
     w0 = jnp.zeros(16)
-    (w, _), _ = jax.jit(lambda w0: jax.lax.scan(step, (w0, tx.init(w0)), length=steps))(w0)
+    w = run_scan(tx, w0, lambda w, _: jax.grad(loss)(w), steps).params
     return float(loss(w)), float(loss(w0))
 
 

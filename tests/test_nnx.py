@@ -7,6 +7,7 @@ eagerly, under ``nnx.jit`` and in tree mode (``graph=False``), and land on exact
 that the plain Optax-protocol loop reaches with the same gradients.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,7 +96,7 @@ def test_every_storage_trains_in_nnx_optimizer(storage, mode):
     tx = adamw_jax.adamw(1e-2, weight_decay=0.1, **STORAGES[storage])
     params, optimizer = _train(tx, mode, steps=2)
     expected = _reference(tx, steps=2, jit=mode == "jit")
-    jax.tree.map(np.testing.assert_array_equal, params, expected)
+    chex.assert_trees_all_equal(params, expected)
     moved = jax.tree.map(lambda a, b: np.any(a != b), params, _reference(tx, steps=0))
     assert all(jax.tree.leaves(moved)), "every leaf should have moved in two steps"
     assert int(optimizer.step[...]) == 2
@@ -112,7 +113,7 @@ def test_every_storage_trains_in_nnx_optimizer(storage, mode):
 def test_other_optimizers_train_in_nnx_optimizer_under_jit(make_tx):
     tx = make_tx()
     params, _ = _train(tx, "jit", steps=2)
-    jax.tree.map(np.testing.assert_array_equal, params, _reference(tx, steps=2, jit=True))
+    chex.assert_trees_all_equal(params, _reference(tx, steps=2, jit=True))
 
 
 def test_fused_adamw_on_pure_params_matches_nnx_optimizer():
@@ -131,4 +132,4 @@ def test_fused_adamw_on_pure_params_matches_nnx_optimizer():
 
     for _ in range(2):
         p, state = step(p, state)
-    jax.tree.map(np.testing.assert_array_equal, params, p)
+    chex.assert_trees_all_equal(params, p)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import run_scan
 
 import adamw_jax
 
@@ -23,15 +24,10 @@ def _train(tx, dtype, zero_grads=False):
     def loss(w):
         return jnp.mean((a @ w.astype(jnp.float32) - y) ** 2)
 
-    def step(carry, _):
-        w, state = carry
-        grad = jax.grad(loss)(w)
-        if zero_grads:
-            grad = jnp.zeros_like(grad)
-        updates, state = tx.update(grad, state, w)
-        return (optax.apply_updates(w, updates), state), None
+    def grad(w, _):
+        return jnp.zeros_like(w) if zero_grads else jax.grad(loss)(w)
 
-    (w, _), _ = jax.jit(lambda w: jax.lax.scan(step, (w, tx.init(w)), length=STEPS))(w0)
+    w = run_scan(tx, w0, grad, STEPS).params
     return np.asarray(w.astype(jnp.float32)), np.asarray(w0.astype(jnp.float32))
 
 

@@ -2,11 +2,13 @@
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import assert_trees_bitwise_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,10 +53,26 @@ ADAMW_ARGS = [
 PARAMS = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(3)}
 
 
+def _extreme(value) -> bool:
+    """A number beyond 1e±12 in magnitude: up to three such make a step overflow float32."""
+    try:
+        x = abs(float(value))
+    except OverflowError:
+        return True
+    except (TypeError, ValueError):
+        return False
+    return x != 0.0 and not 1e-12 <= x <= 1e12
+
+
 @FUZZ
 @given(st.dictionaries(st.sampled_from(ADAMW_ARGS), anything, min_size=1, max_size=3))
 def test_constructor_fuzz(kwargs):
-    """Every argument set either builds a working optimizer or names the bad argument."""
+    """Every argument set either builds a working optimizer or names the bad argument.
+
+    A working optimizer's step is finite, unless an accepted value is so large (or a peak
+    learning rate so small) that the step itself lies beyond float32: learning_rate=3.4e38
+    steps a param of 1 to -inf.
+    """
     try:
         tx = adamw_jax.adamw(**{"learning_rate": 1e-3, **kwargs})
         state = tx.init(PARAMS)
@@ -63,12 +81,11 @@ def test_constructor_fuzz(kwargs):
         message = str(err)
         assert any(name in message for name in kwargs), (kwargs, message)
         return
-    except NotImplementedError as err:  # storage formats not offered yet say so by name
-        assert "dtype" in str(err)
+    if any(_extreme(v) for v in kwargs.values()):
         return
     new = optax.apply_updates(PARAMS, updates)
     for leaf in jax.tree.leaves((new, state)):
-        assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
+        assert np.all(np.isfinite(np.asarray(leaf, np.float64))), kwargs
 
 
 update_inputs = st.one_of(
@@ -116,17 +133,15 @@ def test_nonfinite_steps_change_nothing_and_are_counted():
         grads = jax.tree.map(lambda p: jnp.cos(p * (t + 1)), PARAMS)
         if t % 3 == 1:
             grads = {**grads, "b": grads["b"].at[1].set(bad[t // 3])}
-            before = jax.tree.map(np.asarray, (params, state.inner_state))
+            before = (params, state.inner_state)
             params, state = step(params, state, grads)
-            after = jax.tree.map(np.asarray, (params, state.inner_state))
-            for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
-                assert x.tobytes() == y.tobytes()  # bitwise unchanged
+            assert_trees_bitwise_equal((params, state.inner_state), before)
         else:
             params, state = step(params, state, grads)
             updates, ref_state = inner.update(grads, ref_state, ref_params)
             ref_params = optax.apply_updates(ref_params, updates)
     assert int(state.total_notfinite) == 3
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, ref_params)
+    chex.assert_trees_all_close(params, ref_params, rtol=1e-6, atol=0.0)
 
 
 def test_step_count_saturates_without_wrapping():
@@ -151,7 +166,7 @@ def test_step_count_saturates_without_wrapping():
     m = jax.tree.map(lambda x: 0.9 * x + 0.1, adam_state.mu)
     v = jax.tree.map(lambda x: 0.999 * x + 0.001, adam_state.nu)
     want = jax.tree.map(lambda a, b: a / (jnp.sqrt(b) + 1e-8), m, v)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), u, want)
+    chex.assert_trees_all_close(u, want, rtol=1e-5, atol=0.0)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -1.0, "1e-3", [1e-3], None])

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,6 +153,18 @@ def test_abstract_init_matches_concrete(eight_devices):
         assert all(checks.values()), (zero_axis, checks)
 
 
+def test_single_device_params_get_their_device_not_the_default(eight_devices):
+    """Params on device 5 without a mesh: every state leaf, step counts included, goes there.
+
+    Device 5 is not the default device, where plain ``jax.jit(tx.init)`` puts the state.
+    """
+    single = eight_devices[0]["single_device"]
+    assert single["param_device"] == 5
+    assert single["shardings_are_the_params"]
+    assert single["state_devices"] == [5] and single["state_leaves"] == 8
+    assert single["plain_jit_init_devices"] == [0]  # the check can see a wrong placement
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -194,8 +207,7 @@ def test_two_processes_match_one_process(eight_devices, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
     multi = np.load(result_path)
     assert sorted(multi.files) == sorted(single.files)
-    for name in single.files:
-        np.testing.assert_allclose(multi[name], single[name], rtol=0, atol=TOL, err_msg=name)
+    chex.assert_trees_all_close(dict(multi), dict(single), rtol=0.0, atol=TOL)
     print(f"two-process jax.distributed run: {elapsed:.1f} s")
 
 
@@ -255,10 +267,11 @@ def _check_placement(tx, params, state_sh):
 def test_state_leaves_matched_through_wrappers(params, make_tx, expected_matches):
     tx = make_tx()
     assert _check_placement(tx, params, sharding.state_shardings(tx, params)) == expected_matches
+    # sharding.init gives tx.init's state, each leaf placed by the same rule.
     state = sharding.init(tx, params)
-    assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state)) == jax.tree.leaves(
-        sharding.state_shardings(tx, params)
-    )
+    chex.assert_trees_all_equal(state, tx.init(params))
+    placed = jax.tree.map(lambda x: x.sharding, state)
+    assert _check_placement(tx, params, placed) == expected_matches
 
 
 def test_params_as_a_single_array(mesh):
@@ -308,11 +321,6 @@ def test_bad_arguments(params, mesh):
     single = {"w": jax.device_put(jnp.ones(2), jax.devices()[0])}
     with pytest.raises(ValueError, match="zero_axis='data' needs params placed with a Named"):
         sharding.state_shardings(tx, single, zero_axis="data")
-    # Single-device params without a mesh: the state is placed on that device.
-    assert all(
-        s.device_set == {jax.devices()[0]}
-        for s in jax.tree.leaves(sharding.state_shardings(tx, single))
-    )
 
 
 def test_sharded_training_example_runs():

@@ -3,11 +3,13 @@
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import run_steps
 
 import adamw_jax
 
@@ -274,18 +276,14 @@ def test_the_old_positional_order_is_refused():
 INJECT_PARAMS = {"big": jnp.linspace(-1.0, 1.0, 2048).reshape(32, 64), "small": jnp.ones(512)}
 
 
-def _inject_run(tx, steps=3, jit=True):
-    """``steps`` updates (jitted unless ``jit`` is False); returns the params and the state."""
+def _inject_grads(params, t):
+    """The gradients at step ``t`` of the runs below: sin(3 w + t)."""
+    return jax.tree.map(lambda x: jnp.sin(3.0 * x + t), params)
 
-    def step(p, s, t):
-        grads = jax.tree.map(lambda x: jnp.sin(3.0 * x + t), p)
-        updates, s = tx.update(grads, s, p)
-        return optax.apply_updates(p, updates), s
 
-    step = jax.jit(step) if jit else step
-    params, state = INJECT_PARAMS, tx.init(INJECT_PARAMS)
-    for t in range(steps):
-        params, state = step(params, state, jnp.float32(t))
+def _inject_run(tx, jit=True):
+    """Three updates from INJECT_PARAMS (each jitted unless ``jit`` is False): params, state."""
+    params, state, _ = run_steps(tx, INJECT_PARAMS, _inject_grads, 3, jit=jit)
     return params, state
 
 
@@ -299,8 +297,7 @@ def test_int8_options_under_inject_hyperparams_with_static_args():
     # Not bitwise: with b1, b2, eps as traced arrays rather than constants XLA rounds some
     # products differently, and a one-ulp difference can move an int8 code.
     moved = float(jnp.max(jnp.abs(want["big"] - INJECT_PARAMS["big"])))
-    for k in got:
-        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=0.03 * moved)
+    chex.assert_trees_all_close(got, want, rtol=0.0, atol=0.03 * moved)
     adam_state = state.inner_state[0]
     # min_quantize_size=1024 took effect: the 2048-element leaf is quantized (the default,
     # 4096, would keep it float32), the 512-element one is not.
@@ -325,7 +322,7 @@ def test_concrete_int8_options_from_inject_hyperparams_are_taken_as_ints():
     kwargs = dict(learning_rate=1e-3, mu_dtype="int8", nu_dtype="int8", min_quantize_size=1024)
     got, state = _inject_run(optax.inject_hyperparams(adamw_jax.adamw)(**kwargs), jit=False)
     want, _ = _inject_run(adamw_jax.adamw(**kwargs), jit=False)
-    jax.tree.map(np.testing.assert_array_equal, got, want)
+    chex.assert_trees_all_equal(got, want)
     assert isinstance(state.inner_state[0].mu["big"], adamw_jax.QuantizedArray)
 
 
@@ -351,5 +348,5 @@ def test_dtype_class_under_inject_hyperparams_asks_for_static_args():
     )
     got, state = _inject_run(tx)
     want, _ = _inject_run(adamw_jax.adamw(1e-3, mu_dtype=jnp.bfloat16))
-    jax.tree.map(np.testing.assert_array_equal, got, want)
+    chex.assert_trees_all_equal(got, want)
     assert {x.dtype for x in jax.tree.leaves(state.inner_state[0].mu)} == {jnp.dtype(jnp.bfloat16)}

@@ -7,7 +7,8 @@
 // leaves and shared between the calling thread and XLA's intra-op thread pool.
 //
 // A second target, a bandwidth probe with the same memory traffic, measures what the
-// machine can move in the same pattern, the bound the step is compared with.
+// machine can move in the same pattern, the bound the step is compared with. The library
+// does not use it: the benchmark (benchmarks/step_time_contenders.py) registers it.
 //
 // The arithmetic follows adamw_jax.adamw's XLA path operation by operation (same order,
 // same float32 roundings), so both paths give the same numbers up to a few ulps.
@@ -29,7 +30,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Layout of the float32 `hyper` buffer, computed by the caller for the current step.
+// Layout of the float32 `hyper` buffer, computed by the caller for the current step: the
+// fields of _KernelHyper in adamw_jax/fused.py, stacked in this order. Change both together.
 enum Hyper : int {
   kB1 = 0,         // beta1
   kOneMinusB1,     // 1 - beta1
@@ -46,7 +48,8 @@ enum Hyper : int {
   kNumHyper,
 };
 
-// How the decay enters the step on a decayed leaf.
+// How the decay enters the step on a decayed leaf (the `coupling` attribute; fused.py's
+// _KERNEL_COUPLING maps the Python couplings to it).
 enum Decay : int { kNoDecay = 0, kLrCoupled = 1, kIndependent = 2 };
 
 inline float Bf16ToF32(uint16_t x) {
@@ -66,7 +69,7 @@ inline uint16_t F32ToBf16(float f) {
 }
 
 // Stochastic rounding of a second moment (>= 0) to bfloat16, as the XLA path does
-// (adamw_jax/_moment_storage.py, round_stochastically): 16 bits of a multiplicative hash of
+// (adamw_jax/_numerics.py, round_to_bfloat16_stochastically): 16 bits of a multiplicative hash of
 // the value's bits are added below the kept bits; NaN stays a quiet NaN.
 inline uint16_t F32ToBf16Stochastic(float f) {
   uint32_t bits;

@@ -1,11 +1,14 @@
-"""The trees and the contenders that :mod:`adamw_jax.benchmark` times.
+"""The trees and the contenders that ``benchmarks/step_time.py`` times.
 
 A contender is set up once per tree and then stepped again and again on the same donated
-buffers: :class:`Contender` holds its step function and its current arguments.
+buffers: :class:`Contender` holds its step function and its current arguments. The
+bandwidth probe's C++ loop ships in the fused kernel's extension (``csrc/fused_adamw.cc``);
+this module registers and calls it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -21,6 +24,10 @@ from adamw_jax import fused
 from adamw_jax.alias import adamw
 
 LEARNING_RATE, WEIGHT_DECAY = 1e-3, 1e-2
+# The contender whose time is the limit, and the one every ratio is to.
+PROBE, REFERENCE = "bandwidth probe", "optax.adamw"
+# The probe's FFI target, and its handler's symbol in the kernel's extension.
+PROBE_TARGET, _PROBE_SYMBOL = "adamw_jax_stream_probe", "AdamwJaxStreamProbe"
 
 
 def tree_shapes(
@@ -129,10 +136,38 @@ def optax_step(tx: optax.GradientTransformation):
     return step
 
 
+@functools.cache
+def probe_available() -> bool:
+    """Whether the C++ bandwidth probe loads (CPU only); registers it on first use."""
+    return fused.register_cpu_target(PROBE_TARGET, _PROBE_SYMBOL)
+
+
+def _native_probe() -> bool:
+    """Whether the probe runs the C++ loop here (else its XLA version)."""
+    return jax.default_backend() == "cpu" and probe_available()
+
+
+def stream_probe(
+    params: optax.Params, grads: optax.Updates, mu: optax.Updates, nu: optax.Updates
+) -> tuple[optax.Params, tuple[optax.Updates, optax.Updates]]:
+    """The C++ bandwidth probe: ``p + g, m + g, v + g`` in place, float32 leaves.
+
+    The same memory traffic and call structure as the kernel's step (read 4 arrays, write
+    3), with one addition per element: what the machine can move in this pattern. Needs
+    :func:`probe_available`; returns ``(params, (mu, nu))``.
+    """
+    treedef = jax.tree.structure(params)
+    columns = [treedef.flatten_up_to(t) for t in (params, grads, mu, nu)]
+    per_leaf = [list(x) for x in zip(*columns, strict=True)]
+    out = fused.aliased_call(PROBE_TARGET, per_leaf, (0, 2, 3), lambda k: [])
+    p, m, v = (jax.tree.unflatten(treedef, out[k::3]) for k in range(3))
+    return p, (m, v)
+
+
 def probe_step(params, grads, state):
     """Reads p, g, m, v and writes p, m, v once: the step's memory traffic, no arithmetic."""
-    if fused.kernel_available() and jax.default_backend() == "cpu" and jax.tree.leaves(params):
-        return fused.stream_probe(params, grads, *state)
+    if _native_probe() and jax.tree.leaves(params):
+        return stream_probe(params, grads, *state)
     m, v = state
     add = jax.tree.map
     return add(jnp.add, params, grads), (add(jnp.add, m, grads), add(jnp.add, v, grads))
@@ -145,40 +180,36 @@ def jax_contenders(params_np, grads_np) -> list[Contender]:
     def fresh():
         return jax.tree.map(jnp.array, params_np)
 
-    out = []
-    p = fresh()
-    zeros = jax.tree.map(jnp.zeros_like, p)
-    probe_note = "C++ same-pattern probe" if fused.kernel_available() else "XLA probe"
-    if jax.default_backend() != "cpu":
-        probe_note = "XLA probe"
-    out.append(
-        jax_contender(
-            "bandwidth probe",
-            probe_step,
-            p,
-            grads,
-            (zeros, jax.tree.map(jnp.zeros_like, p)),
-            probe_note,
-        )
-    )
-    tx = adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    p = fresh()
-    out.append(
-        jax_contender("adamw_jax.adamw (Optax protocol)", optax_step(tx), p, grads, tx.init(p))
-    )
-    tx = adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY, moment_layout="packed")
-    p = fresh()
-    name = "adamw_jax.adamw packed (Optax protocol)"
-    out.append(jax_contender(name, optax_step(tx), p, grads, tx.init(p), 'moment_layout="packed"'))
+    def optax_protocol(name: str, tx: optax.GradientTransformation, note: str = ""):
+        params = fresh()
+        return jax_contender(name, optax_step(tx), params, grads, tx.init(params), note)
+
+    return [
+        _probe_contender(fresh(), grads),
+        optax_protocol(
+            "adamw_jax.adamw (Optax protocol)", adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+        ),
+        optax_protocol(
+            "adamw_jax.adamw packed (Optax protocol)",
+            adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY, moment_layout="packed"),
+            'moment_layout="packed"',
+        ),
+        _fused_contender(fresh(), grads),
+        optax_protocol(REFERENCE, optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)),
+    ]
+
+
+def _probe_contender(params, grads) -> Contender:
+    state = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params))
+    note = "C++ same-pattern probe" if _native_probe() else "XLA probe"
+    return jax_contender(PROBE, probe_step, params, grads, state, note)
+
+
+def _fused_contender(params, grads) -> Contender:
     opt = fused.fused_adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    p = fresh()
-    state = opt.init(p)
-    note = "C++ kernel" if opt.kernel_used(p, grads, state) else "XLA fallback"
-    out.append(jax_contender("adamw_jax.fused_adamw", opt.step, p, grads, state, note))
-    tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    p = fresh()
-    out.append(jax_contender("optax.adamw", optax_step(tx), p, grads, tx.init(p)))
-    return out
+    state = opt.init(params)
+    note = "C++ kernel" if opt.kernel_used(params, grads, state) else "XLA fallback"
+    return jax_contender("adamw_jax.fused_adamw", opt.step, params, grads, state, note)
 
 
 def torch_contenders(params_np, grads_np) -> list[Contender]:

@@ -1,8 +1,8 @@
-"""``python -m adamw_jax.benchmark``: AdamW step time against Optax, PyTorch and memory.
+"""``python benchmarks/step_time.py``: AdamW step time against Optax, PyTorch and memory.
 
 An AdamW step on float32 params reads the params, gradients and both moments and writes
 the params and moments: 28 bytes per parameter, so it is bound by memory bandwidth. For each
-tree this module times one training step of
+tree this script times one training step of
 
 * a bandwidth probe with exactly that traffic (read 4 arrays, write 3, in place), the
   practical limit on this machine;
@@ -21,9 +21,12 @@ and the compiled step's peak memory (arguments + outputs - donated aliases + tem
 
 Example::
 
-    python -m adamw_jax.benchmark                    # all four trees, default sizes
-    python -m adamw_jax.benchmark --quick            # tiny sizes, seconds
-    python -m adamw_jax.benchmark --trees gpt many --rounds 11 --json out.json
+    python benchmarks/step_time.py                   # all four trees, default sizes
+    python benchmarks/step_time.py --quick           # tiny sizes, seconds
+    python benchmarks/step_time.py --trees gpt many --rounds 11 --json out.json
+
+It needs ``adamw_jax`` installed (``pip install -e .``), or ``PYTHONPATH=.`` in the
+repository's root; its contenders come from ``step_time_contenders.py`` beside it.
 """
 
 from __future__ import annotations
@@ -37,8 +40,7 @@ import time
 from collections.abc import Sequence
 
 import jax
-
-from adamw_jax import _bench_contenders as bc
+import step_time_contenders as bc
 
 TREES = ("array16m", "array64m", "gpt", "many")
 COLUMNS = (
@@ -52,12 +54,11 @@ COLUMNS = (
     "peak MB",
     "note",
 )
-_REFERENCE, _PROBE = "optax.adamw", "bandwidth probe"
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m adamw_jax.benchmark", description=__doc__.split("\n\n")[0]
+        prog="python benchmarks/step_time.py", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--trees", nargs="+", choices=TREES, default=list(TREES))
     parser.add_argument("--scale", type=float, default=None, help="multiplies every size")
@@ -111,7 +112,7 @@ def _time_rounds(
 
 def _rows(contenders: list[bc.Contender]) -> list[dict]:
     medians = {c.name: statistics.median(c.times_ms) for c in contenders}
-    reference, probe = medians.get(_REFERENCE), medians.get(_PROBE)
+    reference, probe = medians.get(bc.REFERENCE), medians.get(bc.PROBE)
     rows = []
     for c in contenders:
         median = medians[c.name]
@@ -174,7 +175,7 @@ def run_tree(name: str, args: argparse.Namespace) -> dict:
         contenders += bc.torch_contenders(params, grads)
     _time_rounds(contenders, args.rounds, args.round_seconds, args.pause)
     rows = _rows(contenders)
-    probe_ms = next(r["median_ms"] for r in rows if r["contender"] == _PROBE)
+    probe_ms = next(r["median_ms"] for r in rows if r["contender"] == bc.PROBE)
     record = {
         "tree": name,
         "title": bc.TREE_TITLES[name],
