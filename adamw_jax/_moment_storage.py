@@ -256,8 +256,13 @@ def _unwrap(stored: Any) -> Any:
     return stored.stored if isinstance(stored, _Bounded) else stored
 
 
-def _quantize(value: jax.Array, like: Any, block_size: int, signed: bool) -> QuantizedArray:
-    """``value`` (float32) blockwise quantized; the second moment's root keeps tiny values."""
+def _quantize(
+    value: jax.Array, like: Any, block_size: int, signed: bool, salt: jax.Array | None = None
+) -> QuantizedArray:
+    """``value`` (float32) blockwise quantized; the second moment's root keeps tiny values.
+
+    The second moment is rounded stochastically, its random bits salted with ``salt``.
+    """
     if isinstance(like, _Bounded):
         absmax = like.absmax
     else:
@@ -269,6 +274,7 @@ def _quantize(value: jax.Array, like: Any, block_size: int, signed: bool) -> Qua
         block_size=block_size,
         keep_nonzero=not signed,
         rounding="nearest" if signed else "stochastic",
+        salt=None if signed else salt,
     )
 
 
@@ -303,7 +309,14 @@ def load_second(stored: Any, dtype: Any, block_size: int) -> jax.Array:
     return stored.astype(dtype)
 
 
-def store_second(value: jax.Array, like: Any, block_size: int, *, average: bool = True) -> Any:
+def store_second(
+    value: jax.Array,
+    like: Any,
+    block_size: int,
+    *,
+    average: bool = True,
+    salt: jax.Array | None = None,
+) -> Any:
     """The second moment ``value >= 0`` in the format of ``like``.
 
     A bfloat16 second moment is rounded stochastically: with ``b2`` close to 1 its per-step
@@ -312,15 +325,19 @@ def store_second(value: jax.Array, like: Any, block_size: int, *, average: bool 
     and its updates come out too small. (float16, with 3 more mantissa bits and the square
     root stored, resolves the change and is rounded to nearest.) ``average=False``
     (AMSGrad's running maximum, which needs no unbiased rounding) rounds to nearest.
+    ``salt`` (the step count) is mixed into stochastic rounding's random bits, so that a
+    value that repeats from step to step (a moment decaying under zero gradients) draws new
+    bits each time instead of repeating one rounding decision forever.
     """
     if is_quantized(_unwrap(like)):
-        return _quantize(jnp.sqrt(value.astype(jnp.float32)), like, block_size, signed=False)
+        root = jnp.sqrt(value.astype(jnp.float32))
+        return _quantize(root, like, block_size, signed=False, salt=salt)
     if like.dtype == jnp.float16:
         root = jnp.sqrt(value).astype(jnp.float16)
         tiny = jnp.asarray(jnp.finfo(jnp.float16).smallest_subnormal, jnp.float16)
         return jnp.where((value > 0) & (root == 0), tiny, root)
     if like.dtype == jnp.bfloat16 and average:
-        return _numerics.round_to_bfloat16_stochastically(value.astype(jnp.float32))
+        return _numerics.round_to_bfloat16_stochastically(value.astype(jnp.float32), salt)
     return value.astype(like.dtype)
 
 

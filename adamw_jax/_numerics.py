@@ -15,6 +15,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 _INT32_MAX = np.iinfo(np.int32).max
 # 2**32 / golden ratio: the odd multiplier of the hash whose bits drive stochastic rounding.
 HASH_MULTIPLIER = 0x9E3779B1
+# An odd multiplier that spreads a salt (the step count) over all 32 bits before it is mixed
+# into the hashed bits.
+SALT_MULTIPLIER = 0x85EBCA6B
 
 
 def safe_increment(count: jax.Array) -> jax.Array:
@@ -56,17 +59,24 @@ def value_at(value: Any, count: jax.Array) -> Any:
     return value(count) if is_schedule(value) else value
 
 
-def hash_bits(bits: jax.Array) -> jax.Array:
+def hash_bits(bits: jax.Array, salt: jax.Array | None = None) -> jax.Array:
     """Pseudo-random 32-bit words from the 32-bit pattern ``bits`` (uint32 or int32).
 
     A multiplicative hash: the product wraps around, and each bit of the input changes all
     the bits above it, so the top bits are the well-mixed ones: take them with a right
-    shift. No key: the same input gives the same bits.
+    shift. No key: the same input gives the same bits. ``salt`` (an integer scalar, such as
+    the step count) is mixed in first, so that a value that repeats from one step to the
+    next draws new bits each time.
     """
+    if salt is not None:
+        spread = jnp.asarray(salt).astype(jnp.uint32) * jnp.uint32(SALT_MULTIPLIER)
+        bits = bits ^ spread.astype(bits.dtype)
     return bits * jnp.asarray(HASH_MULTIPLIER, jnp.uint32).astype(bits.dtype)
 
 
-def shift_right_stochastically(fixed: jax.Array, seed_bits: jax.Array, shift: int) -> jax.Array:
+def shift_right_stochastically(
+    fixed: jax.Array, seed_bits: jax.Array, shift: int, salt: jax.Array | None = None
+) -> jax.Array:
     """``fixed >> shift``, rounded up with probability (its dropped bits) / ``2**shift``.
 
     The one stochastic rounding of the stored moments: ``fixed`` (uint32, or int32 >= 0) is a
@@ -74,24 +84,28 @@ def shift_right_stochastically(fixed: jax.Array, seed_bits: jax.Array, shift: in
     representable value; ``shift`` pseudo-random bits, the top bits of
     :func:`hash_bits` of ``seed_bits``, are added to it before the shift, which carries into
     the kept bits with exactly that probability. The rounded value is then unbiased.
+    ``salt`` is mixed into the hash (:func:`hash_bits`).
     """
     noise = jax.lax.shift_right_logical(
-        hash_bits(seed_bits), jnp.asarray(32 - shift, seed_bits.dtype)
+        hash_bits(seed_bits, salt), jnp.asarray(32 - shift, seed_bits.dtype)
     )
     return jax.lax.shift_right_logical(fixed + noise, jnp.asarray(shift, fixed.dtype))
 
 
-def round_to_bfloat16_stochastically(x: jax.Array) -> jax.Array:
+def round_to_bfloat16_stochastically(x: jax.Array, salt: jax.Array | None = None) -> jax.Array:
     """``x`` (float32) in bfloat16, rounded stochastically with bits hashed from ``x``.
 
     The upper of the two bfloat16 neighbours of ``x`` is chosen with probability equal to
     the fraction of the way from the lower one to ``x`` (towards larger magnitudes), so the
-    stored value is unbiased. NaN stays NaN.
+    stored value is unbiased. NaN stays NaN. ``salt`` (the step count, for a moment that is
+    rounded every step) is mixed into the hash: without it a value that rounds back to its
+    old bfloat16 value, as a decaying moment under zero gradients does, would meet the same
+    bits, and the same decision, at every later step and never decay.
     """
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
     # bfloat16 is float32's top 16 bits: the float32 bits are a fixed-point number whose
     # lowest 16 bits are the fraction of the way to the next bfloat16.
-    top = shift_right_stochastically(bits, bits, 16).astype(jnp.uint16)
+    top = shift_right_stochastically(bits, bits, 16, salt).astype(jnp.uint16)
     rounded = jax.lax.bitcast_convert_type(top, jnp.bfloat16)
     return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), rounded)
 

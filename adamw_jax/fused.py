@@ -298,6 +298,9 @@ class _KernelHyper(NamedTuple):
     wd: jax.Array  # the decay factor: weight_decay, or weight_decay / peak learning rate
     nesterov_m: jax.Array  # b1 / (1 - b1^(t+1))
     nesterov_g: jax.Array  # (1 - b1) / (1 - b1^t)
+    # The step count t as uint32, its bits carried in a float32 slot (not a float value): the
+    # salt of the second moment's stochastic rounding in bfloat16.
+    rounding_salt: jax.Array
 
     def stacked(self) -> jax.Array:
         """The vector the kernel reads: the fields, in order."""
@@ -311,7 +314,8 @@ def _kernel_hyper(
     adam_state, decay_state = state
     r = jnp.float32
     beta1, beta2 = jnp.asarray(b1, r), jnp.asarray(b2, r)
-    t = _numerics.safe_increment(adam_state.count).astype(r)
+    count = _numerics.safe_increment(adam_state.count)
+    t = count.astype(r)
     c1, c2 = 1 - beta1**t, 1 - beta2**t
     lr = _numerics.value_at(learning_rate, decay_state.count)
     wd = _numerics.value_at(weight_decay, decay_state.count)
@@ -329,6 +333,7 @@ def _kernel_hyper(
         wd=scalars.decay,
         nesterov_m=beta1 / (1 - beta1 ** (t + 1)),
         nesterov_g=(1 - beta1) / c1,
+        rounding_salt=jax.lax.bitcast_convert_type(count.astype(jnp.uint32), jnp.float32),
     )
 
 

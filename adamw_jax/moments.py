@@ -255,6 +255,8 @@ class AdamScalars(NamedTuple):
         :math:`g_t` in it (compute dtype).
       eps: :math:`\epsilon` (real).
       eps_root: :math:`\epsilon_{root}` (real).
+      rounding_salt: the step count as uint32, mixed into the random bits of the second
+        moment's stochastic rounding (bfloat16 and ``"int8"`` storage).
     """
 
     real_dtype: jnp.dtype
@@ -268,6 +270,7 @@ class AdamScalars(NamedTuple):
     nesterov_gradient: jax.Array
     eps: jax.Array
     eps_root: jax.Array
+    rounding_salt: jax.Array
 
 
 def _adam_scalars(
@@ -301,6 +304,7 @@ def _adam_scalars(
         nesterov_gradient=((1 - beta1) / correction1).astype(compute_dtype),
         eps=jnp.asarray(eps, real_dtype),
         eps_root=jnp.asarray(eps_root, real_dtype),
+        rounding_salt=count.astype(jnp.uint32),
     )
 
 
@@ -373,10 +377,13 @@ def _adam_step(
         direction = jnp.where(denominator == 0, jnp.zeros([], compute_dtype), direction)
     new_max = None
     if nu_max is not None:
-        new_max = _storage.store_second(v_hat, nu_max, block_size, average=False)
+        new_max = _storage.store_second(
+            v_hat, nu_max, block_size, average=False, salt=scalars.rounding_salt
+        )
     new_mu = _storage.store(m, mu, block_size)
     out_dtype = _numerics.wider(grad.dtype, _storage.dtype_of(mu))
-    return direction.astype(out_dtype), new_mu, _storage.store_second(v, nu, block_size), new_max
+    new_nu = _storage.store_second(v, nu, block_size, salt=scalars.rounding_salt)
+    return direction.astype(out_dtype), new_mu, new_nu, new_max
 
 
 def _update_tree(

@@ -73,7 +73,9 @@ def code_book_max(signed: bool) -> float:
     return 2.0 - 2.0**-m_bits
 
 
-def _encode(y: jax.Array, signed: bool, stochastic: bool = False) -> jax.Array:
+def _encode(
+    y: jax.Array, signed: bool, stochastic: bool = False, salt: jax.Array | None = None
+) -> jax.Array:
     """Code (int32, >= 0) of magnitudes ``0 <= y`` (float32) in the code book.
 
     The nearest code, or with ``stochastic`` one of the two codes around ``y``: the upper
@@ -94,7 +96,7 @@ def _encode(y: jax.Array, signed: bool, stochastic: bool = False) -> jax.Array:
     fixed = jnp.where(y < jnp.float32(2.0 ** (1 - bias)), subnormal, normal)
     # A carry out of the fraction moves to the next code up, from the top normal code too.
     if stochastic:  # up with probability fraction / 2**shift, bits hashed from y's
-        code = _numerics.shift_right_stochastically(fixed, bits, shift)
+        code = _numerics.shift_right_stochastically(fixed, bits, shift, salt)
     else:  # adding half a code rounds to nearest (ties up)
         code = (fixed + jnp.int32(1 << (shift - 1))) >> shift
     return jnp.minimum(code, 2 ** (e_bits + m_bits) - 1)  # >= 0 already
@@ -187,6 +189,7 @@ def quantize(
     block_size: int = 256,
     keep_nonzero: bool = False,
     rounding: str = "nearest",
+    salt: jax.Array | int | None = None,
 ) -> QuantizedArray:
     r"""Stores a float array as blockwise 8-bit codes and float32 scales.
 
@@ -209,7 +212,9 @@ def quantize(
     exponential moving average with a decay close to 1) does not move under round to
     nearest, since each step rounds back to the old code; stochastic rounding moves it by
     the right amount on average. The random bits are a hash of :math:`x_i / s_b`'s float32
-    bit pattern: no key, and the same input always gives the same codes.
+    bit pattern and of ``salt``: no key, and the same inputs always give the same codes.
+    Pass a ``salt`` that changes between calls (the step count) when the same value may be
+    quantized again: otherwise it meets the same bits, and the same decision, every time.
 
     Args:
       x: a real floating array of any shape (computed in float32).
@@ -219,6 +224,8 @@ def quantize(
       keep_nonzero: store positive values too small for the smallest nonzero code as that
         code rather than 0 (used for the second moment, which divides the update).
       rounding: ``"nearest"`` (the nearest code) or ``"stochastic"`` (unbiased; see above).
+      salt: with ``"stochastic"``, None or an integer scalar (array or Python int, taken
+        modulo ``2**32``) mixed into the random bits.
 
     Returns:
       A :class:`QuantizedArray` with ``codes.shape == x.shape``.
@@ -249,6 +256,7 @@ def quantize(
         block_size=block_size,
         keep_nonzero=keep_nonzero,
         rounding=rounding,
+        salt=salt,
     )
 
 
@@ -324,6 +332,7 @@ def quantize_with_absmax(
     block_size: int = 256,
     keep_nonzero: bool = False,
     rounding: str = "nearest",
+    salt: jax.Array | int | None = None,
 ) -> QuantizedArray:
     """:func:`quantize` given the blocks' largest magnitudes (:func:`block_absmax`).
 
@@ -338,6 +347,7 @@ def quantize_with_absmax(
       block_size: elements per block along the last axis, in [1, inf).
       keep_nonzero: as for :func:`quantize`.
       rounding: ``"nearest"`` or ``"stochastic"``, as for :func:`quantize`.
+      salt: as for :func:`quantize`.
 
     Returns:
       A :class:`QuantizedArray` with ``codes.shape == x.shape``.
@@ -359,7 +369,7 @@ def quantize_with_absmax(
     # a NaN or infinite scale, so the block decodes to non-finite values whatever its codes.)
     positive = absmax > 0
     inverse = jnp.where(positive, top, 0.0) / jnp.where(positive, absmax, 1.0)
-    code = _encode(magnitude * inverse[..., None], signed, rounding == "stochastic")
+    code = _encode(magnitude * inverse[..., None], signed, rounding == "stochastic", salt)
     if keep_nonzero:  # a positive magnitude (positive bit pattern) gets at least code 1
         positive = jnp.minimum(jax.lax.bitcast_convert_type(magnitude, jnp.int32), 1)
         code = jnp.maximum(code, positive)

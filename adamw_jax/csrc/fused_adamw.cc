@@ -45,6 +45,7 @@ enum Hyper : int {
   kWd,             // decay factor (weight_decay, or weight_decay / peak lr)
   kNesterovM,      // beta1 / (1 - beta1^(t+1))
   kNesterovG,      // (1 - beta1) / (1 - beta1^t)
+  kRoundingSalt,   // the step count t as uint32 bits (not a float value): stochastic rounding's salt
   kNumHyper,
 };
 
@@ -70,11 +71,12 @@ inline uint16_t F32ToBf16(float f) {
 
 // Stochastic rounding of a second moment (>= 0) to bfloat16, as the XLA path does
 // (adamw_jax/_numerics.py, round_to_bfloat16_stochastically): 16 bits of a multiplicative hash of
-// the value's bits are added below the kept bits; NaN stays a quiet NaN.
-inline uint16_t F32ToBf16Stochastic(float f) {
+// the value's bits, salted with the step count (`salt_mix` = t * 0x85EBCA6B), are added below
+// the kept bits; NaN stays a quiet NaN.
+inline uint16_t F32ToBf16Stochastic(float f, uint32_t salt_mix) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof(bits));
-  const uint32_t noise = (bits * 0x9E3779B1u) >> 16;
+  const uint32_t noise = ((bits ^ salt_mix) * 0x9E3779B1u) >> 16;
   const uint32_t rounded = (bits + noise) >> 16;
   const uint32_t quiet_nan = (bits >> 16) | 0x40u;
   return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
@@ -84,9 +86,9 @@ inline float Load(const float* x, int64_t i) { return x[i]; }
 inline float Load(const uint16_t* x, int64_t i) { return Bf16ToF32(x[i]); }
 inline void Store(float* x, int64_t i, float value) { x[i] = value; }
 inline void Store(uint16_t* x, int64_t i, float value) { x[i] = F32ToBf16(value); }
-inline void StoreSecond(float* x, int64_t i, float value) { x[i] = value; }
-inline void StoreSecond(uint16_t* x, int64_t i, float value) {
-  x[i] = F32ToBf16Stochastic(value);
+inline void StoreSecond(float* x, int64_t i, float value, uint32_t) { x[i] = value; }
+inline void StoreSecond(uint16_t* x, int64_t i, float value, uint32_t salt_mix) {
+  x[i] = F32ToBf16Stochastic(value, salt_mix);
 }
 
 // jnp.maximum: NaN if either operand is NaN.
@@ -126,6 +128,9 @@ inline __attribute__((always_inline)) void LeafBody(const Leaf& leaf, const floa
   const float inv_c1 = h[kInvC1], inv_c2 = h[kInvC2], eps = h[kEps], eps_root = h[kEpsRoot];
   const float lr = h[kLr], wd = h[kWd];
   const float nesterov_m = h[kNesterovM], nesterov_g = h[kNesterovG];
+  uint32_t salt;
+  std::memcpy(&salt, &h[kRoundingSalt], sizeof(salt));
+  const uint32_t salt_mix = salt * 0x85EBCA6Bu;
   // Distinct arrays (a leaf's outputs are its inputs), so the loop vectorizes.
   const float* __restrict g_in = leaf.g;
   float* __restrict p_io = leaf.p;
@@ -166,7 +171,7 @@ inline __attribute__((always_inline)) void LeafBody(const Leaf& leaf, const floa
       p_io[i] = p - Mad<kFma>(wd, p, lr * u);
     }
     Store(m_io, i, m);
-    StoreSecond(v_io, i, v);
+    StoreSecond(v_io, i, v, salt_mix);
   }
 }
 
@@ -304,7 +309,7 @@ ffi::Error FusedAdamwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper,
                           int64_t coupling) {
   const size_t per_leaf_in = amsgrad ? 5 : 4, per_leaf_out = amsgrad ? 4 : 3;
   if (hyper.element_count() != kNumHyper) {
-    return ffi::Error::InvalidArgument("fused_adamw: hyper must hold 12 float32 values");
+    return ffi::Error::InvalidArgument("fused_adamw: hyper must hold 13 float32 values");
   }
   if (args.size() % per_leaf_in != 0) {
     return ffi::Error::InvalidArgument("fused_adamw: wrong number of leaf inputs");
