@@ -1,6 +1,6 @@
 """AdamW for JAX: Adam's moment scaling and decoupled weight decay as Optax transformations."""
 
-from adamw_jax import compat, fused, masks, quantize, schedules, sharding
+from adamw_jax import compat, fused, masks, quantize, schedules, sharding, stability
 from adamw_jax._packing import PackedMoments
 from adamw_jax._trees import state_nbytes
 from adamw_jax.alias import adam, adamw
@@ -14,6 +14,7 @@ from adamw_jax.fused import FusedAdamW, fused_adamw
 from adamw_jax.moments import ScaleByAdamState, scale_by_adam
 from adamw_jax.precision import LowPrecisionUpdateState, low_precision_update
 from adamw_jax.quantize import QuantizedArray
+from adamw_jax.stability import SkipSpikesState, cautious, skip_spikes
 
 __version__ = "0.1.0"
 
@@ -25,9 +26,11 @@ __all__ = [
     "PackedMoments",
     "QuantizedArray",
     "ScaleByAdamState",
+    "SkipSpikesState",
     "adam",
     "adamw",
     "add_decayed_weights",
+    "cautious",
     "compat",
     "decoupled_weight_decay",
     "fused",
@@ -38,5 +41,7 @@ __all__ = [
     "scale_by_adam",
     "schedules",
     "sharding",
+    "skip_spikes",
+    "stability",
     "state_nbytes",
 ]

@@ -208,8 +208,8 @@ def _int8_zeros(
     dtype = jnp.result_type(param)
     is_complex = jnp.issubdtype(dtype, jnp.complexfloating)
     if int(np.prod(shape)) < min_quantize_size:
-        keep = jnp.complex64 if (is_complex and not real) else jnp.float32
-        return jnp.zeros_like(param, dtype=jnp.promote_types(keep, jnp.finfo(dtype).dtype))
+        keep = _numerics.compute_dtype(dtype)  # float32, or the param's wider (complex) dtype
+        return jnp.zeros_like(param, dtype=jnp.finfo(keep).dtype if real else keep)
     if is_complex and not real:
         raise ValueError(
             f'{name}="int8" cannot store the first moment of a complex parameter ({dtype}, '

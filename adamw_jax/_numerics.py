@@ -49,6 +49,20 @@ def wider(a: Any, b: Any) -> jnp.dtype:
     return jnp.dtype(a) if jnp.finfo(a).bits >= jnp.finfo(b).bits else jnp.dtype(b)
 
 
+def signs_agree(a: jax.Array, b: jax.Array, *, ties: bool) -> jax.Array:
+    """Where ``a`` and ``b`` point the same way: their signs agree (bool, elementwise).
+
+    ``ties``: whether a zero in either counts as agreeing. Signs are compared, not the
+    product's sign, so tiny values do not underflow to a tie. For complex leaves,
+    ``Re(a conj(b))`` is compared with zero. NaN agrees with nothing.
+    """
+    if jnp.iscomplexobj(a) or jnp.iscomplexobj(b):
+        product = jnp.real(a * jnp.conj(b))
+    else:
+        product = jnp.sign(a) * jnp.sign(b)
+    return product >= 0 if ties else product > 0
+
+
 def is_schedule(value: Any) -> bool:
     """Whether ``value`` is a schedule (a callable step -> value) rather than a number."""
     return callable(value) and not isinstance(value, (jax.Array, np.ndarray))

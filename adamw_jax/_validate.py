@@ -163,6 +163,27 @@ def check_static_int(name: str, value: Any) -> Any:
     return value
 
 
+def check_int(name: str, value: Any, *, low: int) -> None:
+    """Raises if a concrete ``value`` is not an int (or integer 0-d array) in [low, inf).
+
+    A traced integer scalar (a hyperparameter under ``optax.inject_hyperparams``) passes;
+    bools, floats and arrays of other dtypes or shapes are refused.
+    """
+    accepted = f"an int in [{low}, inf)"
+    if isinstance(value, jax.core.Tracer):
+        if np.ndim(value) != 0 or not np.issubdtype(value.dtype, np.integer):
+            raise TypeError(f"{name} must be {accepted}; got a traced {value.dtype}{value.shape}.")
+        return
+    if isinstance(value, (jax.Array, np.ndarray)):
+        if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer):
+            raise TypeError(f"{name} must be {accepted}; got an array {value!r}.")
+        value = int(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be {accepted}; got {value!r} of type {type(value).__name__}.")
+    if value < low:
+        raise ValueError(f"{name} must be in [{low}, inf); got {value!r}.")
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     """Raises ValueError if ``value`` is not one of ``choices``."""
     if not isinstance(value, str) or value not in choices:

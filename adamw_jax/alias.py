@@ -1,5 +1,7 @@
 """Ready-made optimizers: AdamW (decoupled decay) and Adam with an L2 penalty."""
 
+from typing import Any
+
 import optax
 
 from adamw_jax import _validate, precision
@@ -7,6 +9,7 @@ from adamw_jax._base import Mask, MomentDtype, ScalarOrArray, ScalarOrSchedule
 from adamw_jax._moment_storage import moment_storage
 from adamw_jax.decay import add_decayed_weights, decoupled_weight_decay
 from adamw_jax.moments import scale_by_adam_with_storage
+from adamw_jax.stability import cautious as cautious_updates
 
 
 def adamw(
@@ -28,6 +31,9 @@ def adamw(
     min_quantize_size: int | None = None,
     param_update: str | None = None,
     moment_layout: str = "tree",
+    cautious: bool = False,
+    cautious_weight_decay: bool = False,
+    decay_target: str | Any = "zero",
 ) -> optax.GradientTransformation:
     r"""Adam with decoupled weight decay (AdamW).
 
@@ -82,6 +88,14 @@ def adamw(
       param_update: None, or how updates land on bfloat16/float16 params so that small
         steps and the decay are not rounded away: ``"compensated"`` (Kahan buffer in the
         state) or ``"stochastic_rounding"`` (see :func:`adamw_jax.low_precision_update`).
+      cautious: a bool; True keeps Adam's direction only where its sign agrees with the
+        gradient's, rescaled by the kept fraction (cautious updates,
+        :func:`adamw_jax.cautious`). The state is unchanged.
+      cautious_weight_decay: a bool; True decays only where the direction and
+        :math:`w - w_{ref}` agree in sign (see :func:`adamw_jax.decoupled_weight_decay`).
+      decay_target: what the decay pulls toward: ``"zero"`` (default), ``"init"`` (the
+        params given to ``init``, stored in the state: one more copy of the params) or a
+        pytree like the params (see :func:`adamw_jax.decoupled_weight_decay`).
 
     Under ``optax.inject_hyperparams``, name ``mu_dtype``/``nu_dtype`` given as dtype
     classes (``jnp.bfloat16``), ``block_size``, ``min_quantize_size`` and a callable
@@ -105,7 +119,12 @@ def adamw(
     References:
       Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
       Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
+      Liang et al., "Cautious Optimizers", arXiv:2411.16085, 2024 (``cautious``).
+      Chen et al., "Cautious Weight Decay", arXiv:2510.12402, 2025
+      (``cautious_weight_decay``).
     """
+    _validate.check_bool("cautious", cautious)
+    _validate.check_bool("cautious_weight_decay", cautious_weight_decay)
     if param_update is not None:
         _validate.check_choice("param_update", param_update, (None, *precision.METHODS))
     storage = moment_storage(
@@ -115,23 +134,26 @@ def adamw(
         min_quantize_size=min_quantize_size,
         moment_layout=moment_layout,
     )
+    scaling = scale_by_adam_with_storage(
+        b1,
+        b2,
+        eps,
+        eps_root,
+        storage=storage,
+        nesterov=nesterov,
+        amsgrad=amsgrad,
+        bias_correction=True,
+    )
     steps = [
-        scale_by_adam_with_storage(
-            b1,
-            b2,
-            eps,
-            eps_root,
-            storage=storage,
-            nesterov=nesterov,
-            amsgrad=amsgrad,
-            bias_correction=True,
-        ),
+        cautious_updates(scaling) if cautious else scaling,
         decoupled_weight_decay(
             learning_rate,
             weight_decay,
             mask=mask,
             decay_coupling=decay_coupling,
             peak_learning_rate=peak_learning_rate,
+            cautious=cautious_weight_decay,
+            decay_target=decay_target,
         ),
     ]
     if param_update is not None:

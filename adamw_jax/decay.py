@@ -12,6 +12,7 @@ from adamw_jax import _numerics, _validate, masks
 from adamw_jax._base import Mask, ScalarOrSchedule
 
 DECAY_COUPLINGS = ("lr", "schedule", "none")
+DECAY_TARGETS = ("zero", "init")
 
 
 class AddDecayedWeightsState(NamedTuple):
@@ -21,9 +22,16 @@ class AddDecayedWeightsState(NamedTuple):
 
 
 class DecoupledWeightDecayState(NamedTuple):
-    """State of :func:`decoupled_weight_decay`: the step count, for schedules."""
+    """State of :func:`decoupled_weight_decay`: the step count, and the decay target.
+
+    Attributes:
+      count: the step count, int32, for schedules.
+      target: the params the decay pulls toward, a tree like the params
+        (``decay_target="init"`` or a pytree); None when it pulls toward zero.
+    """
 
     count: jax.Array
+    target: Any = None
 
 
 def add_decayed_weights(
@@ -117,6 +125,8 @@ def decoupled_weight_decay(
     mask: Mask = None,
     decay_coupling: str = "lr",
     peak_learning_rate: float | None = None,
+    cautious: bool = False,
+    decay_target: str | Any = "zero",
 ) -> optax.GradientTransformation:
     r"""Applies the learning rate and decoupled weight decay to a scaled direction.
 
@@ -138,6 +148,23 @@ def decoupled_weight_decay(
     update's and the parameter's dtypes, and returned in the parameter's dtype (so a
     bfloat16 direction applied to float32 params loses nothing further).
 
+    With a decay target :math:`w_{ref}` the decay pulls toward it instead of toward zero
+    (as in fine-tuning, where it keeps the weights near the pretrained ones):
+
+    .. math::
+
+      w \leftarrow w - \eta_t u - d_t\, c \odot (w - w_{ref}), \qquad
+      c = \begin{cases}
+        \mathbb{1}[u \odot (w - w_{ref}) \ge 0] & \text{cautious} \\
+        1 & \text{otherwise}
+      \end{cases}
+
+    Cautious weight decay (Chen et al.) decays a coordinate only where it moves the same
+    way as the update, the sign of :math:`u` agreeing with that of :math:`w - w_{ref}`
+    (ties, where either is zero, decay, as the paper's indicator
+    :math:`\mathbb{1}[u \odot w \ge 0]`; for complex leaves
+    :math:`\operatorname{Re}(u \bar x) \ge 0`).
+
     Args:
       learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule
         (a callable of the step count).
@@ -148,6 +175,13 @@ def decoupled_weight_decay(
       decay_coupling: ``"lr"``, ``"schedule"`` or ``"none"``.
       peak_learning_rate: :math:`\eta_{peak}`, in (0, inf); only with ``"schedule"``, and
         required there when ``learning_rate`` is a schedule.
+      cautious: a bool; True decays only the coordinates where the update and
+        :math:`w - w_{ref}` agree in sign (cautious weight decay). Works with every
+        ``decay_coupling`` and mask.
+      decay_target: :math:`w_{ref}`: ``"zero"`` (the default, plain decay), ``"init"``
+        (the params given to ``init``, copied into the state: the state grows by one copy
+        of the params, as ``adamw_jax.state_nbytes`` shows) or a pytree with the params'
+        structure and shapes (also copied into the state by ``init``).
 
     Returns:
       An ``optax.GradientTransformation``; its ``update`` requires ``params``.
@@ -160,35 +194,84 @@ def decoupled_weight_decay(
       >>> updates, _ = tx.update({"w": jnp.array([1.0])}, tx.init(params), params)
       >>> updates["w"]  # -(0.1 * 1.0 + 0.5 * 2.0)
       Array([-1.1], dtype=float32)
+      >>> tx = adamw_jax.decoupled_weight_decay(
+      ...     0.1, 0.5, decay_coupling="none", cautious=True, decay_target="init"
+      ... )
+      >>> state = tx.init(params)  # stores w_ref = 2
+      >>> updates, _ = tx.update({"w": jnp.array([1.0])}, state, {"w": jnp.array([3.0])})
+      >>> updates["w"]  # -(0.1 * 1.0 + 0.5 * (3.0 - 2.0)): u and w - w_ref agree
+      Array([-0.6], dtype=float32)
+      >>> updates, _ = tx.update({"w": jnp.array([-1.0])}, state, {"w": jnp.array([3.0])})
+      >>> updates["w"]  # they disagree: no decay
+      Array([0.1], dtype=float32)
 
     References:
       Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+      Chen et al., "Cautious Weight Decay", arXiv:2510.12402, 2025.
     """
     _validate.check_scalar("learning_rate", learning_rate, low=0.0, allow_schedule=True)
     _validate.check_scalar("weight_decay", weight_decay, low=0.0, allow_schedule=True)
     _validate.check_choice("decay_coupling", decay_coupling, DECAY_COUPLINGS)
     _validate.check_mask("mask", mask)
+    _validate.check_bool("cautious", cautious)
+    _check_decay_target(decay_target)
     _check_peak_learning_rate(peak_learning_rate, decay_coupling, learning_rate)
     coupling = effective_coupling(decay_coupling, peak_learning_rate)
 
     def init_fn(params):
-        del params
-        return DecoupledWeightDecayState(jnp.zeros([], jnp.int32))
+        return DecoupledWeightDecayState(
+            jnp.zeros([], jnp.int32), _initial_target(decay_target, params)
+        )
 
     def update_fn(updates, state, params=None):
         _check_update_args("decoupled_weight_decay", updates, params)
+        target = _state_target(decay_target, state, params)
         lr = _numerics.value_at(learning_rate, state.count)
         wd = _numerics.value_at(weight_decay, state.count)
         # Made once per compute dtype, for all the leaves computed in it.
         scalars = functools.cache(
             functools.partial(decay_scalars, lr, wd, coupling, peak_learning_rate)
         )
-        decayed = functools.partial(_decayed_step, coupling, scalars)
+        decayed = functools.partial(_decayed_step, coupling, cautious, scalars)
         plain = functools.partial(_plain_step, scalars)
-        new = masks.map_masked(masks.resolve_mask(mask, params), decayed, plain, updates, params)
-        return new, DecoupledWeightDecayState(_numerics.safe_increment(state.count))
+        trees = (updates, params) if target is None else (updates, params, target)
+        new = masks.map_masked(masks.resolve_mask(mask, params), decayed, plain, *trees)
+        return new, DecoupledWeightDecayState(_numerics.safe_increment(state.count), target)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_decay_target(decay_target: Any) -> None:
+    """Refuses a decay target that is neither a known name nor a non-empty pytree."""
+    if isinstance(decay_target, str):
+        _validate.check_choice("decay_target", decay_target, DECAY_TARGETS)
+    elif not jax.tree.leaves(decay_target):
+        raise TypeError(
+            f"decay_target must be one of {DECAY_TARGETS} or a pytree of arrays with the "
+            f"params' structure and shapes; got {decay_target!r}."
+        )
+
+
+def _initial_target(decay_target: Any, params: Any) -> Any:
+    """The target stored by ``init``: None (toward zero), or a copy of the params or tree."""
+    if isinstance(decay_target, str):
+        return None if decay_target == "zero" else jax.tree.map(jnp.copy, params)
+    _validate.check_same_structure("decay_target", decay_target, params, "the params")
+    return jax.tree.map(jnp.array, decay_target)  # a copy: donated params leave it intact
+
+
+def _state_target(decay_target: Any, state: DecoupledWeightDecayState, params: Any) -> Any:
+    """The state's target, checked against the params; refuses a state that lacks one."""
+    if isinstance(decay_target, str) and decay_target == "zero":
+        return None
+    target = state.target
+    if target is None:
+        raise ValueError(
+            "decoupled_weight_decay(decay_target=...) got a state without a target: build "
+            "the state with this transformation's init."
+        )
+    _validate.check_same_structure("decay_target", target, params, "the params")
+    return target
 
 
 def _check_peak_learning_rate(
@@ -242,19 +325,31 @@ def decay_scalars(
 
 
 def _decayed_step(
-    coupling: str, scalars: Callable[[Any], DecayScalars], u: jax.Array, p: jax.Array
+    coupling: str,
+    cautious: bool,
+    scalars: Callable[[Any], DecayScalars],
+    u: jax.Array,
+    p: jax.Array,
+    ref: jax.Array | None = None,
 ) -> jax.Array:
-    """``-(eta u + d w)`` in the param's dtype: a leaf that decays."""
-    c = _numerics.compute_dtype(u.dtype, p.dtype)
+    """``-(eta u + d c (w - w_ref))`` in the param's dtype: a leaf that decays."""
+    c = _numerics.compute_dtype(u.dtype, p.dtype, *([] if ref is None else [ref.dtype]))
     s, uc, pc = scalars(c), u.astype(c), p.astype(c)
+    x = pc if ref is None else pc - ref.astype(c)
+    decay = s.decay * x
+    if cautious:
+        decay = jnp.where(_numerics.signs_agree(uc, x, ties=True), decay, jnp.zeros_like(decay))
     if coupling == "none":
-        step = s.lr * uc + s.decay * pc
+        step = s.lr * uc + decay
     else:  # "lr", and "schedule" with the decay already divided by the peak
-        step = s.lr * (uc + s.decay * pc)
+        step = s.lr * (uc + decay)
     return (-step).astype(p.dtype)
 
 
-def _plain_step(scalars: Callable[[Any], DecayScalars], u: jax.Array, p: jax.Array) -> jax.Array:
+def _plain_step(
+    scalars: Callable[[Any], DecayScalars], u: jax.Array, p: jax.Array, ref: Any = None
+) -> jax.Array:
     """``-eta u`` in the param's dtype: a leaf that does not decay."""
+    del ref
     c = _numerics.compute_dtype(u.dtype, p.dtype)
     return (-scalars(c).lr * u.astype(c)).astype(p.dtype)

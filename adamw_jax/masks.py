@@ -47,29 +47,32 @@ def map_masked(
     off: Callable[[jax.Array, jax.Array], jax.Array],
     updates: optax.Updates,
     params: optax.Params,
+    *rest: Any,
 ) -> optax.Updates:
     """Maps ``on(u, p)`` over the leaves the mask selects and ``off(u, p)`` over the rest.
 
     Args:
       mask_tree: what :func:`resolve_mask` returned: None (every leaf), or a tree of bools
         (Python or array, a prefix of the params' tree).
-      on: the map of a selected leaf, ``(update, param) -> new update``.
+      on: the map of a selected leaf, ``(update, param, *rest) -> new update``.
       off: the map of any other leaf.
       updates: the updates.
       params: the params, with the updates' structure.
+      *rest: more trees with the updates' structure (e.g. a decay target), whose leaves
+        ``on`` and ``off`` receive after the param.
 
     Returns:
       The new updates.
     """
     if mask_tree is None:
-        return jax.tree.map(on, updates, params)
+        return jax.tree.map(on, updates, params, *rest)
 
-    def select(m, u_sub, p_sub):
+    def select(m, *subtrees):
         if isinstance(m, (bool, np.bool_)):
-            return jax.tree.map(on if m else off, u_sub, p_sub)
-        return jax.tree.map(lambda u, p: jnp.where(m, on(u, p), off(u, p)), u_sub, p_sub)
+            return jax.tree.map(on if m else off, *subtrees)
+        return jax.tree.map(lambda *x: jnp.where(m, on(*x), off(*x)), *subtrees)
 
-    return jax.tree.map(select, mask_tree, updates, params)
+    return jax.tree.map(select, mask_tree, updates, params, *rest)
 
 
 def _compile(name: str, patterns: str | Sequence[str]) -> list[re.Pattern]:

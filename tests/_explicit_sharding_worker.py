@@ -25,6 +25,19 @@ from adamw_jax import compat
 STEPS = 6
 SPECS = {"w": P("x", "y"), "b": P("y"), "e": P(None, "x"), "scale": P()}
 SHAPES = {"w": (16, 256), "b": (64,), "e": (8, 32), "scale": ()}
+
+
+def _int8(block_size: int) -> optax.GradientTransformation:
+    return adamw_jax.adamw(
+        1e-2,
+        weight_decay=0.1,
+        mu_dtype="int8",
+        nu_dtype="int8",
+        block_size=block_size,
+        min_quantize_size=64,
+    )
+
+
 STORAGES = {
     "tree": lambda: adamw_jax.adamw(1e-2, weight_decay=0.1),
     "tree_amsgrad": lambda: adamw_jax.adamw(1e-2, weight_decay=0.1, amsgrad=True),
@@ -39,23 +52,9 @@ STORAGES = {
         1e-2, weight_decay=0.1, mu_dtype=jnp.float16, nu_dtype=jnp.float16
     ),
     # Every shard of every quantized leaf along its last axis is a multiple of 16 long.
-    "int8": lambda: adamw_jax.adamw(
-        1e-2,
-        weight_decay=0.1,
-        mu_dtype="int8",
-        nu_dtype="int8",
-        block_size=16,
-        min_quantize_size=64,
-    ),
+    "int8": lambda: _int8(block_size=16),
     # b's shards are 16 long: a block of 32 would span two (refused under explicit axes).
-    "int8_blocks_span_shards": lambda: adamw_jax.adamw(
-        1e-2,
-        weight_decay=0.1,
-        mu_dtype="int8",
-        nu_dtype="int8",
-        block_size=32,
-        min_quantize_size=64,
-    ),
+    "int8_blocks_span_shards": lambda: _int8(block_size=32),
     "torch_adamw": lambda: compat.torch_adamw(1e-2, weight_decay=0.1),
     "keras_adamw": lambda: compat.keras_adamw(1e-2),
 }

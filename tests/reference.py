@@ -10,12 +10,18 @@ are evaluated at ``t - 1``, the step count before the update)::
     v̂   = v / c2                          (AMSGrad: v̂ = v_max = max(v_max, v / c2))
     m̂   = m / c1                          (Nesterov: b1 * m / (1 - b1**(t+1)) + (1 - b1) * g / c1)
     u   = m̂ / (sqrt(v̂ + eps_root) + eps)
-    w   = w - lr * u - d * w
+    u   = keep * u / max(mean(keep), 1e-3),  keep = sign(u) * sign(g) > 0   (cautious only)
+    x   = w - w_ref                       (w_ref: 0, the initial params, or a given dict)
+    c   = sign(u) * sign(x) >= 0          (cautious_weight_decay only; else c = 1)
+    w   = w - lr * u - d * c * x
 
 with the decay ``d`` by ``decay_coupling``: ``lr * weight_decay`` ("lr"),
 ``(lr / peak_learning_rate) * weight_decay`` ("schedule"; ``weight_decay`` when no peak is
 given), ``weight_decay`` ("none"); ``d = 0`` on leaves the mask leaves out. This is the
 update of the README's "The update" section.
+
+:func:`skip_spikes_trajectory` transcribes ``adamw_jax.skip_spikes``' decisions on a
+sequence of metrics.
 """
 
 from __future__ import annotations
@@ -46,9 +52,18 @@ def adamw_trajectory(
     nesterov=False,
     bias_correction=True,
     l2=0.0,
+    cautious=False,
+    cautious_weight_decay=False,
+    decay_target="zero",
 ) -> dict:
     """Runs ``steps`` updates; ``grad_fn(params, t)`` gives the gradient dict at step t."""
     w = {k: np.array(v, np.float64) for k, v in params.items()}
+    if decay_target == "zero":
+        ref = {k: np.zeros_like(x) for k, x in w.items()}
+    elif decay_target == "init":
+        ref = {k: x.copy() for k, x in w.items()}
+    else:
+        ref = {k: np.array(decay_target[k], np.float64) for k in w}
     m = {k: np.zeros_like(v) for k, v in w.items()}
     v = {k: np.zeros_like(x) for k, x in w.items()}
     vmax = {k: np.zeros_like(x) for k, x in w.items()}
@@ -75,6 +90,9 @@ def adamw_trajectory(
             else:
                 m_hat = m[k] / c1
             u = m_hat / (np.sqrt(v_hat + eps_root) + eps)
+            if cautious:
+                keep = np.sign(u) * np.sign(gk) > 0
+                u = np.where(keep, u / max(np.mean(keep), 1e-3), 0.0)
             if decay_coupling == "lr":
                 d = lr * wd
             elif decay_coupling == "schedule":
@@ -83,9 +101,44 @@ def adamw_trajectory(
                 d = wd
             if not decays:
                 d = 0.0
-            new_w[k] = w[k] - lr * u - d * w[k]
+            x = w[k] - ref[k]
+            c = np.sign(u) * np.sign(x) >= 0 if cautious_weight_decay else 1.0
+            new_w[k] = w[k] - lr * u - d * c * x
         w = new_w
     return w
+
+
+def skip_spikes_trajectory(metrics, *, threshold=6.0, window=100, warmup=20):
+    """``adamw_jax.skip_spikes``' decisions on a sequence of metrics, in float64.
+
+    For each metric ``x``, with ``n`` accepted steps so far and their running ``mean`` and
+    ``var``::
+
+        z     = (x - mean) / max(sqrt(var), 1e-6 * |mean|, tiny)   (0 while n = 0, x finite)
+        skip  = x not finite  or  (n >= warmup and z > threshold)
+        if not skip:  a = 1 / min(n + 1, window);  d = x - mean
+                      mean += a * d;  var = (1 - a) * (var + a * d**2);  n += 1
+
+    Returns:
+      ``(skips, zs, mean, var)``: per step whether it was skipped and its z-score, and the
+      final statistics.
+    """
+    mean = var = 0.0
+    n = 0
+    skips, zs = [], []
+    tiny = np.finfo(np.float64).tiny
+    for x in np.asarray(metrics, np.float64):
+        with np.errstate(invalid="ignore", over="ignore"):
+            scale = max(np.sqrt(var), 1e-6 * abs(mean), tiny)
+            z = 0.0 if n == 0 and np.isfinite(x) else (x - mean) / scale
+        skip = not np.isfinite(x) or (n >= warmup and z > threshold)
+        if not skip:
+            a = 1.0 / min(n + 1, window)
+            d = x - mean
+            mean, var, n = mean + a * d, (1 - a) * (var + a * d * d), n + 1
+        skips.append(skip)
+        zs.append(z)
+    return np.array(skips), np.array(zs), mean, var
 
 
 def rel_err(a, b) -> float:

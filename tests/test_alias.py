@@ -70,6 +70,17 @@ CONFIGS = {
     "none-scheduled-wd": dict(weight_decay=cosine(2e-3, 500), decay_coupling="none"),
     "amsgrad": dict(weight_decay=0.1, amsgrad=True),
     "nesterov": dict(weight_decay=0.1, nesterov=True),
+    "cautious": dict(weight_decay=0.1, cautious=True),
+    "cautious-weight-decay": dict(weight_decay=0.3, cautious_weight_decay=True),
+    "decay-to-init": dict(weight_decay=0.3, decay_target="init", decay_coupling="none"),
+    "decay-to-tree-cautious": dict(
+        weight_decay=0.3,
+        decay_target={k: np.full(s, 0.25) for k, s in SHAPES.items()},
+        cautious=True,
+        cautious_weight_decay=True,
+        mask={"a": True, "b": False, "c": True, "d": True},
+        nesterov=True,
+    ),
     "everything": dict(
         learning_rate=cosine(LR, 500),
         weight_decay=0.05,
@@ -372,6 +383,7 @@ PUBLIC_MODULES = [
     "quantize",
     "schedules",
     "sharding",
+    "stability",
 ]
 
 

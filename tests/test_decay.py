@@ -96,3 +96,83 @@ def test_updates_that_do_not_fit_the_params_are_refused():
     bad = {**GRADS, "dec": jnp.ones(5)}
     with pytest.raises(ValueError, match=r"\['dec'\] have shape \(5,\)"):
         tx.update(bad, tx.init(PARAMS), PARAMS)
+
+
+# Cautious weight decay and decay toward a target.
+
+SIGNED = {"enc": {"w": jnp.array([[1.0, -1.0, 2.0], [-2.0, 0.0, 3.0]]), "b": jnp.ones(3)}}
+DIRECTION = {"enc": {"w": jnp.array([[1.0, 1.0, -1.0], [-1.0, 1.0, 0.0]]), "b": -jnp.ones(3)}}
+
+
+@pytest.mark.parametrize("coupling", ["lr", "schedule", "none"])
+def test_cautious_decay_only_where_update_and_weight_agree(coupling):
+    peak = 0.4 if coupling == "schedule" else None
+    d = {"lr": 0.1 * 0.2, "schedule": (0.1 / 0.4) * 0.2, "none": 0.2}[coupling]
+    tx = adamw_jax.decoupled_weight_decay(
+        0.1, 0.2, decay_coupling=coupling, peak_learning_rate=peak, cautious=True
+    )
+    got, _ = tx.update(DIRECTION, tx.init(SIGNED), SIGNED)
+    # w: signs agree at (0,0), (1,0); ties (w = 0 at (1,1), u = 0 at (1,2)) decay; b: none.
+    agree = {"enc": {"w": jnp.array([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]), "b": jnp.zeros(3)}}
+    want = jax.tree.map(lambda u, p, c: -0.1 * u - d * c * p, DIRECTION, SIGNED, agree)
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=0.0)
+
+
+def test_decay_toward_init_and_toward_a_tree():
+    p0 = jax.tree.map(lambda p: p + 1.0, SIGNED)
+    for target, ref in (("init", p0), (jax.tree.map(lambda p: 0.5 * p, SIGNED), None)):
+        tx = adamw_jax.decoupled_weight_decay(0.1, 0.3, decay_coupling="none", decay_target=target)
+        ref = target if ref is None else ref
+        got, state = tx.update(DIRECTION, tx.init(p0), SIGNED)
+        want = jax.tree.map(lambda u, p, r: -0.1 * u - 0.3 * (p - r), DIRECTION, SIGNED, ref)
+        chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+        chex.assert_trees_all_equal(state.target, ref)
+
+
+def test_decay_target_init_stores_one_copy_of_the_params():
+    params = {"w": jnp.ones((100, 10)), "b": jnp.ones(10, jnp.bfloat16)}
+    plain = adamw_jax.state_nbytes(adamw_jax.adamw(1e-3).init(params))
+    toward_init = adamw_jax.state_nbytes(adamw_jax.adamw(1e-3, decay_target="init").init(params))
+    assert toward_init - plain == adamw_jax.state_nbytes(params)
+
+
+def test_masks_apply_with_a_target_and_cautious_decay():
+    mask = {"enc": {"w": False, "b": True}}
+    tx = adamw_jax.decoupled_weight_decay(
+        0.1, 0.3, mask=mask, decay_target="init", cautious=True, decay_coupling="none"
+    )
+    p0 = jax.tree.map(jnp.zeros_like, SIGNED)
+    got, _ = jax.jit(tx.update)(DIRECTION, tx.init(p0), SIGNED)
+    np.testing.assert_allclose(got["enc"]["w"], -0.1 * DIRECTION["enc"]["w"])  # masked out
+    np.testing.assert_allclose(got["enc"]["b"], 0.1 * jnp.ones(3))  # u < 0 < w - w_ref: none
+
+
+def test_decay_targets_that_do_not_fit_the_params_are_refused():
+    partial = {"enc": {"w": SIGNED["enc"]["w"]}}
+    bad_structure = adamw_jax.decoupled_weight_decay(decay_target=partial)
+    with pytest.raises(ValueError, match="decay_target have a different tree structure"):
+        bad_structure.init(SIGNED)
+    bad_shape = adamw_jax.decoupled_weight_decay(
+        decay_target={"enc": {"w": jnp.ones(6), "b": jnp.ones(3)}}
+    )
+    with pytest.raises(ValueError, match=r"decay_target at \['enc'\]\['w'\] have shape \(6,\)"):
+        bad_shape.init(SIGNED)
+    with pytest.raises(ValueError, match=r"decay_target must be one of \('zero', 'init'\)"):
+        adamw_jax.decoupled_weight_decay(decay_target="initial")
+    with pytest.raises(TypeError, match="decay_target must be one of"):
+        adamw_jax.adamw(1e-3, decay_target=None)
+
+
+def test_a_state_without_the_target_is_refused():
+    tx = adamw_jax.decoupled_weight_decay(decay_target="init")
+    with pytest.raises(ValueError, match="state without a target"):
+        tx.update(DIRECTION, adamw_jax.DecoupledWeightDecayState(jnp.zeros([], jnp.int32)), SIGNED)
+
+
+def test_decay_target_state_checkpoints(tmp_path):
+    from _helpers import checkpoint_round_trip
+
+    tx = adamw_jax.adamw(1e-2, decay_target="init", cautious_weight_decay=True, cautious=True)
+    state = tx.init(SIGNED)
+    _, state = tx.update(DIRECTION, state, SIGNED)
+    checkpoint_round_trip(state, tmp_path / "ckpt")

@@ -342,3 +342,17 @@ def test_int8_step_scales_bound_each_block_tightly():
         scale = np.repeat(np.asarray(q.scales, np.float64), 256, axis=1)[:, :600]
         err = np.abs(np.asarray(quantize.dequantize(q), np.float64) - ref)
         assert np.all(err <= rel * np.abs(ref) + floor * scale + 1e-6 * np.abs(ref))
+
+
+def test_small_leaves_of_int8_moments_stay_float32_for_low_precision_params():
+    """A small bfloat16 leaf keeps float32 moments (strict dtype promotion is on here)."""
+    params = {"w": jnp.ones((64, 64), jnp.bfloat16), "b": jnp.ones(8, jnp.bfloat16)}
+    tx = adamw_jax.adamw(1e-2, mu_dtype="int8", nu_dtype="int8", min_quantize_size=1024)
+    state = tx.init(params)
+    assert state[0].mu["b"].dtype == jnp.float32 and state[0].nu["b"].dtype == jnp.float32
+    assert isinstance(state[0].mu["w"], adamw_jax.QuantizedArray)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    updates, state = tx.update(grads, state, params)
+    assert updates["b"].dtype == jnp.bfloat16
+    # direction 1 (constant gradients), plus the default decay 1e-4 on params of 1
+    np.testing.assert_allclose(np.asarray(updates["b"], np.float32), -1e-2 * (1 + 1e-4), rtol=1e-2)

@@ -47,19 +47,24 @@ def _env(device_count: int) -> dict[str, str]:
     return env
 
 
+def _run_worker(script: str, out: Path, timeout: int) -> None:
+    """Runs ``tests/<script> OUT`` in a fresh process with 8 CPU devices."""
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / script), str(out)],
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory) -> tuple[dict, Path]:
     """Runs the 8-device worker once; its measurements and its output folder."""
     out = tmp_path_factory.mktemp("sharding")
-    proc = subprocess.run(
-        [sys.executable, str(TESTS / "_sharding_worker.py"), str(out)],
-        env=_env(8),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _run_worker("_sharding_worker.py", out, timeout=180)
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -354,15 +359,7 @@ def test_sharded_training_example_runs():
 def explicit_runs(tmp_path_factory) -> dict:
     """Runs the explicit/auto-mesh worker once (8 devices); its results by case."""
     out = tmp_path_factory.mktemp("explicit")
-    proc = subprocess.run(
-        [sys.executable, str(TESTS / "_explicit_sharding_worker.py"), str(out)],
-        env=_env(8),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_worker("_explicit_sharding_worker.py", out, timeout=300)
     return json.loads((out / "explicit.json").read_text())
 
 
