@@ -33,6 +33,9 @@ STORAGES = {
     "int8_mu_bf16_nu": {"mu_dtype": "int8", "nu_dtype": jnp.bfloat16, "min_quantize_size": 64},
     "packed": {"moment_layout": "packed"},
     "packed_amsgrad": {"moment_layout": "packed", "amsgrad": True},
+    # The stability options: a target copy of the params in the state, cautious steps.
+    "decay_to_init": {"decay_target": "init"},
+    "cautious": {"cautious": True, "cautious_weight_decay": True},
 }
 X = jnp.linspace(-1.0, 1.0, 4 * 24).reshape(4, 24)
 
