@@ -362,24 +362,24 @@ def per_param(updates: Any, moments: Any, block_size: int) -> list[Any]:
             "updates have a different tree structure from the state's moments: "
             f"{treedef} vs {jax.tree.structure(moments, is_leaf=is_quantized)}."
         ) from err
-    paths = [
-        jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(updates)[0]
-    ]
-    return [
-        _as_stored(path, np.shape(g), moment, block_size)
-        for path, g, moment in zip(paths, jax.tree.leaves(updates), stored, strict=True)
-    ]
+    fitted = []
+    for index, (grad, moment) in enumerate(zip(jax.tree.leaves(updates), stored, strict=True)):
+        as_stored = _as_stored(np.shape(grad), moment, block_size)
+        if as_stored is None:  # the leaf's path is looked up only for the message
+            path = jax.tree_util.tree_flatten_with_path(updates)[0][index][0]
+            raise _misfit(jax.tree_util.keystr(path), np.shape(grad), moment)
+        fitted.append(as_stored)
+    return fitted
 
 
-def _as_stored(path: str, shape: tuple[int, ...], moment: Any, block_size: int) -> Any:
-    """``moment`` as an array or a :class:`QuantizedArray`, checked against ``shape``."""
-    if not is_quantized(moment) and hasattr(moment, "shape") and hasattr(moment, "dtype"):
-        if np.shape(moment) != shape:
-            raise ValueError(
-                f"updates at {path} have shape {shape}, but the state's moment there has "
-                f"shape {np.shape(moment)}."
-            )
-        return moment
+def _is_array(moment: Any) -> bool:
+    return not is_quantized(moment) and hasattr(moment, "shape") and hasattr(moment, "dtype")
+
+
+def _as_stored(shape: tuple[int, ...], moment: Any, block_size: int) -> Any:
+    """``moment`` as an array or a :class:`QuantizedArray` of ``shape``; None if it is not."""
+    if _is_array(moment):
+        return moment if np.shape(moment) == shape else None
     parts = jax.tree.leaves(moment)
     if len(parts) == 2:
         codes, scales = parts
@@ -390,7 +390,17 @@ def _as_stored(path: str, shape: tuple[int, ...], moment: Any, block_size: int) 
         )
         if fits:
             return QuantizedArray(codes, scales)
-    raise ValueError(
+    return None
+
+
+def _misfit(path: str, shape: tuple[int, ...], moment: Any) -> ValueError:
+    """The error for a state moment at ``path`` that does not fit the update's ``shape``."""
+    if _is_array(moment):
+        return ValueError(
+            f"updates at {path} have shape {shape}, but the state's moment there has "
+            f"shape {np.shape(moment)}."
+        )
+    return ValueError(
         f"updates at {path} have shape {shape}, but the state's moment there is "
         f"{jax.tree.map(lambda x: (np.shape(x), str(getattr(x, 'dtype', ''))), moment)}: "
         "neither an array of that shape nor its quantized codes and scales."

@@ -6,9 +6,8 @@ import optax
 
 from adamw_jax import _validate, precision
 from adamw_jax._base import Mask, MomentDtype, ScalarOrArray, ScalarOrSchedule
-from adamw_jax._moment_storage import moment_storage
 from adamw_jax.decay import add_decayed_weights, decoupled_weight_decay
-from adamw_jax.moments import scale_by_adam_with_storage
+from adamw_jax.moments import scale_by_adam
 from adamw_jax.stability import cautious as cautious_updates
 
 
@@ -127,22 +126,18 @@ def adamw(
     _validate.check_bool("cautious_weight_decay", cautious_weight_decay)
     if param_update is not None:
         _validate.check_choice("param_update", param_update, (None, *precision.METHODS))
-    storage = moment_storage(
-        mu_dtype=mu_dtype,
-        nu_dtype=nu_dtype,
-        block_size=block_size,
-        min_quantize_size=min_quantize_size,
-        moment_layout=moment_layout,
-    )
-    scaling = scale_by_adam_with_storage(
+    scaling = scale_by_adam(
         b1,
         b2,
         eps,
         eps_root,
-        storage=storage,
+        mu_dtype,
         nesterov=nesterov,
         amsgrad=amsgrad,
-        bias_correction=True,
+        nu_dtype=nu_dtype,
+        block_size=block_size,
+        min_quantize_size=min_quantize_size,
+        moment_layout=moment_layout,
     )
     steps = [
         cautious_updates(scaling) if cautious else scaling,
@@ -231,25 +226,20 @@ def adam(
     """
     _validate.check_scalar("learning_rate", learning_rate, low=0.0, allow_schedule=True)
     _validate.check_scalar("l2", l2, low=0.0, allow_schedule=True)
-    penalty = add_decayed_weights(l2, mask)
-    storage = moment_storage(
-        mu_dtype=mu_dtype,
-        nu_dtype=nu_dtype,
-        block_size=block_size,
-        min_quantize_size=min_quantize_size,
-        moment_layout=moment_layout,
-    )
     return optax.chain(
-        penalty,
-        scale_by_adam_with_storage(
+        add_decayed_weights(l2, mask),
+        scale_by_adam(
             b1,
             b2,
             eps,
             eps_root,
-            storage=storage,
+            mu_dtype,
             nesterov=nesterov,
             amsgrad=amsgrad,
-            bias_correction=True,
+            nu_dtype=nu_dtype,
+            block_size=block_size,
+            min_quantize_size=min_quantize_size,
+            moment_layout=moment_layout,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

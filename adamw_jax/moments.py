@@ -2,13 +2,13 @@
 
 Read top-down: :func:`scale_by_adam` checks its storage keywords into one
 :class:`~adamw_jax._moment_storage.MomentStorage` and builds the transformation with
-:func:`scale_by_adam_with_storage` (which :func:`adamw_jax.adamw` and
-:func:`adamw_jax.adam` call directly). Each step makes the step's scalars once per compute
-dtype (:class:`AdamScalars`) and runs :func:`_adam_step`, the whole of Adam's arithmetic
-for one leaf, on every leaf (``"tree"`` layout, :func:`_update_tree`) or every buffer
-(``"packed"``, :func:`_update_packed`). How moments are stored (floating dtypes, the square
-root of a float16 second moment, blockwise ``"int8"``) is :mod:`adamw_jax._moment_storage`'s
-business; the step only loads and stores through it.
+:func:`_scale_by_adam`, which carries it as one value. Each step makes the step's
+scalars once per compute dtype (:class:`AdamScalars`) and runs :func:`_adam_step`, the
+whole of Adam's arithmetic for one leaf, on every leaf (``"tree"`` layout,
+:func:`_update_tree`) or every buffer (``"packed"``, :func:`_update_packed`). How moments
+are stored (floating dtypes, the square root of a float16 second moment, blockwise
+``"int8"``) is :mod:`adamw_jax._moment_storage`'s business; the step only loads and
+stores through it.
 """
 
 import functools
@@ -152,7 +152,7 @@ def scale_by_adam(
         min_quantize_size=min_quantize_size,
         moment_layout=moment_layout,
     )
-    return scale_by_adam_with_storage(
+    return _scale_by_adam(
         b1,
         b2,
         eps,
@@ -164,7 +164,7 @@ def scale_by_adam(
     )
 
 
-def scale_by_adam_with_storage(
+def _scale_by_adam(
     b1: ScalarOrArray,
     b2: ScalarOrArray,
     eps: ScalarOrArray,
@@ -177,10 +177,9 @@ def scale_by_adam_with_storage(
 ) -> optax.GradientTransformation:
     """:func:`scale_by_adam` with its five storage keywords given as one checked value.
 
-    What :func:`scale_by_adam`, :func:`adamw_jax.adamw` and :func:`adamw_jax.adam` build
-    on, each making ``storage`` once with :func:`adamw_jax._moment_storage.moment_storage`
-    (which checks the keywords). The other arguments are :func:`scale_by_adam`'s, without
-    defaults, and are checked here. Not exported by the package.
+    ``storage`` comes from :func:`adamw_jax._moment_storage.moment_storage` (which checks
+    the keywords); the other arguments are :func:`scale_by_adam`'s, without defaults, and
+    are checked here.
     """
     _validate.check_scalar("b1", b1, low=0.0, high=1.0)
     _validate.check_scalar("b2", b2, low=0.0, high=1.0)
