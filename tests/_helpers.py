@@ -25,6 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import adamw_jax
+from adamw_jax import tuning
+
 
 class Run(NamedTuple):
     """The end of a run: final params and state, and what each step gave (see the runner)."""
@@ -177,3 +180,71 @@ def checkpoint_round_trip(state, path):
         restored = ckpt.restore(path, jax.eval_shape(lambda: state))
     assert_trees_bitwise_equal(restored, state)
     return restored
+
+
+# ------------------------------------------------------------ training runs for sweeps
+def mlp_train(steps: int, coupling: str = "lr") -> Callable:
+    """``train(hparams, key)`` for tuning sweeps: a small tanh MLP on fixed random data,
+    ``steps`` full-batch steps of ``adamw_jax.adamw`` with a warm-up cosine schedule of
+    peak ``hparams["learning_rate"]``; every other name in ``hparams`` (weight_decay, b1,
+    b2, eps) is passed to adamw. Returns the final training loss and the weight norm."""
+
+    x = jax.random.normal(jax.random.key(11), (96, 16))
+    y = jax.random.randint(jax.random.key(12), (96,), 0, 4)
+
+    def loss_fn(params):
+        hidden = jnp.tanh(x @ params["w1"] + params["b1"])
+        logits = hidden @ params["w2"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def train(hparams, key):
+        k1, k2 = jax.random.split(key)
+        params = {
+            "w1": jax.random.normal(k1, (16, 32)) * 0.5,
+            "b1": jnp.zeros(32),
+            "w2": jax.random.normal(k2, (32, 4)) * 0.5,
+        }
+        peak = hparams["learning_rate"]
+        lr = tuning.warmup_cosine(peak, warmup_steps=5, decay_steps=steps)
+        others = {k: v for k, v in hparams.items() if k != "learning_rate"}
+        if coupling == "schedule":
+            others.update(decay_coupling="schedule", peak_learning_rate=peak)
+        tx = adamw_jax.adamw(lr, **others)
+
+        def step(carry, _):
+            params, state = carry
+            grads = jax.grad(loss_fn)(params)
+            updates, state = tx.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), None
+
+        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
+        return {"loss": loss_fn(params), "w_norm": jnp.sqrt(jnp.sum(params["w1"] ** 2))}
+
+    return train
+
+
+def elementwise_train(steps: int) -> Callable:
+    """``train(hparams, key)`` whose model has no matrix products: a sum of independent
+    non-convex 1-D losses (chaotic at large learning rates), so a vmapped member runs
+    exactly the arithmetic of its solo run except for the optimizer's own handling of
+    batched hyperparameters. ``hparams`` are adamw's (learning_rate is a schedule's peak)."""
+
+    targets = jax.random.normal(jax.random.key(21), (64,))
+
+    def loss_fn(w):
+        return jnp.sum(w**4 - 3.0 * targets * w**2 + jnp.sin(5.0 * w))
+
+    def train(hparams, key):
+        w = jax.random.normal(key, (64,))
+        lr = tuning.warmup_cosine(hparams["learning_rate"], warmup_steps=3, decay_steps=steps)
+        tx = adamw_jax.adamw(lr, **{k: v for k, v in hparams.items() if k != "learning_rate"})
+
+        def step(carry, _):
+            w, state = carry
+            updates, state = tx.update(jax.grad(loss_fn)(w), state, w)
+            return (optax.apply_updates(w, updates), state), None
+
+        (w, _), _ = jax.lax.scan(step, (w, tx.init(w)), None, length=steps)
+        return {"loss": loss_fn(w), "w_sum": jnp.sum(w)}
+
+    return train

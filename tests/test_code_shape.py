@@ -13,6 +13,7 @@ import code_shape
 
 MAX_FUNCTION_LINES = 80
 LEVELS = {
+    "tuning": 7,  # trains populations of whole runs
     "fused": 6,  # builds on adamw
     "alias": 5,
     "compat": 5,
@@ -26,6 +27,7 @@ LEVELS = {
     "_packing": 2,
     "quantize": 2,
     "masks": 2,
+    "_population": 2,
     "_numerics": 1,
     "_base": 1,
     "_trees": 1,

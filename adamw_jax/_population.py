@@ -1,0 +1,200 @@
+"""Running a population of training runs: its members one at a time or in vmapped chunks,
+on one device or with the member axis split over the devices of a mesh.
+
+A member is one configuration trained with one key. ``train(hparams, key)`` is the user's
+whole training run: ``hparams`` a dict of float32 scalars, the result a dict of scalar
+metrics. Members are run by one compiled program per chunk size; the last chunk is padded
+with copies of its last member, whose results are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Train = Callable[[dict[str, jax.Array], jax.Array], Mapping[str, jax.Array]]
+
+# Members per call where none is asked for: a loop on CPU, where a vmapped population is no
+# faster than the loop (see the tuning benchmark); large chunks on accelerators.
+CPU_MEMBERS_PER_DEVICE = 1
+ACCELERATOR_MEMBERS_PER_DEVICE = 64
+
+
+class Population(NamedTuple):
+    """The members' inputs, member-major: configuration ``c`` with seed ``s`` is member
+    ``c * seeds + s``."""
+
+    hparams: dict[str, np.ndarray]  # name -> (members,) float32
+    key_data: np.ndarray  # (members, *key_data_shape) uint32
+    key_impl: Any  # the PRNG implementation of typed keys, or None for raw uint32 keys
+
+
+def seed_keys(key: jax.Array, seeds: int) -> jax.Array:
+    """The key of each seed: ``jax.random.split(key, seeds)``, shared by all configurations
+    (so configurations differ only in their hyperparameters)."""
+    return jax.random.split(key, seeds)
+
+
+def is_typed_key(key: Any) -> bool:
+    """Whether ``key`` is a typed key (``jax.random.key``) rather than raw uint32 data."""
+    return jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key)
+
+
+def population(configs: list[dict[str, float]], key: jax.Array, seeds: int) -> Population:
+    """Every configuration times every seed key, as arrays with a leading member axis."""
+    keys = seed_keys(key, seeds)
+    typed = is_typed_key(key)
+    key_data = np.asarray(jax.random.key_data(keys) if typed else keys)
+    hparams = {
+        name: np.repeat(np.asarray([c[name] for c in configs], np.float32), seeds)
+        for name in configs[0]
+    }
+    return Population(
+        hparams=hparams,
+        key_data=np.tile(key_data, (len(configs),) + (1,) * (key_data.ndim - 1)),
+        key_impl=jax.random.key_impl(key) if typed else None,
+    )
+
+
+def default_members_per_call(num_members: int, mesh: Mesh | None) -> int:
+    """One member per device on CPU, up to 64 per device on accelerators; a multiple of
+    the mesh's size when there is one."""
+    devices = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    per_device = (
+        CPU_MEMBERS_PER_DEVICE if devices.platform == "cpu" else ACCELERATOR_MEMBERS_PER_DEVICE
+    )
+    num_devices = 1 if mesh is None else mesh.size
+    needed_per_device = -(-num_members // num_devices)
+    return num_devices * max(1, min(per_device, needed_per_device))
+
+
+def _wrap(key_data: jax.Array, key_impl: Any) -> jax.Array:
+    """Typed keys from their raw data (the form in which keys cross a sharded boundary)."""
+    return key_data if key_impl is None else jax.random.wrap_key_data(key_data, impl=key_impl)
+
+
+def _check_metrics(out: Any, batched: bool) -> None:
+    """Raises unless ``train``'s output (its shapes) is a non-empty dict of real scalars."""
+    if not isinstance(out, Mapping) or not out:
+        raise TypeError(
+            f"train must return a non-empty dict of scalar metrics (name -> scalar); got "
+            f"{type(out).__name__}: {out!r}."
+        )
+    for name, value in out.items():
+        if not isinstance(name, str):
+            raise TypeError(f"train's metric names must be strings; got {name!r}.")
+        shape = value.shape[1:] if batched else value.shape
+        real = jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+        if shape != () or not real:
+            raise TypeError(
+                f"train's metric {name!r} must be a real scalar; got shape {shape} and dtype "
+                f"{value.dtype}."
+            )
+
+
+def compile_runner(train: Train, members_per_call: int, mesh: Mesh | None, pop: Population):
+    """The compiled program for one chunk, after checking what ``train`` returns.
+
+    ``train`` itself for one member without a mesh, else ``vmap(train)``, with the member
+    axis sharded over every axis of ``mesh``. Traced and compiled once, ahead of time.
+    """
+
+    def member(hparams, key_data):
+        return train(hparams, _wrap(key_data, pop.key_impl))
+
+    single = mesh is None and members_per_call == 1
+    if single:
+        runner = jax.jit(member)
+    elif mesh is None:
+        runner = jax.jit(jax.vmap(member))
+    else:
+        runner = jax.jit(_split_over(mesh, member, members_per_call // mesh.size))
+    lowered = runner.lower(*_inputs(pop, 0, members_per_call, mesh))
+    _check_metrics(lowered.out_info, batched=not single)
+    return lowered.compile()
+
+
+def _split_over(mesh: Mesh, member: Callable, per_device: int) -> Callable:
+    """``member`` over a chunk whose member axis is split over every axis of ``mesh``.
+
+    Each device runs its members with ``shard_map``: one member as the unbatched program
+    (so it computes exactly what the member computes alone), several with ``vmap``.
+    """
+    spec = PartitionSpec(mesh.axis_names)
+    if per_device == 1:
+
+        def body(hparams, key_data):
+            out = member({k: v[0] for k, v in hparams.items()}, key_data[0])
+            return jax.tree.map(lambda x: x[None], out)
+
+    else:
+        body = jax.vmap(member)
+    return jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+
+
+def _chunk(pop: Population, start: int, size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Members ``start .. start + size``, padded with copies of the last member."""
+    stop = min(start + size, len(pop.key_data))
+    index = np.minimum(np.arange(start, start + size), stop - 1)
+    return {k: v[index] for k, v in pop.hparams.items()}, pop.key_data[index]
+
+
+def _put(values: np.ndarray, mesh: Mesh | None) -> Any:
+    """A host array as the runner's input: as is, or as a global array split over ``mesh``
+    (each process supplies its addressable shards, so this works across hosts)."""
+    if mesh is None:
+        return values
+    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
+
+
+def _inputs(pop: Population, start: int, size: int, mesh: Mesh | None) -> tuple[Any, Any]:
+    """The runner's arguments for the chunk of ``size`` members from ``start``."""
+    hparams, key_data = _chunk(pop, start, size)
+    if mesh is None and size == 1:
+        return {k: v[0] for k, v in hparams.items()}, key_data[0]
+    return {k: _put(v, mesh) for k, v in hparams.items()}, _put(key_data, mesh)
+
+
+def _to_host(value: jax.Array) -> np.ndarray:
+    if getattr(value, "is_fully_addressable", True):
+        return np.asarray(value)
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
+def run(
+    runner: Callable,
+    pop: Population,
+    members_per_call: int,
+    mesh: Mesh | None,
+    on_chunk_done: Callable[[int], None],
+) -> dict[str, np.ndarray]:
+    """Every member's metrics, name -> (members,) float64.
+
+    One chunk is dispatched while the previous one finishes; ``on_chunk_done`` is called
+    with the number of real (not padding) members of each finished chunk.
+    """
+    num_members = len(pop.key_data)
+    pending: list[tuple[int, Any]] = []
+    outputs: list[dict[str, np.ndarray]] = []
+
+    def finish(count: int, out: Any) -> None:
+        host = {k: np.atleast_1d(_to_host(v)).astype(np.float64)[:count] for k, v in out.items()}
+        outputs.append(host)
+        on_chunk_done(count)
+
+    for start in range(0, num_members, members_per_call):
+        count = min(members_per_call, num_members - start)
+        out = runner(*_inputs(pop, start, members_per_call, mesh))
+        pending.append((count, out))
+        if len(pending) > 1:
+            finish(*pending.pop(0))
+    for count, out in pending:
+        finish(count, out)
+    return {name: np.concatenate([o[name] for o in outputs]) for name in outputs[0]}
