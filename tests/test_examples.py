@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import math
 import struct
@@ -232,3 +233,31 @@ def test_char_transformer_refuses_bad_flags_early(argv, message, capsys):
     with pytest.raises(SystemExit):
         lm.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- tuning lr and decay
+def test_tune_weight_decay_quick_run_is_consistent(tmp_path):
+    tune = _load("tune_weight_decay")
+    out = tmp_path / "tune.png"
+    result = tune.main(["--quick", "--out", str(out), "--no-progress"])
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    adamw, l2 = result["results"]["AdamW (paper λ)"], result["results"]["Adam + L2"]
+    assert set(adamw) == {"grid", "separable", "optuna", "tau rule"}
+    assert set(l2) == {"grid", "separable", "optuna"}  # the tau rule is for decoupled decay
+    for found in (adamw, l2):
+        grid, separable = found["grid"], found["separable"]
+        assert grid.evaluations == 3 * 4 and separable.evaluations == 3 + 4 - 1
+        assert found["optuna"].evaluations == separable.evaluations
+        # Same seeds, same compiled member: a configuration has the same errors whichever
+        # strategy trained it.
+        for c, config in enumerate(separable.configs):
+            g = grid.configs.index(config)
+            assert separable.metrics["val_error"][c, 0] == grid.metrics["val_error"][g, 0]
+        assert grid.best("val_error")[1]["val_error"] < 50.0  # chance is 90%
+    for method, rows in result["summaries"].items():
+        assert rows["grid"]["gap"] == 0.0, method
+        assert rows["separable"]["gap"] >= 0.0, method  # its cells are the grid's
+    with result["csv"].open() as f:
+        rows = list(csv.DictReader(f))
+    expected = sum(r.evaluations for found in (adamw, l2) for r in found.values())
+    assert len(rows) == expected and {r["strategy"] for r in rows} == set(tune.STRATEGIES)
