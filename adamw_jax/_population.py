@@ -31,8 +31,10 @@ class Population(NamedTuple):
     ``c * seeds + s``."""
 
     hparams: dict[str, np.ndarray]  # name -> (members,) float32
-    key_data: np.ndarray  # (members, *key_data_shape) uint32
+    seed: np.ndarray  # (members,) int32: which of the seed keys each member trains with
+    key_data: np.ndarray  # the raw data of the key the seed keys are split from
     key_impl: Any  # the PRNG implementation of typed keys, or None for raw uint32 keys
+    seeds: int  # how many seed keys
 
 
 def seed_keys(key: jax.Array, seeds: int) -> jax.Array:
@@ -47,18 +49,23 @@ def is_typed_key(key: Any) -> bool:
 
 
 def population(configs: list[dict[str, float]], key: jax.Array, seeds: int) -> Population:
-    """Every configuration times every seed key, as arrays with a leading member axis."""
-    keys = seed_keys(key, seeds)
+    """Every configuration times every seed, as arrays with a leading member axis.
+
+    The seed keys themselves are split inside the compiled program (no eager dispatch,
+    whose compilation would cost every sweep a fraction of a second); they are the same
+    bits as :func:`seed_keys`.
+    """
     typed = is_typed_key(key)
-    key_data = np.asarray(jax.random.key_data(keys) if typed else keys)
     hparams = {
         name: np.repeat(np.asarray([c[name] for c in configs], np.float32), seeds)
         for name in configs[0]
     }
     return Population(
         hparams=hparams,
-        key_data=np.tile(key_data, (len(configs),) + (1,) * (key_data.ndim - 1)),
+        seed=np.tile(np.arange(seeds, dtype=np.int32), len(configs)),
+        key_data=np.asarray(jax.random.key_data(key) if typed else key),
         key_impl=jax.random.key_impl(key) if typed else None,
+        seeds=seeds,
     )
 
 
@@ -75,7 +82,7 @@ def default_members_per_call(num_members: int, mesh: Mesh | None) -> int:
 
 
 def _wrap(key_data: jax.Array, key_impl: Any) -> jax.Array:
-    """Typed keys from their raw data (the form in which keys cross a sharded boundary)."""
+    """A typed key from its raw data, or the raw key itself when keys are raw."""
     return key_data if key_impl is None else jax.random.wrap_key_data(key_data, impl=key_impl)
 
 
@@ -105,8 +112,9 @@ def compile_runner(train: Train, members_per_call: int, mesh: Mesh | None, pop: 
     axis sharded over every axis of ``mesh``. Traced and compiled once, ahead of time.
     """
 
-    def member(hparams, key_data):
-        return train(hparams, _wrap(key_data, pop.key_impl))
+    def member(hparams, seed):
+        keys = seed_keys(_wrap(jnp.asarray(pop.key_data), pop.key_impl), pop.seeds)
+        return train(hparams, keys[seed])
 
     single = mesh is None and members_per_call == 1
     if single:
@@ -129,8 +137,8 @@ def _split_over(mesh: Mesh, member: Callable, per_device: int) -> Callable:
     spec = PartitionSpec(mesh.axis_names)
     if per_device == 1:
 
-        def body(hparams, key_data):
-            out = member({k: v[0] for k, v in hparams.items()}, key_data[0])
+        def body(hparams, seed):
+            out = member({k: v[0] for k, v in hparams.items()}, seed[0])
             return jax.tree.map(lambda x: x[None], out)
 
     else:
@@ -140,9 +148,9 @@ def _split_over(mesh: Mesh, member: Callable, per_device: int) -> Callable:
 
 def _chunk(pop: Population, start: int, size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Members ``start .. start + size``, padded with copies of the last member."""
-    stop = min(start + size, len(pop.key_data))
+    stop = min(start + size, len(pop.seed))
     index = np.minimum(np.arange(start, start + size), stop - 1)
-    return {k: v[index] for k, v in pop.hparams.items()}, pop.key_data[index]
+    return {k: v[index] for k, v in pop.hparams.items()}, pop.seed[index]
 
 
 def _put(values: np.ndarray, mesh: Mesh | None) -> Any:
@@ -156,10 +164,10 @@ def _put(values: np.ndarray, mesh: Mesh | None) -> Any:
 
 def _inputs(pop: Population, start: int, size: int, mesh: Mesh | None) -> tuple[Any, Any]:
     """The runner's arguments for the chunk of ``size`` members from ``start``."""
-    hparams, key_data = _chunk(pop, start, size)
+    hparams, seed = _chunk(pop, start, size)
     if mesh is None and size == 1:
-        return {k: v[0] for k, v in hparams.items()}, key_data[0]
-    return {k: _put(v, mesh) for k, v in hparams.items()}, _put(key_data, mesh)
+        return {k: v[0] for k, v in hparams.items()}, seed[0]
+    return {k: _put(v, mesh) for k, v in hparams.items()}, _put(seed, mesh)
 
 
 def _to_host(value: jax.Array) -> np.ndarray:
@@ -180,7 +188,7 @@ def run(
     One chunk is dispatched while the previous one finishes; ``on_chunk_done`` is called
     with the number of real (not padding) members of each finished chunk.
     """
-    num_members = len(pop.key_data)
+    num_members = len(pop.seed)
     pending: list[tuple[int, Any]] = []
     outputs: list[dict[str, np.ndarray]] = []
 

@@ -512,7 +512,7 @@ def sweep(
     _check_members_per_call(members_per_call, mesh)
     _check_key(key)
     pop = _population.population(configs, key, int(seeds))
-    chunk = members_per_call or _population.default_members_per_call(len(pop.key_data), mesh)
+    chunk = members_per_call or _population.default_members_per_call(len(pop.seed), mesh)
     start = time.perf_counter()
     runner = _population.compile_runner(train, chunk, mesh, pop)
     return _run(runner, pop, configs, chunk, mesh, progress, start)
@@ -521,14 +521,14 @@ def sweep(
 def _run(runner, pop, configs, chunk, mesh, progress, start) -> Results:
     """Runs a population with a compiled runner; the metrics as Results, timed from
     ``start``."""
-    bar = _progress_bar(len(pop.key_data), progress, "sweep")
+    bar = _progress_bar(len(pop.seed), progress, "sweep")
     on_chunk_done = (lambda n: None) if bar is None else bar.update
     try:
         flat = _population.run(runner, pop, chunk, mesh, on_chunk_done)
     finally:
         if bar is not None:
             bar.close()
-    seeds = len(pop.key_data) // len(configs)
+    seeds = len(pop.seed) // len(configs)
     results = Results(
         configs=configs,
         metrics={k: v.reshape(len(configs), seeds) for k, v in flat.items()},
@@ -564,7 +564,7 @@ class _Evaluator:
         start = time.perf_counter()
         if self.runner is None:
             self.chunk = self.members_per_call or _population.default_members_per_call(
-                len(pop.key_data), self.mesh
+                len(pop.seed), self.mesh
             )
             self.runner = _population.compile_runner(self.train, self.chunk, self.mesh, pop)
         part = _run(self.runner, pop, configs, self.chunk, self.mesh, self.progress, start)
