@@ -16,6 +16,7 @@ NOTEBOOKS = [
     "02_decay_coupling_and_schedules.ipynb",
     "03_why_l2_is_not_weight_decay.ipynb",
     "04_pytorch_parity.ipynb",
+    "05_oscillation_and_nonconvergence.ipynb",
 ]
 
 
