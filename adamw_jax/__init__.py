@@ -13,7 +13,7 @@ from adamw_jax.decay import (
 from adamw_jax.fused import FusedAdamW, fused_adamw
 from adamw_jax.moments import ScaleByAdamState, scale_by_adam
 from adamw_jax.precision import LowPrecisionUpdateState, low_precision_update
-from adamw_jax.quantize import QuantizedArray
+from adamw_jax.quantize import QuantizedArray, QuantizedArray4
 from adamw_jax.stability import SkipSpikesState, cautious, skip_spikes
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "LowPrecisionUpdateState",
     "PackedMoments",
     "QuantizedArray",
+    "QuantizedArray4",
     "ScaleByAdamState",
     "SkipSpikesState",
     "adam",

@@ -10,18 +10,22 @@ The storage keywords (``mu_dtype``, ``nu_dtype``, ``block_size``, ``min_quantize
   (float16's smallest positive value is about 6e-8: ``(1e-4)**2 = 1e-8`` would be stored
   as 0, and the update would divide by ``eps`` alone). A positive value too small even for
   the square root is stored as the smallest positive float16 rather than 0;
-* ``"int8"``: blockwise 8-bit codes (:mod:`adamw_jax.quantize`); the second moment is
+* ``"int8"`` and ``"int4"``: blockwise 8-bit codes, or 4-bit codes two per byte
+  (:mod:`adamw_jax.quantize`); the second moment is
   quantized as its square root with the unsigned code book, the first with the signed one.
   The second moment is rounded stochastically: with ``b2`` close to 1 its per-step change,
   :math:`(1 - b_2)(g^2 - v)`, is far below half a code step (3-6% of the value), so
   under round to nearest an entry whose gradients shrink rounds back to its old code
   every step and never decays (only the block's scale moves); its update is then too
   small, by a factor that grows as training goes on. Stochastic rounding keeps the stored
-  value unbiased. (The first moment, with ``b1 = 0.9``, moves by whole code steps and is
-  rounded to nearest.) Leaves with fewer than ``min_quantize_size`` elements stay
-  float32. In the optimizer step each block's scale comes from a tight bound of its new
-  largest magnitude, found from the gradient and the old codes (:func:`update_leaf`), so
-  that the new values are encoded in the same elementwise pass that computes them.
+  value unbiased. (The 8-bit first moment, with ``b1 = 0.9``, moves by whole code steps
+  and is rounded to nearest; the 4-bit one, whose steps are 8 times coarser, is rounded
+  stochastically too.) Leaves with fewer than ``min_quantize_size`` elements stay
+  float32. The 4-bit second moment's code book has no code for 0 (see
+  :mod:`adamw_jax.quantize`). In the optimizer step each block's scale comes from a tight
+  bound of its new largest magnitude, found from the gradient and the old codes
+  (:func:`update_leaf`), so that the new values are encoded in the same elementwise pass
+  that computes them.
 """
 
 from __future__ import annotations
@@ -35,10 +39,20 @@ import numpy as np
 
 from adamw_jax import _numerics, _validate, quantize
 from adamw_jax._base import MomentDtype
-from adamw_jax.quantize import QuantizedArray
+from adamw_jax.quantize import QuantizedArray, QuantizedArray4
 
 INT8 = "int8"
+INT4 = "int4"
+QUANTIZED_DTYPES = (INT8, INT4)
 DEFAULT_BLOCK_SIZE = 256
+DEFAULT_INT4_BLOCK_SIZE = quantize.INT4_DEFAULT_BLOCK_SIZE
+# The 4-bit first moment is rounded stochastically too: its code steps (a third to a half
+# of the value near the top, everything below 1/24 of the block's largest stored as 0) are
+# far above the per-step change of a slowly varying first moment, (1 - b1)(g - m), which
+# rounded to nearest sticks to its old code or to 0 (on a least-squares problem AdamW then
+# needs about twice the steps; benchmarks/lowbit_quality.py). Salted with the step count,
+# like the second moment.
+INT4_FIRST_MOMENT_ROUNDING = "stochastic"
 DEFAULT_MIN_QUANTIZE_SIZE = 4096
 MOMENT_LAYOUTS = ("tree", "packed")
 
@@ -50,12 +64,14 @@ class MomentStorage(NamedTuple):
     what each means.
 
     Attributes:
-      mu_dtype: the first moment's: None (the params' dtype), a floating dtype or ``"int8"``.
-      nu_dtype: the second moment's: None (the params' real dtype), a floating dtype or
-        ``"int8"``.
-      block_size: with ``"int8"``, elements per quantization block (an int >= 1).
-      min_quantize_size: with ``"int8"``, leaves with fewer elements stay float32 (an int
-        >= 0).
+      mu_dtype: the first moment's: None (the params' dtype), a floating dtype, ``"int8"``
+        or ``"int4"``.
+      nu_dtype: the second moment's: None (the params' real dtype), a floating dtype,
+        ``"int8"`` or ``"int4"``.
+      block_size: with ``"int8"``/``"int4"``, elements per quantization block (an int >= 1;
+        even with ``"int4"``).
+      min_quantize_size: with ``"int8"``/``"int4"``, leaves with fewer elements stay
+        float32 (an int >= 0).
       layout: ``"tree"`` or ``"packed"`` (``moment_layout``).
     """
 
@@ -76,8 +92,9 @@ def moment_storage(
 ) -> MomentStorage:
     """The checked :class:`MomentStorage` of :func:`adamw_jax.scale_by_adam`'s keywords.
 
-    ``block_size`` and ``min_quantize_size`` None become their defaults; a concrete integer
-    0-d array (what ``optax.inject_hyperparams`` makes of an int) becomes its int.
+    ``block_size`` and ``min_quantize_size`` None become their defaults (``block_size``:
+    128 when either moment is ``"int4"``, else 256); a concrete integer 0-d array (what
+    ``optax.inject_hyperparams`` makes of an int) becomes its int.
 
     Raises:
       TypeError, ValueError: naming the first keyword that is not accepted.
@@ -87,20 +104,27 @@ def moment_storage(
     # Traced integers are refused with a pointer to static_args.
     block_size = _validate.check_static_int("block_size", block_size)
     min_quantize_size = _validate.check_static_int("min_quantize_size", min_quantize_size)
-    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    any_int4 = is_int4(mu_dtype) or is_int4(nu_dtype)
+    if block_size is None:
+        block_size = DEFAULT_INT4_BLOCK_SIZE if any_int4 else DEFAULT_BLOCK_SIZE
     min_quantize_size = (
         DEFAULT_MIN_QUANTIZE_SIZE if min_quantize_size is None else min_quantize_size
     )
     quantize.check_block_size(block_size)
+    if any_int4:
+        quantize.check_int4_block_size(block_size)
     _check_min_quantize_size(min_quantize_size)
     _validate.check_choice("moment_layout", moment_layout, MOMENT_LAYOUTS)
-    if moment_layout == "packed" and (is_int8(mu_dtype) or is_int8(nu_dtype)):
+    if moment_layout == "packed" and (is_lowbit(mu_dtype) or is_lowbit(nu_dtype)):
         raise ValueError(
             'moment_layout="packed" stores floating-point moments; mu_dtype or nu_dtype '
-            f'"int8" needs moment_layout="tree" (got mu_dtype={mu_dtype!r}, '
+            f'"int8" or "int4" needs moment_layout="tree" (got mu_dtype={mu_dtype!r}, '
             f"nu_dtype={nu_dtype!r})."
         )
     return MomentStorage(mu_dtype, nu_dtype, block_size, min_quantize_size, moment_layout)
+
+
+_ACCEPTED = 'None, a floating dtype or "int8"/"int4"'
 
 
 def _check_moment_dtype(name: str, dtype: MomentDtype) -> None:
@@ -110,27 +134,25 @@ def _check_moment_dtype(name: str, dtype: MomentDtype) -> None:
         # What optax.inject_hyperparams makes of a dtype class: it takes jnp.bfloat16 (a
         # callable) for a schedule and passes its value at the step count.
         raise TypeError(
-            f'{name} must be None, a floating dtype or "int8"; got an array {dtype!r}. Under '
+            f"{name} must be {_ACCEPTED}; got an array {dtype!r}. Under "
             "optax.inject_hyperparams a dtype class such as jnp.bfloat16 is callable and taken "
             f"for a schedule: pass static_args=({name!r},), or the dtype's name as a string "
             '(e.g. "bfloat16").'
         )
     if isinstance(dtype, (int, float)) and not isinstance(dtype, bool):
         raise ValueError(
-            f'{name} must be None, a floating dtype or "int8"; got the number {dtype!r}. (In '
+            f"{name} must be {_ACCEPTED}; got the number {dtype!r}. (In "
             "Optax's positional order mu_dtype comes sixth, before weight_decay: pass "
             "weight_decay by name.)"
         )
-    if is_int8(dtype):
+    if is_lowbit(dtype):
         return
     try:
         resolved = jnp.dtype(dtype)
     except TypeError as err:
-        raise ValueError(
-            f'{name} must be None, a floating dtype or "int8"; got {dtype!r}.'
-        ) from err
+        raise ValueError(f"{name} must be {_ACCEPTED}; got {dtype!r}.") from err
     if not jnp.issubdtype(resolved, jnp.inexact):
-        raise ValueError(f'{name} must be None, a floating dtype or "int8"; got {dtype!r}.')
+        raise ValueError(f"{name} must be {_ACCEPTED}; got {dtype!r}.")
 
 
 def _check_min_quantize_size(min_quantize_size: Any) -> None:
@@ -145,9 +167,20 @@ def is_int8(requested: Any) -> bool:
     return isinstance(requested, str) and requested == INT8
 
 
+def is_int4(requested: Any) -> bool:
+    """Whether a ``mu_dtype``/``nu_dtype`` asks for blockwise 4-bit storage."""
+    return isinstance(requested, str) and requested == INT4
+
+
+def is_lowbit(requested: Any) -> bool:
+    """Whether a ``mu_dtype``/``nu_dtype`` asks for blockwise codes (``"int8"``/``"int4"``)."""
+    return isinstance(requested, str) and requested in QUANTIZED_DTYPES
+
+
 def is_quantized(x: Any) -> bool:
-    """Whether a state node is a :class:`~adamw_jax.quantize.QuantizedArray`."""
-    return isinstance(x, QuantizedArray)
+    """Whether a state node is quantized: a :class:`~adamw_jax.quantize.QuantizedArray` or
+    a :class:`~adamw_jax.quantize.QuantizedArray4`."""
+    return isinstance(x, (QuantizedArray, QuantizedArray4))
 
 
 def zeros(param: jax.Array, storage: MomentStorage) -> Any:
@@ -161,7 +194,7 @@ def zeros_second(param: jax.Array, storage: MomentStorage) -> Any:
 
 
 def floating_dtypes(param: jax.Array, storage: MomentStorage) -> tuple[jnp.dtype, jnp.dtype]:
-    """The dtypes the first and second moment of ``param`` are stored in (no ``"int8"``)."""
+    """The dtypes the first and second moment of ``param`` are stored in (floating only)."""
     return (
         _floating_dtype("mu_dtype", storage.mu_dtype, param, real=False),
         _floating_dtype("nu_dtype", storage.nu_dtype, param, real=True),
@@ -171,9 +204,10 @@ def floating_dtypes(param: jax.Array, storage: MomentStorage) -> tuple[jnp.dtype
 def _zeros(
     name: str, requested: MomentDtype, param: jax.Array, storage: MomentStorage, *, real: bool
 ) -> Any:
-    if is_int8(requested):
-        return _int8_zeros(
+    if is_lowbit(requested):
+        return _quantized_zeros(
             name,
+            requested,
             param,
             real=real,
             block_size=storage.block_size,
@@ -200,10 +234,16 @@ def _floating_dtype(name: str, requested: MomentDtype, param: jax.Array, real: b
     return requested
 
 
-def _int8_zeros(
-    name: str, param: jax.Array, *, real: bool, block_size: int, min_quantize_size: int
+def _quantized_zeros(
+    name: str,
+    requested: str,
+    param: jax.Array,
+    *,
+    real: bool,
+    block_size: int,
+    min_quantize_size: int,
 ) -> Any:
-    """The zero ``"int8"`` moment of ``param``: quantized, or float32 when the leaf is small."""
+    """The zero ``"int8"``/``"int4"`` moment of ``param``: quantized, or float32 if small."""
     shape = jnp.shape(param)
     dtype = jnp.result_type(param)
     is_complex = jnp.issubdtype(dtype, jnp.complexfloating)
@@ -212,30 +252,45 @@ def _int8_zeros(
         return jnp.zeros_like(param, dtype=jnp.finfo(keep).dtype if real else keep)
     if is_complex and not real:
         raise ValueError(
-            f'{name}="int8" cannot store the first moment of a complex parameter ({dtype}, '
-            f"shape {shape}); use None or a complex dtype."
+            f"{name}={requested!r} cannot store the first moment of a complex parameter "
+            f"({dtype}, shape {shape}); use None or a complex dtype."
         )
-    _check_blocks_within_shards(name, param, block_size)
+    _check_blocks_within_shards(name, requested, param, block_size)
+    if is_int4(requested):
+        return quantize.zeros_like_int4(param, signed=not real, block_size=block_size)
     return quantize.zeros_like(param, signed=not real, block_size=block_size)
 
 
-def _check_blocks_within_shards(name: str, param: jax.Array, block_size: int) -> None:
-    """Raises ValueError if an explicit sharding would cut a quantization block.
+def _check_blocks_within_shards(
+    name: str, requested: str, param: jax.Array, block_size: int
+) -> None:
+    """Raises ValueError if an explicit sharding would cut a quantization block or byte.
 
     Blocks run along the last axis; a leaf split ``k`` ways along it keeps every block in
     one shard when each shard's length is a multiple of ``block_size`` (or the whole axis
-    fits in one block). Under explicit mesh axes the step's block reshape is then typed;
-    otherwise it cannot be, so the leaf is refused here rather than at the first step.
+    fits in one block). ``"int4"`` codes are packed two per byte along the last axis, so
+    each shard's length must moreover be even (a byte would otherwise span two shards).
+    Under explicit mesh axes the step's block reshape is then typed; otherwise it cannot
+    be, so the leaf is refused here rather than at the first step.
     """
     shards = _numerics.last_axis_shards(param)
     length = jnp.shape(param)[-1] if jnp.ndim(param) else 1
+    if is_int4(requested) and shards > 1 and (length // shards) % 2:
+        raise ValueError(
+            f'{name}="int4": a leaf of shape {jnp.shape(param)} is split {shards} ways along '
+            f"its last axis under an explicit mesh, into shards of odd length "
+            f"{length // shards}: its 4-bit codes, two per byte along that axis, cannot be "
+            f"split the same way. Use a min_quantize_size above "
+            f"{int(np.prod(jnp.shape(param)))} (the leaf then stays float32), shard another "
+            'axis, or "int8".'
+        )
     if shards == 1 or length <= block_size or (length // shards) % block_size == 0:
         return
     raise ValueError(
-        f'{name}="int8": a leaf of shape {jnp.shape(param)} is split {shards} ways along its '
-        f"last axis under an explicit mesh, into shards of {length // shards}, not a multiple "
-        f"of block_size={block_size}, so a quantization block would span shards. Choose a "
-        f"block_size that divides {length // shards}, a min_quantize_size above "
+        f"{name}={requested!r}: a leaf of shape {jnp.shape(param)} is split {shards} ways "
+        f"along its last axis under an explicit mesh, into shards of {length // shards}, not "
+        f"a multiple of block_size={block_size}, so a quantization block would span shards. "
+        f"Choose a block_size that divides {length // shards}, a min_quantize_size above "
         f"{int(np.prod(jnp.shape(param)))} (the leaf then stays float32), or shard another axis."
     )
 
@@ -243,12 +298,12 @@ def _check_blocks_within_shards(name: str, param: jax.Array, block_size: int) ->
 class _Bounded(NamedTuple):
     """A quantized moment, and a bound of each block's new largest magnitude.
 
-    What :func:`update_leaf` hands the step instead of a :class:`QuantizedArray`: loading
-    it loads ``stored``; storing a new value encodes it with ``absmax`` as the blocks'
+    What :func:`update_leaf` hands the step instead of a quantized moment: loading it
+    loads ``stored``; storing a new value encodes it with ``absmax`` as the blocks'
     largest magnitudes (see :func:`update_leaf`).
     """
 
-    stored: QuantizedArray
+    stored: QuantizedArray | QuantizedArray4
     absmax: jax.Array
 
 
@@ -258,15 +313,26 @@ def _unwrap(stored: Any) -> Any:
 
 def _quantize(
     value: jax.Array, like: Any, block_size: int, signed: bool, salt: jax.Array | None = None
-) -> QuantizedArray:
-    """``value`` (float32) blockwise quantized; the second moment's root keeps tiny values.
+) -> QuantizedArray | QuantizedArray4:
+    """``value`` (float32) blockwise quantized like ``like`` (8 or 4 bits).
 
-    The second moment is rounded stochastically, its random bits salted with ``salt``.
+    The second moment, and the 4-bit first moment, are rounded stochastically, their random
+    bits salted with ``salt``; the 8-bit second moment's root keeps tiny values nonzero
+    (the 4-bit book has no 0 to avoid).
     """
     if isinstance(like, _Bounded):
         absmax = like.absmax
     else:
         absmax = quantize.block_absmax(value, signed=signed, block_size=block_size)
+    if isinstance(_unwrap(like), QuantizedArray4):
+        return quantize.quantize_int4_with_absmax(
+            value,
+            absmax,
+            signed=signed,
+            block_size=block_size,
+            rounding=INT4_FIRST_MOMENT_ROUNDING if signed else "stochastic",
+            salt=salt,
+        )
     return quantize.quantize_with_absmax(
         value,
         absmax,
@@ -284,26 +350,32 @@ def dtype_of(stored: Any) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if is_quantized(stored) else stored.dtype
 
 
+def _dequantize(stored: Any, block_size: int) -> jax.Array:
+    """What a quantized moment (or a :class:`_Bounded` one) holds, in float32."""
+    stored = _unwrap(stored)
+    if isinstance(stored, QuantizedArray4):
+        return quantize.dequantize_int4(stored)
+    return quantize.dequantize(stored, block_size)
+
+
 def load(stored: Any, dtype: Any, block_size: int) -> jax.Array:
     """The first moment in ``dtype``."""
-    stored = _unwrap(stored)
-    if is_quantized(stored):
-        return quantize.dequantize(stored, block_size).astype(dtype)
+    if is_quantized(_unwrap(stored)):
+        return _dequantize(stored, block_size).astype(dtype)
     return stored.astype(dtype)
 
 
-def store(value: jax.Array, like: Any, block_size: int) -> Any:
+def store(value: jax.Array, like: Any, block_size: int, *, salt: jax.Array | None = None) -> Any:
     """The first moment ``value`` in the format of ``like``."""
     if is_quantized(_unwrap(like)):
-        return _quantize(value.astype(jnp.float32), like, block_size, signed=True)
+        return _quantize(value.astype(jnp.float32), like, block_size, signed=True, salt=salt)
     return value.astype(like.dtype)
 
 
 def load_second(stored: Any, dtype: Any, block_size: int) -> jax.Array:
     """The second moment (or its running maximum) in real ``dtype``."""
-    stored = _unwrap(stored)
-    if is_quantized(stored):
-        return jnp.square(quantize.dequantize(stored, block_size).astype(dtype))
+    if is_quantized(_unwrap(stored)):
+        return jnp.square(_dequantize(stored, block_size).astype(dtype))
     if stored.dtype == jnp.float16:
         return jnp.square(stored.astype(dtype))
     return stored.astype(dtype)
@@ -341,15 +413,25 @@ def store_second(
     return value.astype(like.dtype)
 
 
-def per_param(updates: Any, moments: Any, block_size: int) -> list[Any]:
+def per_param(
+    updates: Any,
+    moments: Any,
+    block_size: int,
+    *,
+    requested: MomentDtype = None,
+    second: bool = False,
+) -> list[Any]:
     """The stored moment of each leaf of ``updates``, in ``jax.tree.leaves`` order.
 
     ``moments`` must have the tree structure of ``updates`` down to each leaf, where it
     holds an array of the leaf's shape or a quantized moment of it. A quantized moment is
-    accepted as a :class:`QuantizedArray` or as any container of its codes and scales, in
-    that order: what it becomes when a framework rebuilds the state's containers (Flax
-    NNX's ``nnx.Optimizer`` turns every named tuple of the state into a ``State``); it is
-    handed back as a :class:`QuantizedArray`.
+    accepted as a :class:`QuantizedArray` (:class:`QuantizedArray4`) or as any container
+    of its codes and scales, in that order: what it becomes when a framework rebuilds the
+    state's containers (Flax NNX's ``nnx.Optimizer`` turns every named tuple of the state,
+    and under ``nnx.jit`` every dataclass, into a ``State``); it is handed back as a
+    :class:`QuantizedArray`, or, when ``requested`` is ``"int4"``, as a
+    :class:`QuantizedArray4` of ``block_size`` on the unsigned book if ``second`` (the
+    second moment or its maximum), else the signed one.
 
     Raises:
       ValueError: naming the first leaf whose moment does not fit.
@@ -364,12 +446,25 @@ def per_param(updates: Any, moments: Any, block_size: int) -> list[Any]:
         ) from err
     fitted = []
     for index, (grad, moment) in enumerate(zip(jax.tree.leaves(updates), stored, strict=True)):
+        if is_int4(requested) and not _is_array(moment) and not is_quantized(moment):
+            moment = _as_int4(np.shape(grad), moment, block_size, signed=not second)
         as_stored = _as_stored(np.shape(grad), moment, block_size)
         if as_stored is None:  # the leaf's path is looked up only for the message
             path = jax.tree_util.tree_flatten_with_path(updates)[0][index][0]
             raise _misfit(jax.tree_util.keystr(path), np.shape(grad), moment)
         fitted.append(as_stored)
     return fitted
+
+
+def _as_int4(shape: tuple[int, ...], moment: Any, block_size: int, signed: bool) -> Any:
+    """A container of 4-bit codes and scales as a :class:`QuantizedArray4` of ``shape``.
+
+    Returned unchanged (to be refused by :func:`_as_stored`) unless it holds two arrays.
+    """
+    parts = jax.tree.leaves(moment)
+    if len(parts) != 2:
+        return moment
+    return QuantizedArray4(*parts, (shape or (1,))[-1], signed, block_size)
 
 
 def _is_array(moment: Any) -> bool:
@@ -380,6 +475,13 @@ def _as_stored(shape: tuple[int, ...], moment: Any, block_size: int) -> Any:
     """``moment`` as an array or a :class:`QuantizedArray` of ``shape``; None if it is not."""
     if _is_array(moment):
         return moment if np.shape(moment) == shape else None
+    if isinstance(moment, QuantizedArray4):
+        fits = (
+            moment.shape == shape
+            and jnp.dtype(moment.codes.dtype) == jnp.dtype(jnp.uint8)
+            and np.shape(moment.scales) == quantize.scales_shape(shape, moment.block_size)
+        )
+        return moment if fits else None
     parts = jax.tree.leaves(moment)
     if len(parts) == 2:
         codes, scales = parts
@@ -414,6 +516,8 @@ def _block_max(stored: Any, block_size: int) -> jax.Array:
     magnitude it decodes to); for any other array, its blocks' largest magnitude, in its
     own (real) dtype.
     """
+    if isinstance(stored, QuantizedArray4):
+        return quantize.stored_absmax_int4(stored)
     if is_quantized(stored):
         return quantize.stored_absmax(stored, block_size)
     real = jnp.abs(stored) if jnp.iscomplexobj(stored) else stored

@@ -63,8 +63,8 @@ def adamw(
       eps: added to the denominator outside the square root, in [0, inf).
       eps_root: added to the second moment inside the square root, in [0, inf).
       mu_dtype: storage dtype of the first moment: None (the params' dtype), a floating
-        dtype such as ``jnp.bfloat16``, or ``"int8"`` (blockwise 8-bit, see
-        :func:`adamw_jax.scale_by_adam`).
+        dtype such as ``jnp.bfloat16``, ``"int8"`` or ``"int4"`` (blockwise 8-bit or
+        4-bit codes, see :func:`adamw_jax.scale_by_adam`).
       weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a
         schedule; 1e-4 by default.
       mask: which leaves decay: None (all), a bool pytree like the params, or a callable
@@ -76,11 +76,11 @@ def adamw(
         learning-rate schedule.
       amsgrad: use the running maximum of the bias-corrected second moment.
       nu_dtype: storage dtype of the second moment (None: the params' real dtype), a
-        floating dtype, or ``"int8"``.
-      block_size: with ``"int8"`` moments, elements per quantization block, an int in
-        [1, inf); None means 256.
-      min_quantize_size: with ``"int8"`` moments, leaves smaller than this, an int in
-        [0, inf), stay float32; None means 4096.
+        floating dtype, ``"int8"`` or ``"int4"``.
+      block_size: with ``"int8"``/``"int4"`` moments, elements per quantization block, an
+        int in [1, inf) (even with ``"int4"``); None means 128 with ``"int4"``, else 256.
+      min_quantize_size: with ``"int8"``/``"int4"`` moments, leaves smaller than this, an
+        int in [0, inf), stay float32; None means 4096.
       moment_layout: ``"tree"`` (one moment array per leaf, shardable like the params) or
         ``"packed"`` (small leaves' moments share flat buffers: faster steps and compiles
         on trees of many small leaves; see :func:`adamw_jax.scale_by_adam`).
@@ -194,18 +194,19 @@ def adam(
       eps: added to the denominator outside the square root, in [0, inf).
       eps_root: added to the second moment inside the square root, in [0, inf).
       mu_dtype: storage dtype of the first moment: None (the params' dtype), a floating
-        dtype, or ``"int8"`` (blockwise 8-bit, see :func:`adamw_jax.scale_by_adam`).
+        dtype, ``"int8"`` or ``"int4"`` (blockwise 8-bit or 4-bit codes, see
+        :func:`adamw_jax.scale_by_adam`).
       nesterov: Nesterov look-ahead on the first moment.
       l2: :math:`\lambda`, the L2 coefficient, in [0, inf) (the penalty is
         :math:`\tfrac{\lambda}{2}\lVert w \rVert^2`): a number, a scalar array or a schedule.
       mask: which leaves are penalized (as in :func:`adamw`).
       amsgrad: use the running maximum of the bias-corrected second moment.
       nu_dtype: storage dtype of the second moment (None: the params' real dtype), a
-        floating dtype, or ``"int8"``.
-      block_size: with ``"int8"`` moments, elements per quantization block, an int in
-        [1, inf); None means 256.
-      min_quantize_size: with ``"int8"`` moments, leaves smaller than this, an int in
-        [0, inf), stay float32; None means 4096.
+        floating dtype, ``"int8"`` or ``"int4"``.
+      block_size: with ``"int8"``/``"int4"`` moments, elements per quantization block, an
+        int in [1, inf) (even with ``"int4"``); None means 128 with ``"int4"``, else 256.
+      min_quantize_size: with ``"int8"``/``"int4"`` moments, leaves smaller than this, an
+        int in [0, inf), stay float32; None means 4096.
       moment_layout: ``"tree"`` or ``"packed"`` (as in :func:`adamw`).
 
     Returns:

@@ -6,15 +6,18 @@ into several loops over memory per leaf. :func:`fused_adamw` takes the whole ste
 ``(params, grads, state) -> (params, state)``: on CPU it calls a small C++ kernel (an XLA FFI
 custom call, built by ``pip install``) that reads the params, gradients and moments of every
 leaf once, writes the new ones in place of the donated inputs, and shares the work with
-XLA's intra-op threads. Elsewhere (GPU, TPU, the kernel not built, a dtype it does not take)
-it runs the same step as ``adamw``'s XLA code. Its state *is* ``adamw(...)``'s state, so
+XLA's intra-op threads. Moments stored as blockwise ``"int8"`` codes are decoded, updated
+and re-encoded in the same pass, to the same codes and scales as the XLA code. Elsewhere
+(GPU, TPU, the kernel not built, a dtype it does not take) it runs the same step as
+``adamw``'s XLA code. Its state *is* ``adamw(...)``'s state, so
 the two can be swapped mid-training and checkpoints are interchangeable.
 """
 
 import ctypes
+import dataclasses
 import functools
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -27,12 +30,22 @@ from adamw_jax._base import Mask, MomentDtype, ScalarOrArray, ScalarOrSchedule
 from adamw_jax.alias import adamw
 from adamw_jax.decay import DecoupledWeightDecayState, decay_scalars, effective_coupling
 from adamw_jax.moments import ScaleByAdamState
+from adamw_jax.quantize import QuantizedArray, QuantizedArray4
 
 BACKENDS = ("auto", "kernel", "xla")
 _TARGET = "adamw_jax_fused_adamw"
 _EXTENSION = "adamw_jax._fused_adamw_kernel"
 _LEAVES_PER_CALL = 64
-_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+# How the kernel's `kinds` operand names a moment's storage (enum Kind in csrc/fused_adamw.cc).
+_FLOAT32, _BFLOAT16, _INT8, _INT4 = 0, 1, 2, 3
+_FLOAT_KINDS = {jnp.dtype(jnp.float32): _FLOAT32, jnp.dtype(jnp.bfloat16): _BFLOAT16}
+# The dtype of an "int8" moment's codes: signed for the first moment, unsigned for the second.
+_INT8_CODES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
+# The quantized kinds. The kernel takes a leaf whose moments are both int8, both int4 or
+# both floating: which products XLA's compiled code fuses in a mix of quantized and
+# floating moments varies with the leaf's shape, so the kernel could not promise the XLA
+# path's codes there; such a step takes the XLA code.
+_QUANTIZED = (_INT8, _INT4)
 # The kernel's `coupling` attribute (enum Decay in csrc/fused_adamw.cc) for each coupling
 # the step applies: "schedule" is "lr" with the decay factor already divided by the peak.
 _LR_COUPLED, _INDEPENDENT = 1, 2
@@ -105,10 +118,13 @@ def fused_adamw(
             {\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon} - d_t w_{t-1},
 
     with the same arguments, state and numbers (to a few ulps). On CPU, float32 params and
-    gradients with float32 or bfloat16 moments, and a mask of one bool per leaf, run
-    through a C++ kernel that reads and writes each leaf's params and moments once: 28
-    bytes per parameter, against about 40 for the XLA code of the two-part Optax step.
-    Everything else (other platforms or dtypes, ``"int8"`` moments, ``param_update``,
+    gradients with float32, bfloat16 or ``"int8"`` moments, and a mask of one bool per
+    leaf, run through a C++ kernel that reads and writes each leaf's params and moments
+    once: 28 bytes per parameter with float32 moments, against about 40 for the XLA code of
+    the two-part Optax step; 16 (plus the scales) with ``"int8"`` moments, which it
+    decodes, updates and re-encodes block by block in the same pass, to the same codes and
+    scales as the XLA code (the same code books, block scales and hashed stochastic
+    rounding). Everything else (other platforms or dtypes, ``param_update``,
     ``moment_layout="packed"``, element-wise masks, the kernel not built) runs ``adamw``'s
     XLA code.
 
@@ -124,7 +140,7 @@ def fused_adamw(
       eps: added to the denominator outside the square root, in [0, inf).
       eps_root: added to the second moment inside the square root, in [0, inf).
       mu_dtype: storage dtype of the first moment: None (the params' dtype), a floating
-        dtype, or ``"int8"``.
+        dtype, or ``"int8"`` (the kernel takes float32, bfloat16 and ``"int8"``).
       weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a
         schedule; 1e-4 by default.
       mask: which leaves decay, as in :func:`adamw_jax.adamw`.
@@ -184,39 +200,41 @@ def fused_adamw(
     )
     _validate.check_choice("backend", backend, BACKENDS)
     coupling = effective_coupling(decay_coupling, peak_learning_rate)
-    options = _KernelOptions(amsgrad, nesterov, _KERNEL_COUPLING[coupling])
-    # Settings the kernel does not implement: with them, every step takes the XLA code.
-    needs_xla = (
-        _moment_storage.is_int8(mu_dtype)
-        or _moment_storage.is_int8(nu_dtype)
-        or param_update is not None
-        or moment_layout != "tree"
+    storage = _moment_storage.moment_storage(
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        block_size=block_size,
+        min_quantize_size=min_quantize_size,
+        moment_layout=moment_layout,
     )
+    options = _KernelOptions(amsgrad, nesterov, _KERNEL_COUPLING[coupling], storage.block_size)
+    # Settings the kernel does not implement: with them, every step takes the XLA code.
+    needs_xla = param_update is not None or moment_layout != "tree"
 
     def plan(params, grads, state):
-        """The per-leaf decay flags when the kernel takes this step, else None."""
+        """How the kernel takes this step (a _KernelPlan), or None for the XLA code."""
         if backend == "xla" or jax.default_backend() != "cpu" or not kernel_available():
             return None
         if needs_xla:
             return None
-        return _kernel_plan(mask, params, grads, state)
+        return _kernel_plan(mask, params, grads, state, options, storage)
 
     def kernel_used(params, grads, state) -> bool:
         return plan(params, grads, state) is not None
 
     def step(params, grads, state):
         _validate.check_updates_given("fused_adamw's step", grads)
-        flags = plan(params, grads, state)
-        if flags is None and backend == "kernel":
+        how = plan(params, grads, state)
+        if how is None and backend == "kernel":
             raise _kernel_refused()
-        if flags is None:
+        if how is None:
             return _xla_step(tx, params, grads, state)
         hyper = _kernel_hyper(
             b1, b2, eps, eps_root, learning_rate, weight_decay, coupling, peak_learning_rate, state
         )
         if not jax.tree.leaves(params):  # an empty tree: no kernel call to make
             return _xla_step(tx, params, grads, state)
-        return _kernel_step(options, params, grads, state, hyper, flags)
+        return _kernel_step(options, params, state, hyper, how)
 
     return FusedAdamW(tx.init, step, kernel_used)
 
@@ -227,28 +245,104 @@ def _xla_step(tx: optax.GradientTransformation, params, grads, state):
     return optax.apply_updates(params, updates), state
 
 
-def _kernel_plan(mask, params, grads, state):
-    """Per-leaf uint8 decay flags if the kernel can take these arguments, else None."""
+class _KernelPlan(NamedTuple):
+    """How the kernel takes one step: its per-leaf operands, in ``jax.tree.leaves`` order.
+
+    Attributes:
+      leaves: per leaf, the kernel's inputs: ``p, g``, then each moment's (``mu``, ``nu``,
+        and ``nu_max`` with AMSGrad) values, or codes and scales.
+      moments: per leaf, its stored moments (``mu``, ``nu``, and ``nu_max`` with AMSGrad),
+        whose form the kernel's outputs take.
+      flags: one uint8 per leaf, 1 where the weight decay applies.
+      kinds: two uint8 per leaf: how its first and second moment are stored (``_FLOAT32``,
+        ``_BFLOAT16``, ``_INT8`` or ``_INT4``).
+    """
+
+    leaves: list[list[Any]]
+    moments: list[list[Any]]
+    flags: Any
+    kinds: np.ndarray
+
+
+def _kernel_plan(
+    mask, params, grads, state, options: "_KernelOptions", storage: _moment_storage.MomentStorage
+) -> _KernelPlan | None:
+    """The kernel's operands if it can take these arguments, else None."""
     if not (isinstance(state, tuple) and len(state) == 2):
         return None
     adam_state, _ = state
     p_leaves, treedef = jax.tree.flatten(params)
+    stored = [adam_state.mu, adam_state.nu, *([adam_state.nu_max] if options.amsgrad else [])]
     try:
         g_leaves = treedef.flatten_up_to(grads)
-        moments = [treedef.flatten_up_to(adam_state.mu), treedef.flatten_up_to(adam_state.nu)]
+        moments = [
+            _moment_storage.per_param(
+                grads,
+                m,
+                storage.block_size,
+                requested=storage.mu_dtype if k == 0 else storage.nu_dtype,
+                second=k > 0,
+            )
+            for k, m in enumerate(stored)
+        ]
     except (ValueError, TypeError, AttributeError):
         return None
     f32 = jnp.dtype(jnp.float32)
-    for p, g, m, v in zip(p_leaves, g_leaves, *moments, strict=True):
-        if not all(isinstance(x, (jax.Array, np.ndarray)) for x in (p, g, m, v)):
+    leaves, per_leaf, kinds = [], [], []
+    for p, g, *leaf_moments in zip(p_leaves, g_leaves, *moments, strict=True):
+        if not all(isinstance(x, (jax.Array, np.ndarray)) for x in (p, g)):
             return None
-        if jnp.result_type(p) != f32 or jnp.result_type(g) != f32:
+        if jnp.result_type(p) != f32 or jnp.result_type(g) != f32 or jnp.shape(p) != jnp.shape(g):
             return None
-        if jnp.result_type(m) not in _KERNEL_DTYPES or jnp.result_type(v) not in _KERNEL_DTYPES:
-            return None
-        if not jnp.shape(p) == jnp.shape(g) == jnp.shape(m) == jnp.shape(v):
-            return None
-    return _decay_flags(mask, params, len(p_leaves))
+        leaf_kinds = [_kind(m, k > 0, storage.block_size) for k, m in enumerate(leaf_moments)]
+        if None in leaf_kinds or leaf_kinds[2:] not in ([], leaf_kinds[1:2]):
+            return None  # a storage the kernel does not take (AMSGrad's maximum: like nu)
+        if leaf_kinds[0] != leaf_kinds[1] and {*leaf_kinds[:2]} & {*_QUANTIZED}:
+            return None  # quantized moments with another storage: see _QUANTIZED
+        leaves.append([p, g, *(part for m in leaf_moments for part in _parts(m))])
+        per_leaf.append(leaf_moments)
+        kinds += leaf_kinds[:2]
+    flags = _decay_flags(mask, params, len(p_leaves))
+    if flags is None:
+        return None
+    return _KernelPlan(leaves, per_leaf, flags, np.asarray(kinds, np.uint8))
+
+
+def _kind(stored: Any, second: bool, block_size: int) -> int | None:
+    """How the kernel names a leaf's stored moment; None if it does not take it."""
+    if isinstance(stored, QuantizedArray4):
+        fits = (
+            stored.signed != second
+            and stored.block_size == block_size
+            and _arrays(stored.codes, stored.scales)
+            and jnp.result_type(stored.codes) == jnp.uint8
+        )
+        return _INT4 if fits and jnp.result_type(stored.scales) == jnp.float32 else None
+    if isinstance(stored, QuantizedArray):
+        codes, scales = stored
+        fits = _arrays(codes, scales) and jnp.result_type(codes) == _INT8_CODES[second]
+        return _INT8 if fits and jnp.result_type(scales) == jnp.float32 else None
+    return _FLOAT_KINDS.get(jnp.result_type(stored)) if _arrays(stored) else None
+
+
+def _arrays(*xs: Any) -> bool:
+    return all(isinstance(x, (jax.Array, np.ndarray)) for x in xs)
+
+
+def _parts(stored: Any) -> tuple[Any, ...]:
+    """A stored moment's arrays, as the kernel takes them: values, or codes and scales."""
+    if _moment_storage.is_quantized(stored):
+        return (stored.codes, stored.scales)
+    return (stored,)
+
+
+def _rebuild(stored: Any, out: Iterator[jax.Array]) -> Any:
+    """The kernel's next outputs in the form of the moment ``stored`` it updated."""
+    if isinstance(stored, QuantizedArray4):
+        return dataclasses.replace(stored, codes=next(out), scales=next(out))
+    if isinstance(stored, QuantizedArray):
+        return QuantizedArray(next(out), next(out))
+    return next(out)
 
 
 def _decay_flags(mask, params, num_leaves: int):
@@ -274,8 +368,9 @@ def _kernel_refused() -> ValueError:
     return ValueError(
         'backend="kernel" but the fused kernel does not apply here: it needs the '
         "CPU backend, the built kernel (kernel_available() is "
-        f"{kernel_available()}), float32 params and grads, float32 or bfloat16 "
-        'moments in the "tree" layout and a mask of one bool per leaf.'
+        f"{kernel_available()}), float32 params and grads, float32, bfloat16 or "
+        '"int8" moments in the "tree" layout, no param_update and a mask of one bool per '
+        "leaf."
     )
 
 
@@ -301,6 +396,7 @@ class _KernelHyper(NamedTuple):
     # The step count t as uint32, its bits carried in a float32 slot (not a float value): the
     # salt of the second moment's stochastic rounding in bfloat16.
     rounding_salt: jax.Array
+    c2: jax.Array  # 1 - b2^t
 
     def stacked(self) -> jax.Array:
         """The vector the kernel reads: the fields, in order."""
@@ -334,6 +430,7 @@ def _kernel_hyper(
         nesterov_m=beta1 / (1 - beta1 ** (t + 1)),
         nesterov_g=(1 - beta1) / c1,
         rounding_salt=jax.lax.bitcast_convert_type(count.astype(jnp.uint32), jnp.float32),
+        c2=c2,
     )
 
 
@@ -343,73 +440,75 @@ class _KernelOptions(NamedTuple):
     amsgrad: bool
     nesterov: bool
     coupling: int  # how the decay enters the step: _LR_COUPLED or _INDEPENDENT
+    block_size: int  # elements per block of quantized moments
 
 
-def _kernel_step(options: _KernelOptions, params, grads, state, hyper, flags):
+def _kernel_step(options: _KernelOptions, params, state, hyper, how: _KernelPlan):
     """The step through the kernel: the new ``(params, state)``, written in place."""
     adam_state, decay_state = state
-    p_leaves, treedef = jax.tree.flatten(params)
-    amsgrad = options.amsgrad
-    moments = [adam_state.mu, adam_state.nu, *([adam_state.nu_max] if amsgrad else [])]
-    per_leaf = zip(
-        p_leaves,
-        treedef.flatten_up_to(grads),
-        *(jax.tree.leaves(moment) for moment in moments),
-        strict=True,
-    )
-    out = _run_kernel(options, [list(ins) for ins in per_leaf], hyper, flags)
-    width = 1 + len(moments)  # the kernel's outputs: p, m, v[, v_max] per leaf
-    new_params, mu, nu, *nu_max = (jax.tree.unflatten(treedef, out[k::width]) for k in range(width))
+    treedef = jax.tree.structure(params)
+    out = iter(_run_kernel(options, how, hyper))
+    # The kernel's outputs, per leaf: p, then each moment's values, or codes and scales.
+    columns: list[list[Any]] = [[] for _ in range(3 + int(options.amsgrad))]
+    for stored in how.moments:
+        columns[0].append(next(out))
+        for column, moment in zip(columns[1:], stored, strict=True):
+            column.append(_rebuild(moment, out))
+    new_params, mu, nu, *nu_max = (jax.tree.unflatten(treedef, c) for c in columns)
     new_adam = ScaleByAdamState(
         _numerics.safe_increment(adam_state.count),
         mu,
         nu,
-        nu_max[0] if amsgrad else adam_state.nu_max,
+        nu_max[0] if options.amsgrad else adam_state.nu_max,
     )
     new_decay = DecoupledWeightDecayState(_numerics.safe_increment(decay_state.count))
     return new_params, (new_adam, new_decay)
 
 
-def _run_kernel(options: _KernelOptions, per_leaf, hyper: _KernelHyper, flags):
-    """Runs the kernel on ``[[p, g, m, v(, v_max)], ...]``; returns its outputs.
+def _run_kernel(options: _KernelOptions, how: _KernelPlan, hyper: _KernelHyper):
+    """Runs the kernel on the plan's leaves; returns its outputs.
 
-    The outputs are ``p, m, v(, v_max)`` per leaf, in order, each aliased to its input.
+    The outputs are every leaf's inputs but ``g`` (``p``, then the moments' arrays), in
+    order, each aliased to its input.
     """
     vector = hyper.stacked()
-    flags = jnp.asarray(flags, jnp.uint8)
+    flags = jnp.asarray(how.flags, jnp.uint8)
+    n = _LEAVES_PER_CALL
     return aliased_call(
         _TARGET,
-        per_leaf,
-        (0, 2, 3, 4) if options.amsgrad else (0, 2, 3),
-        lambda k: [vector, flags[k * _LEAVES_PER_CALL : (k + 1) * _LEAVES_PER_CALL]],
+        how.leaves,
+        lambda k: [vector, flags[k * n : (k + 1) * n], how.kinds[2 * k * n : 2 * (k + 1) * n]],
         amsgrad=np.int64(options.amsgrad),
         nesterov=np.int64(options.nesterov),
         coupling=np.int64(options.coupling),
+        block_size=np.int64(options.block_size),
     )
 
 
 def aliased_call(
     target: str,
-    per_leaf: list[tuple[jax.Array, ...]],
-    outputs: tuple[int, ...],
+    per_leaf: list[list[jax.Array]],
     leading: Callable[[int], list[jax.Array]],
+    read_only: tuple[int, ...] = (1,),
     **attributes: Any,
 ) -> list[jax.Array]:
     """Calls the FFI ``target`` on every leaf's inputs, its outputs aliased to inputs.
 
-    ``per_leaf`` holds each leaf's inputs; ``outputs`` the positions, among them, of the
-    inputs a call overwrites (its outputs, in order); ``leading(k)`` the operands that come
-    before the leaves' in the ``k``-th call. XLA's alias analysis grows steeply with the
-    aliases of one call, so leaves travel in calls of at most ``_LEAVES_PER_CALL``. Returns
-    every leaf's outputs, in order.
+    ``per_leaf`` holds each leaf's inputs; every one of them but those at the positions
+    ``read_only`` (the gradient, second) is overwritten: the call's outputs are those
+    inputs, in order. ``leading(k)`` gives the operands that come before the leaves' in the
+    ``k``-th call. XLA's alias analysis grows steeply with the aliases of one call, so
+    leaves travel in calls of at most ``_LEAVES_PER_CALL``. Returns every leaf's outputs,
+    in order.
     """
     out = []
     for k, start in enumerate(range(0, len(per_leaf), _LEAVES_PER_CALL)):
         operands, results, aliases = list(leading(k)), [], {}
         for ins in per_leaf[start : start + _LEAVES_PER_CALL]:
-            for position in outputs:
+            for position, x in enumerate(ins):
+                if position in read_only:
+                    continue
                 aliases[len(operands) + position] = len(results)
-                x = ins[position]
                 results.append(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
             operands += ins
         call = jax.ffi.ffi_call(target, results, input_output_aliases=aliases)
@@ -420,11 +519,11 @@ def aliased_call(
 def _run_self_test() -> None:
     """One tiny step through the kernel; raises when it does not run."""
     zero, one = np.float32(0.0), np.float32(1.0)
-    hyper = _KernelHyper(*[zero] * len(_KernelHyper._fields))._replace(inv_c1=one, inv_c2=one)
+    hyper = _KernelHyper(*[zero] * len(_KernelHyper._fields))._replace(inv_c1=one, inv_c2=one, c2=one)
     x = jnp.ones([1], jnp.float32)
-    options = _KernelOptions(amsgrad=False, nesterov=False, coupling=_LR_COUPLED)
-    out = _run_kernel(options, [[x, x, x, x]], hyper, np.ones([1], np.uint8))
-    jax.block_until_ready(out)
+    options = _KernelOptions(amsgrad=False, nesterov=False, coupling=_LR_COUPLED, block_size=1)
+    how = _KernelPlan([[x, x, x, x]], [[x, x]], np.ones([1], np.uint8), np.zeros([2], np.uint8))
+    jax.block_until_ready(_run_kernel(options, how, hyper))
 
 
 def register_cpu_target(target: str, symbol: str) -> bool:

@@ -36,11 +36,12 @@ class ScaleByAdamState(NamedTuple):
     Attributes:
       count: number of updates taken, int32, saturating at ``2**31 - 1``.
       mu: first moment, like the params, stored in ``mu_dtype`` (with ``"int8"``, a
-        :class:`~adamw_jax.quantize.QuantizedArray` per leaf of at least
+        :class:`~adamw_jax.quantize.QuantizedArray`, with ``"int4"`` a
+        :class:`~adamw_jax.quantize.QuantizedArray4`, per leaf of at least
         ``min_quantize_size`` elements). With ``moment_layout="packed"``, a
         :class:`~adamw_jax.PackedMoments` instead.
       nu: second moment, like the params (real even for complex params), in ``nu_dtype``
-        (with float16 or ``"int8"``, its square root is stored); a
+        (with float16, ``"int8"`` or ``"int4"``, its square root is stored); a
         :class:`~adamw_jax.PackedMoments` with ``moment_layout="packed"``.
       nu_max: running maximum of the bias-corrected second moment when ``amsgrad`` (laid
         out like ``nu``), otherwise an empty ``optax.EmptyState()``.
@@ -94,17 +95,20 @@ def scale_by_adam(
       eps: added to the denominator outside the square root, in [0, inf).
       eps_root: added to the second moment inside the square root, in [0, inf).
       mu_dtype: storage dtype of the first moment: None (the params' dtype), a floating
-        dtype such as ``jnp.bfloat16``, or ``"int8"`` (blockwise 8-bit, see below).
+        dtype such as ``jnp.bfloat16``, or ``"int8"`` or ``"int4"`` (blockwise 8-bit or
+        4-bit codes, see below).
       nesterov: use Nesterov's look-ahead on the first moment (NAdam).
       amsgrad: use the running maximum of the bias-corrected second moment.
       bias_correction: divide the moments by :math:`1 - \beta^t`; False uses them raw.
       nu_dtype: storage dtype of the second moment: None (the params' real dtype), a
-        floating dtype, or ``"int8"``. With float16 the square root of the moment is
-        stored, so that small gradients' squares do not underflow to 0.
-      block_size: with ``"int8"``, elements per quantization block along each leaf's last
-        axis, an int in [1, inf); None means 256.
-      min_quantize_size: with ``"int8"``, leaves with fewer elements than this, an int in
-        [0, inf), are stored in float32 (biases, norm scales); None means 4096.
+        floating dtype, ``"int8"`` or ``"int4"``. With float16 the square root of the
+        moment is stored, so that small gradients' squares do not underflow to 0.
+      block_size: with ``"int8"``/``"int4"``, elements per quantization block along each
+        leaf's last axis, an int in [1, inf), even with ``"int4"``; None means 128 when
+        either moment is ``"int4"``, else 256.
+      min_quantize_size: with ``"int8"``/``"int4"``, leaves with fewer elements than
+        this, an int in [0, inf), are stored in float32 (biases, norm scales); None means
+        4096.
       moment_layout: ``"tree"`` (default): the moments are trees like the params, one
         array per leaf, which is what sharding the state like the params needs.
         ``"packed"``: the moments of small leaves (fewer than 65536 elements, same storage
@@ -112,9 +116,10 @@ def scale_by_adam(
         each; the state's moments are :class:`~adamw_jax.PackedMoments`. Same numbers (up to
         floating-point contraction), but on trees of many small leaves XLA compiles and
         runs far fewer kernels: faster steps and compiles. Floating moment dtypes only
-        (not ``"int8"``). :func:`adamw_jax.sharding.state_shardings` places a large leaf's
-        buffer like its param and replicates the shared ones (whose sharded gradients the
-        step then gathers), so for small leaves sharded over many devices use ``"tree"``.
+        (not ``"int8"``/``"int4"``). :func:`adamw_jax.sharding.state_shardings` places a
+        large leaf's buffer like its param and replicates the shared ones (whose sharded
+        gradients the step then gathers), so for small leaves sharded over many devices use
+        ``"tree"``.
 
     The positional arguments and their defaults are ``optax.scale_by_adam``'s; the rest
     are keyword-only. ``block_size``, ``min_quantize_size``, ``mu_dtype`` and ``nu_dtype``
@@ -124,8 +129,11 @@ def scale_by_adam(
     its name (``"bfloat16"``). A concrete integer 0-d array is accepted as its int.
 
     ``"int8"`` stores a moment as blockwise 8-bit codes with one float32 scale per block
-    (:mod:`adamw_jax.quantize`): about 1.02 bytes per element instead of 4. The update
-    dequantizes, computes in float32 and requantizes within the same step.
+    (:mod:`adamw_jax.quantize`): about 1.02 bytes per element instead of 4. ``"int4"``
+    stores 4-bit codes, two per byte, with a scale per block of 128: about 0.53 bytes per
+    element; the second moment's code book has no code for 0 (Li et al.), and both moments
+    are rounded stochastically. The update dequantizes, computes in float32 and
+    requantizes within the same step.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a :class:`ScaleByAdamState`.
@@ -144,6 +152,7 @@ def scale_by_adam(
       Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
       Reddi et al., "On the Convergence of Adam and Beyond" (AMSGrad), ICLR 2018.
       Dozat, "Incorporating Nesterov Momentum into Adam" (NAdam), ICLR workshop 2016.
+      Li, Chen & Zhu, "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023.
     """
     storage = _storage.moment_storage(
         mu_dtype=mu_dtype,
@@ -225,9 +234,7 @@ def _scale_by_adam(
         if packed:
             directions, mu, nu, nu_max = _update_packed(step, updates, state, amsgrad)
         else:
-            directions, mu, nu, nu_max = _update_tree(
-                step, updates, state, amsgrad, storage.block_size
-            )
+            directions, mu, nu, nu_max = _update_tree(step, updates, state, amsgrad, storage)
         return directions, ScaleByAdamState(count, mu, nu, nu_max)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -255,7 +262,8 @@ class AdamScalars(NamedTuple):
       eps: :math:`\epsilon` (real).
       eps_root: :math:`\epsilon_{root}` (real).
       rounding_salt: the step count as uint32, mixed into the random bits of the second
-        moment's stochastic rounding (bfloat16 and ``"int8"`` storage).
+        moment's stochastic rounding (bfloat16, ``"int8"`` and ``"int4"`` storage) and of
+        the ``"int4"`` first moment's.
     """
 
     real_dtype: jnp.dtype
@@ -348,7 +356,7 @@ def _adam_step(
       scalars_for: the step's :class:`AdamScalars` for a compute dtype (made once per dtype).
       nesterov: use Nesterov's look-ahead for :math:`\hat m_t`.
       guard_zero_denominator: map a zero denominator to a zero direction.
-      block_size: the ``"int8"`` moments' block size.
+      block_size: the ``"int8"``/``"int4"`` moments' block size.
 
     Returns:
       ``(u_t, m_t, v_t, new nu_max)``: the direction in the wider of the gradient's and the
@@ -379,7 +387,7 @@ def _adam_step(
         new_max = _storage.store_second(
             v_hat, nu_max, block_size, average=False, salt=scalars.rounding_salt
         )
-    new_mu = _storage.store(m, mu, block_size)
+    new_mu = _storage.store(m, mu, block_size, salt=scalars.rounding_salt)
     out_dtype = _numerics.wider(grad.dtype, _storage.dtype_of(mu))
     new_nu = _storage.store_second(v, nu, block_size, salt=scalars.rounding_salt)
     return direction.astype(out_dtype), new_mu, new_nu, new_max
@@ -390,18 +398,22 @@ def _update_tree(
     updates: optax.Updates,
     state: ScaleByAdamState,
     amsgrad: bool,
-    block_size: int,
+    storage: MomentStorage,
 ) -> tuple[optax.Updates, Any, Any, Any]:
     """The ``"tree"`` layout's step: ``step`` on each leaf; the directions and new moments.
 
     The state's moments are matched to the leaves of ``updates`` first (a quantized moment
-    rebuilt from whatever container a framework made of it); ``"int8"`` moments are
-    encoded in the pass that computes them (:func:`~adamw_jax._moment_storage.update_leaf`).
+    rebuilt from whatever container a framework made of it); ``"int8"``/``"int4"`` moments
+    are encoded in the pass that computes them
+    (:func:`~adamw_jax._moment_storage.update_leaf`).
     """
-    mu = _storage.per_param(updates, state.mu, block_size)
-    nu = _storage.per_param(updates, state.nu, block_size)
+    block_size = storage.block_size
+    mu = _storage.per_param(updates, state.mu, block_size, requested=storage.mu_dtype)
+    nu = _storage.per_param(updates, state.nu, block_size, requested=storage.nu_dtype, second=True)
     if amsgrad:
-        nu_max = _storage.per_param(updates, state.nu_max, block_size)
+        nu_max = _storage.per_param(
+            updates, state.nu_max, block_size, requested=storage.nu_dtype, second=True
+        )
     else:
         nu_max = [None] * len(mu)
     _validate.check_inexact_leaves("updates", updates)

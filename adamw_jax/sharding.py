@@ -15,7 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from adamw_jax._packing import PackedMoments
-from adamw_jax.quantize import QuantizedArray
+from adamw_jax.quantize import QuantizedArray, QuantizedArray4
 
 
 def _sharding_of(leaf: Any) -> Sharding | None:
@@ -122,8 +122,25 @@ def _scales_sharding(
     )
 
 
+def _packed_codes_sharding(sharding: Sharding, shape: tuple[int, ...]) -> Sharding:
+    """Where a ``"int4"`` leaf's packed codes go, given where its unpacked values would.
+
+    The codes (two per byte along the last axis, which is halved) are split like the
+    values, except along the last axis where a piece would hold an odd number of values
+    (a byte would span two pieces): that axis is then replicated.
+    """
+    if not isinstance(sharding, NamedSharding) or not shape:
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    pieces = int(np.prod([sharding.mesh.shape[a] for a in _mesh_axes(spec[-1])]))
+    if pieces == 1 or (shape[-1] % pieces == 0 and (shape[-1] // pieces) % 2 == 0):
+        return sharding
+    spec = PartitionSpec(*spec[:-1], None)
+    return NamedSharding(sharding.mesh, spec, memory_kind=sharding.memory_kind)
+
+
 def _is_quantized(node: Any) -> bool:
-    return isinstance(node, QuantizedArray)
+    return isinstance(node, (QuantizedArray, QuantizedArray4))
 
 
 def _param_index_per_state_unit(state: Any, params: Any) -> list[int | None]:
@@ -198,6 +215,10 @@ def state_shardings(
       shard holds whole blocks (each shard's length there a multiple of ``block_size``),
       otherwise replicated over that axis (correct, but the step then communicates to find
       each block's scale);
+    * an ``"int4"`` moment (a :class:`~adamw_jax.quantize.QuantizedArray4`): its packed
+      codes get the param's sharding (their last axis is half the param's), except that
+      a last axis whose shards would hold an odd number of the param's elements is
+      replicated (a byte holds two); the scales as for ``"int8"``;
     * ``moment_layout="packed"`` moments (:class:`~adamw_jax.PackedMoments`): a buffer
       holding one leaf is that leaf's moment and is placed like its param; a buffer shared
       by small leaves is replicated;
@@ -209,16 +230,18 @@ def state_shardings(
     With ``zero_axis`` (ZeRO stage 1), every param-shaped state leaf is also split over the
     mesh axis ``zero_axis``, along its first dimension that is not already sharded and whose
     size is a multiple of the axis' size; leaves with no such dimension keep their param's
-    sharding (for an ``"int8"`` moment, the last axis is chosen only if the pieces hold whole
-    blocks). Use it when the params are replicated over a data-parallel axis: each device
-    then holds ``1/N`` of the moments, at the price of an all-gather of the updates per step.
+    sharding (for an ``"int8"`` or ``"int4"`` moment, the last axis is chosen only if the
+    pieces hold whole blocks). Use it when the params are replicated over a data-parallel
+    axis: each device then holds ``1/N`` of the moments, at the price of an all-gather of
+    the updates per step.
 
     ``optax.tree_utils.tree_map_params(tx, lambda _, spec: spec, state, param_specs)``
     gives the same specs for the ``"tree"`` layout with floating moments. It cannot for
-    ``"int8"`` moments or the ``"packed"`` layout, whose moments are not one array shaped
-    like their param (Optax's helper raises a pytree structure error naming
-    ``QuantizedArray`` or ``PackedMoments``; without a spec tree it would apply its function
-    to the codes and the block scales alike): use this function there.
+    ``"int8"``/``"int4"`` moments or the ``"packed"`` layout, whose moments are not one
+    array shaped like their param (Optax's helper raises a pytree structure error naming
+    ``QuantizedArray``, ``QuantizedArray4`` or ``PackedMoments``; without a spec tree it
+    would apply its function to the codes and the block scales alike): use this function
+    there.
 
     Args:
       tx: the gradient transformation whose state is to be placed.
@@ -284,7 +307,12 @@ def state_shardings(
 
     out: list[Any] = []
     for unit, index in zip(units, indices, strict=True):
-        if _is_quantized(unit):
+        if isinstance(unit, QuantizedArray4):  # placed as its unpacked values would be
+            values = like_param(unit.shape, index, last_quantum=unit.block_size)
+            codes = _packed_codes_sharding(values, unit.shape)
+            scales = _scales_sharding(codes, unit.shape, tuple(unit.scales.shape), replicated)
+            out.append(QuantizedArray4(codes, scales, unit.length, unit.signed, unit.block_size))
+        elif _is_quantized(unit):
             codes_shape, scales_shape = tuple(unit.codes.shape), tuple(unit.scales.shape)
             block = _block_length(codes_shape, scales_shape)
             codes = like_param(codes_shape, index, last_quantum=block)

@@ -28,6 +28,10 @@ class SkipSpikesState(NamedTuple):
       skipped: steps skipped (spikes and non-finite metrics), int32 (saturating).
       last_z: the latest step's z-score against the statistics before it (0 before any
         step is accepted; NaN or inf for a non-finite metric).
+      consecutive: spikes skipped since the last accepted step, int32 (saturating;
+        non-finite metrics do not count).
+      restarts: steps accepted by ``max_consecutive_skips`` (each restarted the
+        statistics), int32 (saturating).
     """
 
     inner_state: Any
@@ -36,6 +40,8 @@ class SkipSpikesState(NamedTuple):
     accepted: jax.Array
     skipped: jax.Array
     last_z: jax.Array
+    consecutive: jax.Array
+    restarts: jax.Array
 
 
 def skip_spikes(
@@ -45,6 +51,7 @@ def skip_spikes(
     window: int = 100,
     warmup: int = 20,
     metric: str = "grad_norm",
+    max_consecutive_skips: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Skips the steps whose gradient norm (or loss) spikes above its recent statistics.
 
@@ -73,14 +80,20 @@ def skip_spikes(
     than ``window`` have been accepted, then exponential moving averages with timescale
     ``window`` steps. A smooth trend moves the statistics along with it (a linear ramp
     gives :math:`z \approx 1`); a lasting jump of more than ``threshold`` standard
-    deviations is skipped for as long as it lasts, so watch ``skipped``. Only upward
-    spikes are skipped. On stationary noise the default threshold skips no step of a
-    Gaussian-like metric (a high-dimensional gradient norm; 0 of 40,000 steps) and about
-    1e-4 (log-normal) to 4e-4 (Student t, 5 degrees of freedom) of heavy-tailed ones.
+    deviations is skipped for as long as it lasts, unless ``max_consecutive_skips``
+    bounds it: once that many spikes have been skipped in a row (no step accepted in
+    between), the next spike is accepted and restarts the statistics from its own
+    metric, as at the first step (:math:`\mu = x_t`, :math:`\sigma^2 = 0`,
+    :math:`n = 1`), so the ``warmup - 1`` steps after it are accepted while the
+    statistics re-learn the new level (choose it above the longest burst of bad steps
+    to be skipped: a burst that long is taken for a new level). Only upward spikes are
+    skipped. On stationary noise the default threshold skips no step of a Gaussian-like
+    metric (a high-dimensional gradient norm; 0 of 40,000 steps) and about 1e-4
+    (log-normal) to 4e-4 (Student t, 5 degrees of freedom) of heavy-tailed ones.
     The inner update is computed on every step and discarded on a skipped one (tree
     selects with ``jnp.where``, as ``optax.apply_if_finite``), so it works under
     ``jax.jit``, ``jax.vmap``, ``optax.MultiSteps`` and ``optax.inject_hyperparams``
-    (``threshold``, ``window`` and ``warmup`` may be traced).
+    (``threshold``, ``window``, ``warmup`` and ``max_consecutive_skips`` may be traced).
     The statistics are kept in float32, or in the params' dtype when wider.
 
     Args:
@@ -94,6 +107,10 @@ def skip_spikes(
         first step.
       metric: ``"grad_norm"`` (the global L2 norm of the updates ``skip_spikes``
         receives) or ``"loss"`` (``update`` then requires ``value=loss``, a scalar).
+      max_consecutive_skips: None (no bound: a lasting jump of the metric is skipped
+        for good), or an int in [1, inf): the most spikes skipped in a row; the next one
+        is accepted and restarts the statistics (counted in ``restarts``). Non-finite
+        metrics are always skipped and neither count nor end a run of skips.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -110,43 +127,50 @@ def skip_spikes(
       >>> updates["w"], int(state.skipped), int(state.accepted)
       (Array([0., 0.], dtype=float32), 1, 4)
 
+      A lasting jump, bounded to two skips in a row; the third step at the new level is
+      accepted and restarts the statistics:
+
+      >>> tx = adamw_jax.skip_spikes(optax.sgd(0.1), warmup=2, max_consecutive_skips=2)
+      >>> state = tx.init(params)
+      >>> for g in (1.0, 1.1, 0.9, 50.0, 50.0, 50.0, 51.0):
+      ...     updates, state = tx.update({"w": g * jnp.ones(2)}, state, params)
+      >>> updates["w"], int(state.skipped), int(state.restarts), int(state.accepted)
+      (Array([-5.1, -5.1], dtype=float32), 2, 1, 2)
+
     References:
       Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways", JMLR 2023
       (restarting around loss spikes). Molybog et al., "A Theory on Adam Instability in
       Large-Scale Machine Learning", arXiv:2304.09871, 2023.
     """
-    _check_skip_spikes_args(inner, threshold, window, warmup, metric)
+    _check_skip_spikes_args(inner, threshold, window, warmup, metric, max_consecutive_skips)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
         zero = jnp.zeros([], _statistics_dtype(params))
         count = jnp.zeros([], jnp.int32)
-        return SkipSpikesState(inner.init(params), zero, zero, count, count, zero)
+        return SkipSpikesState(inner.init(params), zero, zero, count, count, zero, count, count)
 
     def update_fn(updates, state, params=None, **extra_args):
         x = _metric_value(metric, updates, extra_args, state.mean.dtype)
         z = _z_score(x, state)
-        spike = ~jnp.isfinite(x) | ((state.accepted >= warmup) & (z > threshold))
+        finite = jnp.isfinite(x)
+        spike = finite & (state.accepted >= warmup) & (z > threshold)
+        restart = jnp.zeros([], bool)
+        if max_consecutive_skips is not None:
+            restart = spike & (state.consecutive >= max_consecutive_skips)
+        skip = ~finite | (spike & ~restart)
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-        new_updates = jax.tree.map(lambda u: jnp.where(spike, jnp.zeros_like(u), u), new_updates)
+        new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
         inner_state = jax.tree.map(
-            lambda old, new: jnp.where(spike, old, new), state.inner_state, new_inner
+            lambda old, new: jnp.where(skip, old, new), state.inner_state, new_inner
         )
-        mean, var = _updated_statistics(x, state, window)
-        return new_updates, SkipSpikesState(
-            inner_state,
-            jnp.where(spike, state.mean, mean),
-            jnp.where(spike, state.var, var),
-            jnp.where(spike, state.accepted, _numerics.safe_increment(state.accepted)),
-            jnp.where(spike, _numerics.safe_increment(state.skipped), state.skipped),
-            z,
-        )
+        return new_updates, _next_state(state, inner_state, x, z, skip, restart, window)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _check_skip_spikes_args(
-    inner: Any, threshold: Any, window: Any, warmup: Any, metric: Any
+    inner: Any, threshold: Any, window: Any, warmup: Any, metric: Any, max_skips: Any
 ) -> None:
     """Refuses a non-transformation ``inner`` and each hyperparameter out of its range."""
     if not isinstance(inner, optax.GradientTransformation):
@@ -158,6 +182,8 @@ def _check_skip_spikes_args(
     _validate.check_int("window", window, low=1)
     _validate.check_int("warmup", warmup, low=2)
     _validate.check_choice("metric", metric, METRICS)
+    if max_skips is not None:
+        _validate.check_int("max_consecutive_skips", max_skips, low=1)
 
 
 def _statistics_dtype(params: Any) -> jnp.dtype:
@@ -200,6 +226,37 @@ def _updated_statistics(
     a = 1 / n.astype(x.dtype)
     delta = x - state.mean
     return state.mean + a * delta, (1 - a) * (state.var + a * delta * delta)
+
+
+def _next_state(
+    state: SkipSpikesState,
+    inner_state: Any,
+    x: jax.Array,
+    z: jax.Array,
+    skip: jax.Array,
+    restart: jax.Array,
+    window: Any,
+) -> SkipSpikesState:
+    """The state after a step: skipped, accepted, or accepted with the statistics restarted.
+
+    A skipped step keeps the statistics; an accepted one updates them; a restart sets them
+    to those of the single sample ``x`` (mean ``x``, variance 0, one accepted step).
+    """
+    mean, var = _updated_statistics(x, state, window)
+    one = jnp.ones([], jnp.int32)
+    accepted = jnp.where(restart, one, _numerics.safe_increment(state.accepted))
+    spike_skip = skip & jnp.isfinite(x)  # non-finite metrics leave the run count alone
+    consecutive = jnp.where(skip, state.consecutive, jnp.zeros_like(state.consecutive))
+    return SkipSpikesState(
+        inner_state,
+        jnp.where(skip, state.mean, jnp.where(restart, x, mean)),
+        jnp.where(skip, state.var, jnp.where(restart, jnp.zeros_like(var), var)),
+        jnp.where(skip, state.accepted, accepted),
+        jnp.where(skip, _numerics.safe_increment(state.skipped), state.skipped),
+        z,
+        jnp.where(spike_skip, _numerics.safe_increment(state.consecutive), consecutive),
+        jnp.where(restart, _numerics.safe_increment(state.restarts), state.restarts),
+    )
 
 
 def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:

@@ -1,12 +1,12 @@
-"""Memory, quality and speed of AdamW's state stored in float32, bfloat16 and blockwise int8.
+"""Memory, quality and speed of AdamW's state in float32, bfloat16, blockwise int8 and int4.
 
 Prints three tables:
 
 1. optimizer-state bytes per parameter on a transformer-shaped tree (about 17M parameters);
-2. final losses of the same runs (same seed, same settings) with fp32, bf16 and int8 moments
-   on a least-squares problem and on an MLP trained on scikit-learn's digits;
-3. the int8 and fp32 step times on the transformer-shaped tree, measured interleaved in this
-   run, and their ratio.
+2. final losses of the same runs (same seed, same settings) with fp32, bf16, int8 and int4
+   moments on a least-squares problem and on an MLP trained on scikit-learn's digits;
+3. the int8, int4 and fp32 step times on the transformer-shaped tree, measured interleaved
+   in this run, and their ratios to fp32's.
 
 Usage::
 
@@ -30,6 +30,7 @@ MOMENTS = {
     "fp32": {},
     "bf16": {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16},
     "int8": {"mu_dtype": "int8", "nu_dtype": "int8"},
+    "int4": {"mu_dtype": "int4", "nu_dtype": "int4"},
 }
 
 
@@ -59,10 +60,10 @@ def bytes_table(params: dict) -> dict[str, float]:
 
 
 def step_times(params: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of one jitted AdamW step (update + apply), fp32 vs int8 interleaved."""
+    """Median seconds of one jitted AdamW step (update + apply): fp32, int8, int4 interleaved."""
     grads = jax.tree.map(lambda p: 0.01 * jnp.sin(1000.0 * p), params)
     runners = {}
-    for name in ("fp32", "int8"):
+    for name in ("fp32", "int8", "int4"):
         tx = adamw_jax.adamw(1e-3, **MOMENTS[name])
 
         def step(p, s, g, tx=tx):
@@ -179,6 +180,7 @@ def main() -> None:
     for name, sec in t.items():
         print(f"  {name:5s} {1e3 * sec:8.2f} ms")
     print(f"  int8 / fp32 = {t['int8'] / t['fp32']:.2f}x")
+    print(f"  int4 / fp32 = {t['int4'] / t['fp32']:.2f}x")
 
 
 if __name__ == "__main__":

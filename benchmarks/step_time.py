@@ -12,18 +12,25 @@ tree this script times one training step of
 * ``adamw_jax.fused_adamw``'s fused step (the C++ kernel on CPU, XLA elsewhere);
 * ``optax.adamw``, the same way as ``adamw_jax.adamw``;
 * ``torch.optim.AdamW`` with ``foreach=False``, ``foreach=True`` and ``fused=True`` (on CUDA
-  when available), if PyTorch is installed.
+  when available), if PyTorch is installed;
+* with ``--moments int8 int4``, per low-bit storage: a probe with the traffic of the fused
+  step on it (per block: params and both moments' codes and scales read and written, the
+  gradient read: 16 bytes per parameter with int8 codes, 14 with int4, plus the scales),
+  ``fused_adamw`` with those moments, and ``adamw``'s XLA step with them.
 
 Contenders are timed in interleaved rounds, so that the machine's noise hits them all
 alike, and the table reports the median, min and max milliseconds per step, the ratio of
-the median to ``optax.adamw``'s, the percentage of the probe's speed, the jit compile time
-and the compiled step's peak memory (arguments + outputs - donated aliases + temporaries).
+the median to ``optax.adamw``'s and to the float32 fused step's, the percentage of the
+speed of the probe with the row's traffic, the jit compile time and the compiled step's
+peak memory (arguments + outputs - donated aliases + temporaries).
 
 Example::
 
     python benchmarks/step_time.py                   # all four trees, default sizes
     python benchmarks/step_time.py --quick           # tiny sizes, seconds
     python benchmarks/step_time.py --trees gpt many --rounds 11 --json out.json
+    # the fused step on float32, int8 and int4 moments, and their probes:
+    python benchmarks/step_time.py --trees lm16m array64m --moments int8 int4 --fused-only
 
 It needs ``adamw_jax`` installed (``pip install -e .``), or ``PYTHONPATH=.`` in the
 repository's root; its contenders come from ``step_time_contenders.py`` beside it.
@@ -42,13 +49,15 @@ from collections.abc import Sequence
 import jax
 import step_time_contenders as bc
 
-TREES = ("array16m", "array64m", "gpt", "many")
+TREES = ("array16m", "array64m", "gpt", "many")  # the default run's
+ALL_TREES = (*TREES, "lm16m")
 COLUMNS = (
     "contender",
     "median ms",
     "min ms",
     "max ms",
     "vs optax",
+    "vs fused",
     "% of limit",
     "compile s",
     "peak MB",
@@ -60,7 +69,19 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/step_time.py", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--trees", nargs="+", choices=TREES, default=list(TREES))
+    parser.add_argument("--trees", nargs="+", choices=ALL_TREES, default=list(TREES))
+    parser.add_argument(
+        "--moments",
+        nargs="+",
+        choices=bc.LOWBIT,
+        default=[],
+        help="also time the fused step on these moments, with their probes",
+    )
+    parser.add_argument(
+        "--fused-only",
+        action="store_true",
+        help="time only the probes and the fused steps (no Optax-protocol or PyTorch rows)",
+    )
     parser.add_argument("--scale", type=float, default=None, help="multiplies every size")
     parser.add_argument("--leaves", type=int, default=None, help="leaves of the 'many' tree")
     parser.add_argument("--blocks", type=int, default=None, help="blocks of the 'gpt' tree")
@@ -112,10 +133,10 @@ def _time_rounds(
 
 def _rows(contenders: list[bc.Contender]) -> list[dict]:
     medians = {c.name: statistics.median(c.times_ms) for c in contenders}
-    reference, probe = medians.get(bc.REFERENCE), medians.get(bc.PROBE)
+    reference, fused = medians.get(bc.REFERENCE), medians.get(bc.FUSED)
     rows = []
     for c in contenders:
-        median = medians[c.name]
+        median, probe = medians[c.name], medians.get(c.probe)
         rows.append(
             {
                 "contender": c.name,
@@ -123,6 +144,7 @@ def _rows(contenders: list[bc.Contender]) -> list[dict]:
                 "min_ms": min(c.times_ms),
                 "max_ms": max(c.times_ms),
                 "ratio_to_optax": median / reference if reference else None,
+                "ratio_to_fused": median / fused if fused else None,
                 "percent_of_limit": 100 * probe / median if probe else None,
                 "compile_s": c.compile_s,
                 "peak_mb": c.peak_mb,
@@ -144,6 +166,7 @@ def _format_table(rows: list[dict]) -> str:
             fmt(r["min_ms"], ".2f"),
             fmt(r["max_ms"], ".2f"),
             fmt(r["ratio_to_optax"], ".2f"),
+            fmt(r["ratio_to_fused"], ".2f"),
             fmt(r["percent_of_limit"], ".0f"),
             fmt(r["compile_s"], ".2f"),
             fmt(r["peak_mb"], ".0f"),
@@ -170,12 +193,20 @@ def run_tree(name: str, args: argparse.Namespace) -> dict:
     params = bc.make_tree(shapes, seed=0, std=0.02)
     grads = bc.make_tree(shapes, seed=1, std=1.0)
     size = sum(p.size for p in params.values())
-    contenders = bc.jax_contenders(params, grads)
-    if not args.no_torch:
+    contenders = bc.jax_contenders(params, grads, fused_only=args.fused_only)
+    contenders += bc.lowbit_contenders(params, grads, args.moments)
+    if not (args.no_torch or args.fused_only):
         contenders += bc.torch_contenders(params, grads)
     _time_rounds(contenders, args.rounds, args.round_seconds, args.pause)
     rows = _rows(contenders)
     probe_ms = next(r["median_ms"] for r in rows if r["contender"] == bc.PROBE)
+    # The low-bit probes' traffic: params and gradient (12 bytes/param) and the moments'
+    # codes and scales, read and written.
+    lowbit = {
+        c.name: (12 * int(size) + 2 * c.moment_bytes, c.times_ms)
+        for c in contenders
+        if c.moment_bytes is not None
+    }
     record = {
         "tree": name,
         "title": bc.TREE_TITLES[name],
@@ -183,11 +214,19 @@ def run_tree(name: str, args: argparse.Namespace) -> dict:
         "leaves": len(shapes),
         "bytes_per_step": 28 * int(size),
         "probe_gb_per_s": 28 * size / (probe_ms * 1e6),
+        "lowbit_probes": {
+            k: {"bytes_per_step": b, "gb_per_s": b / (statistics.median(t) * 1e6)}
+            for k, (b, t) in lowbit.items()
+        },
         "rows": rows,
     }
     print(
         f"\n{record['title']}: {size:,} params in {len(shapes)} leaves; probe moves "
         f"{record['probe_gb_per_s']:.1f} GB/s (28 bytes/param)"
+        + "".join(
+            f"; {k} {v['gb_per_s']:.1f} GB/s ({v['bytes_per_step'] / size:.2f} bytes/param)"
+            for k, v in record["lowbit_probes"].items()
+        )
     )
     print(_format_table(rows))
     del contenders
@@ -210,8 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"AdamW step, float32, lr={bc.LEARNING_RATE}, weight_decay={bc.WEIGHT_DECAY}; jax "
         f"{header['jax']} on {header['backend']} ({header['device']}); {args.rounds} "
-        "interleaved rounds; 'vs optax' = median / optax.adamw's median; '% of limit' = "
-        "probe time / step time."
+        "interleaved rounds; 'vs optax' = median / optax.adamw's median; 'vs fused' = "
+        "median / the float32 fused step's; '% of limit' = time of the probe with the row's "
+        "traffic / step time."
     )
     with jax.numpy_dtype_promotion("standard"):  # as optax.adamw expects
         records = [run_tree(name, args) for name in args.trees]

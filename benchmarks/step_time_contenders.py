@@ -2,12 +2,14 @@
 
 A contender is set up once per tree and then stepped again and again on the same donated
 buffers: :class:`Contender` holds its step function and its current arguments. The
-bandwidth probe's C++ loop ships in the fused kernel's extension (``csrc/fused_adamw.cc``);
-this module registers and calls it.
+bandwidth probes' C++ loops ship in the fused kernel's extension (``csrc/fused_adamw.cc``);
+this module registers and calls them: one with the float32 step's traffic, one with the
+traffic of the step on ``"int8"`` or ``"int4"`` moments (each block's codes and scales).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -20,14 +22,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamw_jax import fused
+from adamw_jax import fused, state_nbytes
 from adamw_jax.alias import adamw
+from adamw_jax.quantize import QuantizedArray, QuantizedArray4
 
 LEARNING_RATE, WEIGHT_DECAY = 1e-3, 1e-2
-# The contender whose time is the limit, and the one every ratio is to.
-PROBE, REFERENCE = "bandwidth probe", "optax.adamw"
-# The probe's FFI target, and its handler's symbol in the kernel's extension.
+# The contender whose time is the limit, the one every ratio is to, and the fused step
+# that the fused steps on low-bit moments are compared with.
+PROBE, REFERENCE, FUSED = "bandwidth probe", "optax.adamw", "adamw_jax.fused_adamw"
+# The probes' FFI targets, and their handlers' symbols in the kernel's extension.
 PROBE_TARGET, _PROBE_SYMBOL = "adamw_jax_stream_probe", "AdamwJaxStreamProbe"
+BLOCK_PROBE_TARGET, _BLOCK_PROBE_SYMBOL = "adamw_jax_block_probe", "AdamwJaxBlockProbe"
+# Low-bit moment storages the fused step is timed with (--moments), and the kernel's
+# `kinds` code of each (csrc/fused_adamw.cc, enum Kind).
+LOWBIT = ("int8", "int4")
+_KINDS = {"float32": 0, "int8": 2, "int4": 3}
 
 
 def tree_shapes(
@@ -67,7 +76,34 @@ def tree_shapes(
     if name == "many":
         size = max(1, int(1000 * scale))
         return {f"p{i:04d}": (size,) for i in range(many_leaves)}
-    raise ValueError(f"unknown tree {name!r}; choose from array16m, array64m, gpt, many.")
+    if name == "lm16m":
+        return _lm_shapes(scale)
+    raise ValueError(f"unknown tree {name!r}; choose from array16m, array64m, gpt, many, lm16m.")
+
+
+def _lm_shapes(scale: float) -> dict[str, tuple[int, ...]]:
+    """The 16.8M-parameter transformer-shaped tree of benchmarks/memory.py (vocab 8192,
+    d_model 512, 4 layers), its sizes scaled."""
+    root = math.sqrt(scale)
+    d, vocab = max(8, round(512 * root / 8) * 8), max(8, int(8192 * root))
+    shapes = {"embed": (vocab, d), "final_norm.scale": (d,), "final_norm.bias": (d,)}
+    for i in range(4):
+        layer = {
+            "attn.qkv": (d, 3 * d),
+            "attn.qkv_bias": (3 * d,),
+            "attn.out": (d, d),
+            "attn.out_bias": (d,),
+            "mlp.up": (d, 4 * d),
+            "mlp.up_bias": (4 * d,),
+            "mlp.down": (4 * d, d),
+            "mlp.down_bias": (d,),
+            "norm1.scale": (d,),
+            "norm1.bias": (d,),
+            "norm2.scale": (d,),
+            "norm2.bias": (d,),
+        }
+        shapes |= {f"layer_{i}.{k}": v for k, v in layer.items()}
+    return shapes
 
 
 TREE_TITLES = {
@@ -75,6 +111,7 @@ TREE_TITLES = {
     "array64m": "one 64M-param array",
     "gpt": "GPT-like, 196 leaves",
     "many": "many small leaves",
+    "lm16m": "transformer-shaped, 16.8M params",
 }
 
 
@@ -95,6 +132,8 @@ class Contender:
     peak_mb: float | None = None
     times_ms: list[float] = field(default_factory=list)
     note: str = ""
+    probe: str = PROBE  # the probe with this contender's traffic: its limit
+    moment_bytes: int | None = None  # a low-bit probe's: the bytes of the moments it moves
 
 
 def _peak_mb(compiled: Any) -> float | None:
@@ -159,7 +198,7 @@ def stream_probe(
     treedef = jax.tree.structure(params)
     columns = [treedef.flatten_up_to(t) for t in (params, grads, mu, nu)]
     per_leaf = [list(x) for x in zip(*columns, strict=True)]
-    out = fused.aliased_call(PROBE_TARGET, per_leaf, (0, 2, 3), lambda k: [])
+    out = fused.aliased_call(PROBE_TARGET, per_leaf, lambda k: [])
     p, m, v = (jax.tree.unflatten(treedef, out[k::3]) for k in range(3))
     return p, (m, v)
 
@@ -173,12 +212,18 @@ def probe_step(params, grads, state):
     return add(jnp.add, params, grads), (add(jnp.add, m, grads), add(jnp.add, v, grads))
 
 
-def jax_contenders(params_np, grads_np) -> list[Contender]:
-    """The bandwidth probe, adamw_jax's three steps and optax.adamw, each on its own copy."""
+def jax_contenders(params_np, grads_np, fused_only: bool = False) -> list[Contender]:
+    """The bandwidth probe, adamw_jax's three steps and optax.adamw, each on its own copy.
+
+    With ``fused_only``, the probe and the fused step only.
+    """
     grads = jax.tree.map(jnp.asarray, grads_np)
 
     def fresh():
         return jax.tree.map(jnp.array, params_np)
+
+    if fused_only:
+        return [_probe_contender(fresh(), grads), _fused_contender(fresh(), grads)]
 
     def optax_protocol(name: str, tx: optax.GradientTransformation, note: str = ""):
         params = fresh()
@@ -209,7 +254,113 @@ def _fused_contender(params, grads) -> Contender:
     opt = fused.fused_adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     state = opt.init(params)
     note = "C++ kernel" if opt.kernel_used(params, grads, state) else "XLA fallback"
-    return jax_contender("adamw_jax.fused_adamw", opt.step, params, grads, state, note)
+    return jax_contender(FUSED, opt.step, params, grads, state, note)
+
+
+def block_probe_available() -> bool:
+    """Whether the C++ probe of the low-bit steps loads (CPU only); registers it."""
+    return fused.register_cpu_target(BLOCK_PROBE_TARGET, _BLOCK_PROBE_SYMBOL)
+
+
+def _moment_parts(stored: Any) -> tuple[int, tuple[Any, ...]]:
+    """A stored moment's kernel kind and arrays: float32 values, or codes and scales."""
+    if isinstance(stored, QuantizedArray4):
+        return _KINDS["int4"], (stored.codes, stored.scales)
+    if isinstance(stored, QuantizedArray):
+        return _KINDS["int8"], tuple(stored)
+    return _KINDS["float32"], (stored,)
+
+
+def _moment_from(stored: Any, out) -> Any:
+    """The probe's next outputs in the form of ``stored``."""
+    if isinstance(stored, QuantizedArray4):
+        return dataclasses.replace(stored, codes=next(out), scales=next(out))
+    if isinstance(stored, QuantizedArray):
+        return QuantizedArray(next(out), next(out))
+    return next(out)
+
+
+def block_probe(block_size: int):
+    """The probe with the traffic of the fused step on low-bit moments, block by block.
+
+    Returns ``step(params, grads, (mu, nu)) -> (params, (mu, nu))`` on the moments of a
+    ``fused_adamw(..., mu_dtype=q, nu_dtype=q)`` state: per block of a quantized leaf it
+    reads and writes the params, both moments' codes and scales and reads the gradient,
+    adding one per code and the gradient to the params; small float32 leaves as the
+    float32 probe. Needs :func:`block_probe_available`.
+    """
+
+    def step(params, grads, moments):
+        treedef = jax.tree.structure(params)
+        stored = [treedef.flatten_up_to(m) for m in moments]  # quantized moments whole
+        per_leaf, kinds = [], []
+        for p, g, m, v in zip(jax.tree.leaves(params), treedef.flatten_up_to(grads), *stored):
+            (m_kind, m_parts), (v_kind, v_parts) = _moment_parts(m), _moment_parts(v)
+            per_leaf.append([p, g, *m_parts, *v_parts])
+            kinds += [m_kind, v_kind]
+        kinds = np.asarray(kinds, np.uint8)
+        n = fused._LEAVES_PER_CALL
+        out = iter(
+            fused.aliased_call(
+                BLOCK_PROBE_TARGET,
+                per_leaf,
+                lambda k: [kinds[2 * k * n : 2 * (k + 1) * n]],
+                block_size=np.int64(block_size),
+            )
+        )
+        columns: list[list[Any]] = [[], [], []]
+        for m, v in zip(*stored, strict=True):
+            columns[0].append(next(out))
+            columns[1].append(_moment_from(m, out))
+            columns[2].append(_moment_from(v, out))
+        p, m, v = (jax.tree.unflatten(treedef, c) for c in columns)
+        return p, (m, v)
+
+    return step
+
+
+def lowbit_contenders(params_np, grads_np, moments: list[str]) -> list[Contender]:
+    """Per low-bit storage: its probe, the fused step and adamw's XLA step on it."""
+    grads = jax.tree.map(jnp.asarray, grads_np)
+    out = []
+    for q in moments:
+        kwargs = {"mu_dtype": q, "nu_dtype": q, "weight_decay": WEIGHT_DECAY}
+        opt = fused.fused_adamw(LEARNING_RATE, **kwargs)
+        block = 128 if q == "int4" else 256
+        probe = f"{PROBE} {q}"
+        if jax.default_backend() == "cpu" and block_probe_available():
+            params = jax.tree.map(jnp.array, params_np)
+            adam = opt.init(params)[0]
+            out.append(
+                jax_contender(
+                    probe,
+                    block_probe(block),
+                    params,
+                    grads,
+                    (adam.mu, adam.nu),
+                    f"C++ same-pattern probe ({q})",
+                )
+            )
+            out[-1].probe = probe
+            out[-1].moment_bytes = state_nbytes((adam.mu, adam.nu))
+        params = jax.tree.map(jnp.array, params_np)
+        state = opt.init(params)
+        note = "C++ kernel" if opt.kernel_used(params, grads, state) else "XLA fallback"
+        out.append(jax_contender(f"{FUSED} {q}", opt.step, params, grads, state, note))
+        out[-1].probe = probe
+        tx = adamw(LEARNING_RATE, **kwargs)
+        params = jax.tree.map(jnp.array, params_np)
+        xla = jax_contender(
+            f"adamw_jax.adamw {q} (Optax protocol)",
+            optax_step(tx),
+            params,
+            grads,
+            tx.init(params),
+            "XLA",
+        )
+        xla.probe = probe
+        out.append(xla)
+    return out
 
 
 def torch_contenders(params_np, grads_np) -> list[Contender]:

@@ -12,8 +12,9 @@ small decoder-only (GPT-style) Transformer written in Flax Linen and trained wit
 - gradient accumulation over micro-batches (``optax.MultiSteps``),
 - ``jax.jit`` with the train state (params and optimizer state) donated.
 
-``--moments bf16`` or ``--moments int8`` stores AdamW's two moments in bfloat16 or as
-blockwise 8-bit codes (``adamw(mu_dtype=..., nu_dtype=...)``) instead of float32; the run
+``--moments bf16``, ``--moments int8`` or ``--moments int4`` stores AdamW's two moments in
+bfloat16 or as blockwise 8-bit or 4-bit codes (``adamw(mu_dtype=..., nu_dtype=...)``)
+instead of float32; the run
 prints how many parameters' moments are quantized and the optimizer state's bytes.
 
 Every ``--save-every`` optimizer steps it writes a checkpoint with orbax-checkpoint: params,
@@ -137,9 +138,15 @@ SMALL = dict(
 
 
 # How AdamW's two moments are stored (adamw's mu_dtype and nu_dtype); the arithmetic is
-# float32 in every case. With "int8", leaves under min_quantize_size (4096) elements stay
-# float32.
-MOMENT_DTYPES: dict[str, Any] = {"fp32": None, "bf16": jnp.bfloat16, "int8": "int8"}
+# float32 in every case. With "int8" or "int4", leaves under min_quantize_size (4096)
+# elements stay float32.
+MOMENT_DTYPES: dict[str, Any] = {
+    "fp32": None,
+    "bf16": jnp.bfloat16,
+    "int8": "int8",
+    "int4": "int4",
+}
+QUANTIZED = (adamw_jax.QuantizedArray, adamw_jax.QuantizedArray4)
 
 
 class Block(nn.Module):
@@ -348,10 +355,14 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, target: Any):
 
 # ------------------------------------------------------------------------------- training
 def quantized_params(opt_state: Any) -> int:
-    """How many parameters have their first moment stored as 8-bit codes in ``opt_state``."""
-    leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, adamw_jax.QuantizedArray))
-    # Each quantized parameter leaf has two QuantizedArrays (mu, nu): count one of them.
-    sizes = [x.codes.size for x in leaves if isinstance(x, adamw_jax.QuantizedArray)]
+    """How many parameters have their moments stored as 8-bit or 4-bit codes in ``opt_state``."""
+    leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, QUANTIZED))
+    # Each quantized parameter leaf has two quantized moments (mu, nu): count one of them.
+    sizes = [
+        x.codes.size if isinstance(x, adamw_jax.QuantizedArray) else math.prod(x.shape)
+        for x in leaves
+        if isinstance(x, QUANTIZED)
+    ]
     return sum(sizes) // 2
 
 
@@ -363,7 +374,7 @@ def describe_moments(moments: str, opt_state: optax.MultiStepsState, n_params: i
         f"moments: {moments}; AdamW state {adam / n_params:.2f} bytes/param "
         f"({total / n_params:.2f} with MultiSteps' gradient accumulator)"
     )
-    if moments == "int8":
+    if moments in ("int8", "int4"):
         q = quantized_params(opt_state)
         line += f"; {q:,} of {n_params:,} parameters quantized, the rest float32"
     return line
@@ -433,7 +444,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--moments",
         choices=tuple(MOMENT_DTYPES),
         default=d.moments,
-        help="storage of AdamW's moments: float32, bfloat16, or blockwise 8-bit codes "
+        help="storage of AdamW's moments: float32, bfloat16, or blockwise 8-bit or 4-bit codes "
         "(leaves under 4096 elements stay float32) (%(default)s)",
     )
     p.add_argument(

@@ -27,12 +27,12 @@ SPECS = {"w": P("x", "y"), "b": P("y"), "e": P(None, "x"), "scale": P()}
 SHAPES = {"w": (16, 256), "b": (64,), "e": (8, 32), "scale": ()}
 
 
-def _int8(block_size: int) -> optax.GradientTransformation:
+def _int8(block_size: int, dtype: str = "int8") -> optax.GradientTransformation:
     return adamw_jax.adamw(
         1e-2,
         weight_decay=0.1,
-        mu_dtype="int8",
-        nu_dtype="int8",
+        mu_dtype=dtype,
+        nu_dtype=dtype,
         block_size=block_size,
         min_quantize_size=64,
     )
@@ -55,6 +55,10 @@ STORAGES = {
     "int8": lambda: _int8(block_size=16),
     # b's shards are 16 long: a block of 32 would span two (refused under explicit axes).
     "int8_blocks_span_shards": lambda: _int8(block_size=32),
+    # 4-bit codes, two per byte along the last axis: every shard holds whole blocks, so
+    # whole bytes; block 32 is refused as for int8.
+    "int4": lambda: _int8(block_size=16, dtype="int4"),
+    "int4_blocks_span_shards": lambda: _int8(block_size=32, dtype="int4"),
     "torch_adamw": lambda: compat.torch_adamw(1e-2, weight_decay=0.1),
     "keras_adamw": lambda: compat.keras_adamw(1e-2),
 }
@@ -88,10 +92,13 @@ def _types(tree) -> list[str]:
 
 
 def _moment_type(state) -> str:
-    """The type of the first state leaf shaped like ``w`` (a moment, or its codes)."""
-    for leaf in jax.tree.leaves(state):
-        if jnp.shape(leaf) == SHAPES["w"]:
-            return str(jax.typeof(leaf))
+    """The type of the first state leaf shaped like ``w`` (a moment, or its codes; 4-bit
+    codes have half its last axis)."""
+    rows, length = SHAPES["w"]
+    for shape in ((rows, length), (rows, length // 2)):
+        for leaf in jax.tree.leaves(state):
+            if jnp.shape(leaf) == shape:
+                return str(jax.typeof(leaf))
     return "none"
 
 

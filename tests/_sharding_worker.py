@@ -56,11 +56,11 @@ def _tx(coupling: str, dtype: Any) -> optax.GradientTransformation:
         "decay_coupling": coupling,
         "peak_learning_rate": 1e-2 if coupling == "schedule" else None,
     }
-    if dtype == "int8":
+    if dtype in ("int8", "int4"):
         # adamw's chain, with blocks small enough for these small leaves (and whole blocks
         # in every shard of the meshes used here).
         adam = adamw_jax.scale_by_adam(
-            mu_dtype="int8", nu_dtype="int8", block_size=8, min_quantize_size=64
+            mu_dtype=dtype, nu_dtype=dtype, block_size=8, min_quantize_size=64
         )
         return optax.chain(adam, adamw_jax.decoupled_weight_decay(lr, **decay))
     stored = MOMENT_DTYPES[dtype]
@@ -306,6 +306,42 @@ def check_int8_blocks(results: dict[str, Any]) -> None:
     results["int8_blocks"] = out
 
 
+def check_int4(results: dict[str, Any]) -> None:
+    """4-bit moments: sharded and ZeRO-1 steps vs unsharded; where packed codes go."""
+    out: dict[str, Any] = {}
+    mesh = _mesh((4, 2), ("data", "model"))
+    shardings = {k: NamedSharding(mesh, s) for k, s in SPECS_2D.items()}
+    host_params, host_noise = _problem(SPECS_2D)
+    ref_params, _ = _reference("lr", "int4")
+    params, state = _run(_tx("lr", "int4"), host_params, host_noise, shardings)
+    out["max_abs_diff"] = _max_diff(params, ref_params)
+    mu = state[0].mu["w"]
+    out["w_mu"] = [type(mu).__name__, str(mu.codes.sharding.spec), str(mu.scales.sharding.spec)]
+    zero_mesh = _mesh((8,), ("data",))
+    specs = {"emb": P(), "w": P(), "b": P(), "scale": P()}
+    zero_sh = {k: NamedSharding(zero_mesh, s) for k, s in specs.items()}
+    ref_params, _ = _reference("lr", "int4")
+    params, state = _run(_tx("lr", "int4"), host_params, host_noise, zero_sh, zero_axis="data")
+    out["zero1_max_abs_diff"] = _max_diff(params, ref_params)
+    out["zero1"] = _moment_bytes(state)
+    tx = _tx("lr", "int4")
+    cases = {
+        "model_aligned": ((4, 2), ("data", "model"), (16, 64), P(None, "model"), None),
+        "model_ragged": ((4, 2), ("data", "model"), (16, 60), P(None, "model"), None),
+        "model_odd_bytes": ((4, 2), ("data", "model"), (16, 6), P(None, "model"), None),
+        "zero_last_dim_aligned": ((8,), ("data",), (3, 64), P(), "data"),
+        "zero_last_dim_ragged": ((8,), ("data",), (3, 32), P(), "data"),
+    }
+    for name, (mesh_shape, axes, shape, spec, zero_axis) in cases.items():
+        case_mesh = _mesh(mesh_shape, axes)
+        sh = NamedSharding(case_mesh, spec)
+        param = {"p": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh)}
+        mu = sharding.state_shardings(tx, param, zero_axis=zero_axis)[0].mu["p"]
+        abstract = sharding.init(tx, param, zero_axis=zero_axis)[0].mu["p"]
+        out[name] = [str(mu.codes.spec), str(mu.scales.spec), list(abstract.codes.shape)]
+    results["int4"] = out
+
+
 def check_single_device(results: dict[str, Any]) -> None:
     """Params on one device, not the default one, without a mesh: where the state goes."""
     device = jax.devices()[5]
@@ -370,7 +406,8 @@ def main(out_dir: str) -> None:
         raise SystemExit(f"expected 8 devices, got {jax.device_count()}: is XLA_FLAGS set?")
     results["moment_dtypes"] = list(MOMENT_DTYPES)
     seconds = {}
-    for check in (check_agreement, check_collectives, check_zero1, check_int8_blocks):
+    checks = (check_agreement, check_collectives, check_zero1, check_int8_blocks, check_int4)
+    for check in checks:
         start = time.perf_counter()
         check(results)
         seconds[check.__name__] = round(time.perf_counter() - start, 2)

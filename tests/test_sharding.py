@@ -152,6 +152,26 @@ def test_int8_scales_follow_whole_blocks(eight_devices):
     }
 
 
+def test_int4_moments_shard_like_their_params(eight_devices):
+    """4-bit codes (last axis halved) split like their params where every shard holds whole
+    bytes and blocks of 8; the same trajectory sharded, and split 8 ways under ZeRO-1."""
+    results, _ = eight_devices
+    r = results["int4"]
+    assert r["max_abs_diff"] <= TOL and r["zero1_max_abs_diff"] <= TOL, r
+    assert r["w_mu"] == ["QuantizedArray4", "P(None, 'model')", "P(None, 'model')"]
+    split = r["zero1"]["moment_bytes_total"] - r["zero1"]["scalar_moment_bytes"]
+    assert set(r["zero1"]["moment_bytes_per_device"].values()) == {
+        split // 8 + r["zero1"]["scalar_moment_bytes"]
+    }
+    assert r["model_aligned"] == ["P(None, 'model')", "P(None, 'model')", [16, 32]]
+    assert r["model_ragged"] == ["P(None, 'model')", "P(None, None)", [16, 30]]
+    # 3 of a row's 6 elements per shard: a byte would span two shards, so the codes' last
+    # axis is kept whole (so are the scales: the row is one block).
+    assert r["model_odd_bytes"] == ["P(None, None)", "P(None, None)", [16, 3]]
+    assert r["zero_last_dim_aligned"] == ["P(None, 'data')", "P(None, 'data')", [3, 32]]
+    assert r["zero_last_dim_ragged"] == ["P()", "P(None, None)", [3, 16]]
+
+
 def test_abstract_init_matches_concrete(eight_devices):
     results, _ = eight_devices
     for zero_axis, checks in results["abstract"].items():
@@ -371,6 +391,7 @@ EXPLICIT_CASES = [
     "bfloat16",
     "float16",
     "int8",
+    "int4",
     "torch_adamw",
     "keras_adamw",
 ]
@@ -387,15 +408,18 @@ def test_moments_are_born_with_their_params_sharding_type(explicit_runs, case, a
     assert run["max_rel_diff"] <= TOL
     if axis_type == "Explicit" and not case.startswith("packed"):
         # w is sharded P("x", "y"): its moment (or codes) carries that in its type.
-        assert "16@x,256@y" in run["moment_type"], run["moment_type"]
+        expected = "16@x,128@y" if case == "int4" else "16@x,256@y"  # 4-bit: 2 per byte
+        assert expected in run["moment_type"], run["moment_type"]
 
 
-def test_int8_blocks_that_would_span_explicit_shards_are_refused(explicit_runs):
-    refused = explicit_runs["int8_blocks_span_shards/Explicit"]
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_blocks_that_would_span_explicit_shards_are_refused(explicit_runs, dtype):
+    refused = explicit_runs[f"{dtype}_blocks_span_shards/Explicit"]
     assert "ValueError" in refused.get("error", ""), refused
     assert "block_size=32" in refused["error"] and "shards of 16" in refused["error"]
+    assert f"mu_dtype='{dtype}'" in refused["error"]
     # Under auto axes the compiler moves data as needed: the same run works.
-    auto = explicit_runs["int8_blocks_span_shards/Auto"]
+    auto = explicit_runs[f"{dtype}_blocks_span_shards/Auto"]
     assert auto["types_init"] == auto["types_out"] and auto["max_rel_diff"] <= TOL
 
 

@@ -251,6 +251,149 @@ def test_state_round_trips_through_orbax_and_resumes_bitwise(tmp_path):
     assert_trees_bitwise_equal(a, b)
 
 
+def skip_spikes_with_restarts(metrics, *, max_consecutive_skips, threshold, window, warmup):
+    """``skip_spikes(max_consecutive_skips=k)``' decisions on a sequence of metrics, float64.
+
+    As ``reference.skip_spikes_trajectory``, plus a count ``run`` of the spikes skipped since
+    the last accepted step: a spike with ``run >= k`` is accepted and restarts the
+    statistics (mean x, variance 0, n = 1); non-finite metrics are skipped and leave ``run``
+    alone. Returns per step (skipped, z, run, restarts) as arrays, and the final mean, var.
+    """
+    mean = var = 0.0
+    n = run = restarts = 0
+    rows = []
+    tiny = np.finfo(np.float64).tiny
+    for x in np.asarray(metrics, np.float64):
+        finite = bool(np.isfinite(x))
+        with np.errstate(invalid="ignore", over="ignore"):
+            scale = max(np.sqrt(var), 1e-6 * abs(mean), tiny)
+            z = 0.0 if n == 0 and finite else (x - mean) / scale
+        spike = finite and n >= warmup and z > threshold
+        restart = spike and run >= max_consecutive_skips
+        skip = not finite or (spike and not restart)
+        if restart:
+            mean, var, n, run, restarts = x, 0.0, 1, 0, restarts + 1
+        elif not skip:
+            a = 1.0 / min(n + 1, window)
+            d = x - mean
+            mean, var, n, run = mean + a * d, (1 - a) * (var + a * d * d), n + 1, 0
+        elif finite:
+            run += 1
+        rows.append((skip, z, run, restarts))
+    skips, zs, runs, restart_counts = (np.array(c) for c in zip(*rows, strict=True))
+    return skips, zs, runs, restart_counts, mean, var
+
+
+def level_shift_losses(steps: int, seed: int) -> np.ndarray:
+    """A noisy loss that jumps for good twice, with short spikes and non-finite steps."""
+    rng = np.random.default_rng(seed)
+    loss = 1.0 + 0.05 * rng.normal(size=steps)
+    loss[150:] += 1.0  # a lasting jump: 20 standard deviations
+    loss[400:] += 3.0  # and another
+    loss[[60, 61, 62, 300, 301]] += 2.0  # short bursts, shorter than the bound: skipped
+    loss[[80, 153, 155]] = np.nan  # non-finite, also inside the first jump's run of skips
+    loss[500] = np.inf
+    return loss
+
+
+def test_max_consecutive_skips_matches_numpy_transcription_float64():
+    """Decisions, z-scores, run counts, restarts, statistics and params over 600 steps."""
+    steps, lr = 600, 0.1
+    kwargs = dict(threshold=6.0, window=50, warmup=10, max_consecutive_skips=5)
+    loss = level_shift_losses(steps, seed=5)
+    skips, zs, runs, restarts, mean, var = skip_spikes_with_restarts(loss, **kwargs)
+    noise = np.random.default_rng(6).normal(size=(steps, DIM))
+    with jax.enable_x64(True):
+        tx = adamw_jax.skip_spikes(optax.sgd(lr), metric="loss", **kwargs)
+
+        def step(carry, x):
+            params, state = carry
+            g, value = x
+            updates, new = tx.update(g, state, params, value=value)
+            row = (new.last_z, new.skipped > state.skipped, new.consecutive, new.restarts)
+            return (optax.apply_updates(params, updates), new), row
+
+        run = jax.jit(lambda p, xs: jax.lax.scan(step, (p, tx.init(p)), xs))
+        (params, state), (z, skipped, consecutive, restart_count) = run(
+            jnp.zeros(DIM), (jnp.asarray(noise), jnp.asarray(loss))
+        )
+    # The transcription sees what the test is about: both jumps restart, the bursts do not.
+    assert restarts[-1] == 2 and runs.max() == 5
+    assert skips[[60, 61, 62, 300, 301, 80, 500]].all() and skips.sum() == 7 + 2 * 5 + 2
+    np.testing.assert_array_equal(np.asarray(skipped), skips)
+    np.testing.assert_array_equal(np.asarray(consecutive), runs)
+    np.testing.assert_array_equal(np.asarray(restart_count), restarts)
+    finite = np.isfinite(zs)
+    np.testing.assert_allclose(np.asarray(z)[finite], zs[finite], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose([float(state.mean), float(state.var)], [mean, var], rtol=1e-9)
+    want = -lr * noise[~skips].sum(axis=0)  # SGD took exactly the accepted steps' gradients
+    np.testing.assert_allclose(np.asarray(params), want, rtol=1e-9, atol=1e-12)
+    # A bound no run reaches changes nothing: the same decisions as without it.
+    no_bound = dict(kwargs, max_consecutive_skips=steps)
+    plain = {k: v for k, v in kwargs.items() if k != "max_consecutive_skips"}
+    np.testing.assert_array_equal(
+        skip_spikes_with_restarts(loss[:140], **no_bound)[0],
+        skip_spikes_trajectory(loss[:140], **plain)[0],
+    )
+
+
+@pytest.mark.parametrize("bound", [None, 8])
+def test_a_lasting_jump_is_skipped_for_good_unless_bounded(bound):
+    """Without the bound every step after a jump is skipped; with it, ``bound`` of them."""
+    steps, jump = 400, 100
+    rng = np.random.default_rng(7)
+    loss = 2.0 + 0.02 * rng.normal(size=steps)
+    loss[jump:] += 0.5  # 25 standard deviations, for good (say, a new data mixture)
+    tx = adamw_jax.skip_spikes(optax.sgd(0.1), metric="loss", max_consecutive_skips=bound)
+    noise = jnp.asarray(rng.normal(size=(steps, DIM)), jnp.float32)
+    _, state, z, skipped = run_recorded(
+        tx, jnp.zeros(DIM), lambda p, n: n, noise, jnp.asarray(loss, jnp.float32)
+    )
+    assert not skipped[:jump].any()
+    if bound is None:  # the weakness the option removes
+        assert skipped[jump:].all() and int(state.skipped) == steps - jump
+        return
+    assert skipped[jump : jump + bound].all() and not skipped[jump + bound :].any()
+    assert (int(state.skipped), int(state.restarts), int(state.consecutive)) == (bound, 1, 0)
+    assert int(state.accepted) == steps - jump - bound  # counted again from the restart
+    assert abs(float(state.mean) - 2.5) < 0.01  # the statistics follow the new level
+    assert np.abs(z[-100:]).max() < 6.0
+
+
+def test_non_finite_metrics_never_end_or_lengthen_a_run_of_skips():
+    tx = adamw_jax.skip_spikes(optax.sgd(0.1), metric="loss", warmup=3, max_consecutive_skips=2)
+    state = tx.init(PARAMS)
+    step = jax.jit(tx.update)
+    values = [1.0, 1.1, 0.9, 1.0, 9.0, np.nan, np.inf, 9.0, np.nan, 9.0]
+    history = []
+    for value in values:
+        updates, state = step(_grads(1.0, 0), state, PARAMS, value=jnp.float32(value))
+        history.append((int(state.consecutive), int(state.restarts)))
+    # 9.0 is skipped twice (NaN and inf in between do not count), the third 9.0 restarts.
+    assert history[4:] == [(1, 0), (1, 0), (1, 0), (2, 0), (2, 0), (0, 1)]
+    assert float(jnp.abs(updates["w"]).max()) > 0 and float(state.mean) == 9.0
+    assert int(state.skipped) == 5 and int(state.accepted) == 1
+    for _ in range(5):  # a lasting NaN is never accepted, however long
+        updates, state = step(_grads(1.0, 0), state, PARAMS, value=jnp.float32(np.nan))
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, PARAMS))
+    assert (int(state.restarts), int(state.consecutive)) == (1, 0)
+
+
+def test_max_consecutive_skips_can_be_injected():
+    factory = optax.inject_hyperparams(adamw_jax.skip_spikes)
+    tx = factory(optax.sgd(0.1), warmup=3, metric="loss", max_consecutive_skips=1)
+    step = jax.jit(tx.update)
+    state = tx.init(PARAMS)
+    for value in (1.0, 1.1, 0.9, 9.0):
+        _, state = step(_grads(1.0, 0), state, PARAMS, value=jnp.float32(value))
+    assert int(state.inner_state.consecutive) == 1
+    state.hyperparams["max_consecutive_skips"] = jnp.asarray(2, jnp.int32)
+    _, longer = step(_grads(1.0, 0), state, PARAMS, value=jnp.float32(9.0))
+    assert (int(longer.inner_state.skipped), int(longer.inner_state.restarts)) == (2, 0)
+    _, restarted = step(_grads(1.0, 0), longer, PARAMS, value=jnp.float32(9.0))
+    assert (int(restarted.inner_state.skipped), int(restarted.inner_state.restarts)) == (2, 1)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -262,6 +405,13 @@ def test_state_round_trips_through_orbax_and_resumes_bitwise(tmp_path):
         (dict(window=True), TypeError, "window must be an int"),
         (dict(warmup=1), ValueError, r"warmup must be in \[2, inf\); got 1"),
         (dict(metric="gradnorm"), ValueError, r"metric must be one of \('grad_norm', 'loss'\)"),
+        (
+            dict(max_consecutive_skips=0),
+            ValueError,
+            r"max_consecutive_skips must be in \[1, inf\); got 0",
+        ),
+        (dict(max_consecutive_skips=5.0), TypeError, "max_consecutive_skips must be an int"),
+        (dict(max_consecutive_skips=True), TypeError, "max_consecutive_skips must be an int"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(kwargs, error, match):
