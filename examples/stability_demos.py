@@ -779,7 +779,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "demo", choices=tuple(DEMOS), help="; ".join(f"{k}: {v}" for k, v in DEMOS.items())
     )
     p.add_argument(
-        "--quick", action="store_true", help="a tiny model and a few dozen steps: a smoke run"
+        "--quick", action="store_true", help="a smoke run: a tiny model (20k parameters), 200 steps"
     )
     p.add_argument("--out", default="out", help="directory for the PNG and JSON (%(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of init and batches (%(default)s)")
