@@ -6,11 +6,11 @@ into several loops over memory per leaf. :func:`fused_adamw` takes the whole ste
 ``(params, grads, state) -> (params, state)``: on CPU it calls a small C++ kernel (an XLA FFI
 custom call, built by ``pip install``) that reads the params, gradients and moments of every
 leaf once, writes the new ones in place of the donated inputs, and shares the work with
-XLA's intra-op threads. Moments stored as blockwise ``"int8"`` codes are decoded, updated
-and re-encoded in the same pass, to the same codes and scales as the XLA code. Elsewhere
-(GPU, TPU, the kernel not built, a dtype it does not take) it runs the same step as
-``adamw``'s XLA code. Its state *is* ``adamw(...)``'s state, so
-the two can be swapped mid-training and checkpoints are interchangeable.
+XLA's intra-op threads. Moments stored as blockwise ``"int8"`` or ``"int4"`` codes are
+decoded, updated and re-encoded in the same pass, to the same codes and scales as the XLA
+code. Elsewhere (GPU, TPU, the kernel not built, a dtype it does not take) it runs the same
+step as ``adamw``'s XLA code. Its state *is* ``adamw(...)``'s state, so the two can be
+swapped mid-training and checkpoints are interchangeable.
 """
 
 import ctypes
@@ -118,15 +118,16 @@ def fused_adamw(
             {\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon} - d_t w_{t-1},
 
     with the same arguments, state and numbers (to a few ulps). On CPU, float32 params and
-    gradients with float32, bfloat16 or ``"int8"`` moments, and a mask of one bool per
-    leaf, run through a C++ kernel that reads and writes each leaf's params and moments
-    once: 28 bytes per parameter with float32 moments, against about 40 for the XLA code of
-    the two-part Optax step; 16 (plus the scales) with ``"int8"`` moments, which it
-    decodes, updates and re-encodes block by block in the same pass, to the same codes and
-    scales as the XLA code (the same code books, block scales and hashed stochastic
-    rounding). Everything else (other platforms or dtypes, ``param_update``,
-    ``moment_layout="packed"``, element-wise masks, the kernel not built) runs ``adamw``'s
-    XLA code.
+    gradients with float32, bfloat16, ``"int8"`` or ``"int4"`` moments, and a mask of one
+    bool per leaf, run through a C++ kernel that reads and writes each leaf's params and
+    moments once: 28 bytes per parameter with float32 moments, against about 40 for the XLA
+    code of the two-part Optax step. ``"int8"`` (16 bytes per parameter, plus the scales)
+    and ``"int4"`` moments (about 14) it decodes, updates and re-encodes block by block in
+    the same pass, to the XLA code's codes and scales bit for bit (the same code books,
+    block bounds and hashed stochastic rounding); that arithmetic, not memory, bounds this
+    step on CPU. Everything else (other platforms or dtypes, a quantized moment stored
+    unlike the other one, ``param_update``, ``moment_layout="packed"``, element-wise masks,
+    the kernel not built) runs ``adamw``'s XLA code.
 
     The arguments are :func:`adamw_jax.adamw`'s, in the same order: positionally
     ``optax.adamw``'s, with its defaults (``learning_rate`` required, ``weight_decay``
@@ -140,7 +141,8 @@ def fused_adamw(
       eps: added to the denominator outside the square root, in [0, inf).
       eps_root: added to the second moment inside the square root, in [0, inf).
       mu_dtype: storage dtype of the first moment: None (the params' dtype), a floating
-        dtype, or ``"int8"`` (the kernel takes float32, bfloat16 and ``"int8"``).
+        dtype, ``"int8"`` or ``"int4"`` (the kernel takes float32, bfloat16, and
+        ``"int8"`` or ``"int4"`` when ``nu_dtype`` is the same).
       weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a
         schedule; 1e-4 by default.
       mask: which leaves decay, as in :func:`adamw_jax.adamw`.
@@ -149,11 +151,11 @@ def fused_adamw(
       peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"``.
       amsgrad: use the running maximum of the bias-corrected second moment.
       nu_dtype: storage dtype of the second moment: None (the params' real dtype), a
-        floating dtype, or ``"int8"``.
-      block_size: with ``"int8"`` moments, elements per quantization block, an int in
-        [1, inf); None means 256.
-      min_quantize_size: with ``"int8"`` moments, leaves smaller than this, an int in
-        [0, inf), stay float32; None means 4096.
+        floating dtype, ``"int8"`` or ``"int4"``.
+      block_size: with ``"int8"``/``"int4"`` moments, elements per quantization block, an
+        int in [1, inf) (even with ``"int4"``); None means 128 with ``"int4"``, else 256.
+      min_quantize_size: with ``"int8"``/``"int4"`` moments, leaves smaller than this, an
+        int in [0, inf), stay float32; None means 4096.
       param_update: None, or how updates land on low-precision params (as in
         :func:`adamw_jax.adamw`; runs the XLA code).
       backend: ``"auto"`` (the kernel when it applies, else XLA), ``"kernel"`` (raise a
@@ -368,9 +370,9 @@ def _kernel_refused() -> ValueError:
     return ValueError(
         'backend="kernel" but the fused kernel does not apply here: it needs the '
         "CPU backend, the built kernel (kernel_available() is "
-        f"{kernel_available()}), float32 params and grads, float32, bfloat16 or "
-        '"int8" moments in the "tree" layout, no param_update and a mask of one bool per '
-        "leaf."
+        f"{kernel_available()}), float32 params and grads, float32 or bfloat16 moments, "
+        'or "int8" or "int4" ones (mu_dtype and nu_dtype the same), in the "tree" layout, '
+        "no param_update and a mask of one bool per leaf."
     )
 
 
@@ -396,7 +398,7 @@ class _KernelHyper(NamedTuple):
     # The step count t as uint32, its bits carried in a float32 slot (not a float value): the
     # salt of the second moment's stochastic rounding in bfloat16.
     rounding_salt: jax.Array
-    c2: jax.Array  # 1 - b2^t
+    c2: jax.Array  # 1 - b2^t: AMSGrad's maximum divides by it, as the XLA code does
 
     def stacked(self) -> jax.Array:
         """The vector the kernel reads: the fields, in order."""
@@ -473,11 +475,10 @@ def _run_kernel(options: _KernelOptions, how: _KernelPlan, hyper: _KernelHyper):
     """
     vector = hyper.stacked()
     flags = jnp.asarray(how.flags, jnp.uint8)
-    n = _LEAVES_PER_CALL
     return aliased_call(
         _TARGET,
         how.leaves,
-        lambda k: [vector, flags[k * n : (k + 1) * n], how.kinds[2 * k * n : 2 * (k + 1) * n]],
+        lambda start, stop: [vector, flags[start:stop], how.kinds[2 * start : 2 * stop]],
         amsgrad=np.int64(options.amsgrad),
         nesterov=np.int64(options.nesterov),
         coupling=np.int64(options.coupling),
@@ -488,7 +489,7 @@ def _run_kernel(options: _KernelOptions, how: _KernelPlan, hyper: _KernelHyper):
 def aliased_call(
     target: str,
     per_leaf: list[list[jax.Array]],
-    leading: Callable[[int], list[jax.Array]],
+    leading: Callable[[int, int], list[jax.Array]],
     read_only: tuple[int, ...] = (1,),
     **attributes: Any,
 ) -> list[jax.Array]:
@@ -496,15 +497,16 @@ def aliased_call(
 
     ``per_leaf`` holds each leaf's inputs; every one of them but those at the positions
     ``read_only`` (the gradient, second) is overwritten: the call's outputs are those
-    inputs, in order. ``leading(k)`` gives the operands that come before the leaves' in the
-    ``k``-th call. XLA's alias analysis grows steeply with the aliases of one call, so
-    leaves travel in calls of at most ``_LEAVES_PER_CALL``. Returns every leaf's outputs,
-    in order.
+    inputs, in order. XLA's alias analysis grows steeply with the aliases of one call, so
+    leaves travel in calls of at most ``_LEAVES_PER_CALL``; ``leading(start, stop)`` gives
+    the operands that come before the leaves' in the call of leaves ``start`` to ``stop``
+    (excluded). Returns every leaf's outputs, in order.
     """
     out = []
-    for k, start in enumerate(range(0, len(per_leaf), _LEAVES_PER_CALL)):
-        operands, results, aliases = list(leading(k)), [], {}
-        for ins in per_leaf[start : start + _LEAVES_PER_CALL]:
+    for start in range(0, len(per_leaf), _LEAVES_PER_CALL):
+        stop = min(start + _LEAVES_PER_CALL, len(per_leaf))
+        operands, results, aliases = list(leading(start, stop)), [], {}
+        for ins in per_leaf[start:stop]:
             for position, x in enumerate(ins):
                 if position in read_only:
                     continue
@@ -519,7 +521,9 @@ def aliased_call(
 def _run_self_test() -> None:
     """One tiny step through the kernel; raises when it does not run."""
     zero, one = np.float32(0.0), np.float32(1.0)
-    hyper = _KernelHyper(*[zero] * len(_KernelHyper._fields))._replace(inv_c1=one, inv_c2=one, c2=one)
+    hyper = _KernelHyper(*[zero] * len(_KernelHyper._fields))._replace(
+        inv_c1=one, inv_c2=one, c2=one
+    )
     x = jnp.ones([1], jnp.float32)
     options = _KernelOptions(amsgrad=False, nesterov=False, coupling=_LR_COUPLED, block_size=1)
     how = _KernelPlan([[x, x, x, x]], [[x, x]], np.ones([1], np.uint8), np.zeros([2], np.uint8))

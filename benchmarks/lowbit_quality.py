@@ -1,4 +1,4 @@
-"""Training quality of AdamW with float32, int8 and int4 moments, on the two examples.
+"""Training quality of AdamW with float32, int8 and int4 moments, and where int4's error is.
 
 For each task, moment storage and seed, the same run (same data order, same init) with
 ``adamw(mu_dtype=m, nu_dtype=m)``; printed: the mean train loss of the last 100 steps, the
@@ -6,27 +6,37 @@ validation loss at the end, and each one's difference from float32 with the same
 
 * ``digits``: ``examples/train_digits.py``'s Flax NNX MLP (64-256-256-10) on
   scikit-learn's digits, AdamW (lr 2e-3, decay 1e-2, biases not decayed), 1500 steps of 64
-  (``--digits-steps``). Its leaves are small: with the default ``min_quantize_size`` (4096)
-  the two 256-wide kernels are quantized (82% of the parameters).
+  (``--digits-steps``). With the default ``min_quantize_size`` (4096) the first two
+  kernels are quantized (96% of the parameters).
 * ``char``: ``examples/char_transformer.py``'s character-level Transformer (630k
   parameters), its default configuration: 1000 optimizer steps (``--char-steps``).
-* ``lsq``: ``benchmarks/memory.py``'s least-squares problem (AdamW, lr 3e-3, 1000 steps);
-  both columns are its final loss.
+* ``lsq``: ``benchmarks/memory.py``'s least-squares problem (AdamW, lr 3e-3, 1000 steps).
+* ``quad``: a diagonal quadratic whose curvatures span two decades, one per entry (AdamW,
+  lr 1e-2, 400 steps): each block mixes entries whose second moments differ by more than
+  the 4-bit unsigned book's range.
 
+``lsq`` and ``quad`` have no validation set: both columns are the final loss.
+
+What the int4 storage does can be changed for a comparison:
 ``--int4-first-moment-rounding nearest`` rounds the 4-bit first moment to nearest instead
-of stochastically (what the library did first; see ``adamw_jax._moment_storage``).
+of stochastically; ``--int4-second-moment-format e3m1`` stores the second moment's root
+with 3 exponent bits and 1 mantissa bit (range 192, steps of up to 50%) instead of 2 and 2
+(range 14, steps of up to 25%).
 
-``--shadow`` adds, for the digits MLP, where an int4 run's error comes from: the same
-gradients fed side by side to an int4 and a float32 moment (on the float32 run's
-trajectory), and the relative error of the int4 step direction, of its first moment and of
-its second moment over the run.
+``--shadow`` trains the char LM with float32 AdamW for ``--shadow-steps`` steps and feeds
+the same clipped gradients to ``scale_by_adam`` with int4 moments (both, the first only,
+the second only) and int8 moments; it prints, per 100 steps, the relative error of each
+one's step direction from float32's (``|d - d32| / |d32|`` over all leaves) and the ratio
+of their norms.
 
 Usage::
 
-    python benchmarks/lowbit_quality.py                           # both tasks, seeds 0 and 1
+    python benchmarks/lowbit_quality.py                           # digits and char, seeds 0, 1
     python benchmarks/lowbit_quality.py --tasks digits --seeds 0  # a quick look
-    python benchmarks/lowbit_quality.py --tasks digits --shadow
-    python benchmarks/lowbit_quality.py --tasks lsq --seeds 0 --int4-first-moment-rounding nearest
+    python benchmarks/lowbit_quality.py --tasks lsq quad --seeds 0 \
+        --int4-first-moment-rounding nearest
+    python benchmarks/lowbit_quality.py --tasks quad --seeds 0 --int4-second-moment-format e3m1
+    python benchmarks/lowbit_quality.py --tasks --shadow --seeds 1
 """
 
 from __future__ import annotations
@@ -49,24 +59,26 @@ import memory
 import train_digits
 
 import adamw_jax
-from adamw_jax import _moment_storage
+from adamw_jax import _moment_storage, quantize
 
 MOMENTS = {"fp32": None, "int8": "int8", "int4": "int4"}
+SECOND_MOMENT_FORMATS = {
+    "e2m2": quantize.CodeFormat(2, 2, False),
+    "e3m1": quantize.CodeFormat(3, 1, False),
+}
+
+
+def _storage(moments: str) -> dict:
+    return {"mu_dtype": MOMENTS[moments], "nu_dtype": MOMENTS[moments]}
 
 
 def digits_run(moments: str, seed: int, steps: int) -> tuple[float, float]:
     """Mean train loss of the last 100 steps and final validation loss of the digits MLP."""
-    dtype = MOMENTS[moments]
     args = SimpleNamespace(
         hidden=256, seed=seed, batch_size=64, steps=steps, eval_every=100, progress=False
     )
-    tx = adamw_jax.adamw(
-        2e-3,
-        weight_decay=1e-2,
-        mask=adamw_jax.masks.by_name(),
-        mu_dtype=dtype,
-        nu_dtype=dtype,
-    )
+    mask = adamw_jax.masks.by_name()
+    tx = adamw_jax.adamw(2e-3, weight_decay=1e-2, mask=mask, **_storage(moments))
     result = train_digits.train_one(moments, tx, train_digits.load_splits(seed), args)
     history = result["history"]
     return history["train_loss"][-1], history["val_loss"][-1]
@@ -79,78 +91,108 @@ def char_run(moments: str, seed: int, steps: int) -> tuple[float, float]:
     return float(np.mean(result["losses"][-100:])), result["val_loss"]
 
 
-def shadow(steps: int, seed: int = 0) -> None:
-    """Relative errors of an int4 moment fed a float32 run's gradients (digits MLP)."""
-    data = train_digits.load_splits(seed)
-    x, y = (jnp.asarray(a) for a in data["train"])
-    from flax import nnx
+def quad_run(moments: str, seed: int, steps: int = 400) -> float:
+    """Final loss of AdamW on a quadratic whose curvatures span two decades."""
+    rng = np.random.default_rng(seed)
+    curvature = jnp.asarray(10.0 ** rng.uniform(-1.0, 1.0, size=(64, 96)), jnp.float32)
+    target = jnp.asarray(rng.normal(size=(64, 96)), jnp.float32)
+    tx = adamw_jax.adamw(1e-2, weight_decay=1e-2, **_storage(moments))
 
-    model = train_digits.MLP(256, rngs=nnx.Rngs(seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(params)
-    order = train_digits.batch_indices(len(y), 64, steps, seed)
+    def step(carry, _):
+        w, s = carry
+        updates, s = tx.update(curvature * (w - target) / w.size, s, w)
+        return (optax.apply_updates(w, updates), s), None
 
-    def loss(p, xb, yb):
-        return train_digits.loss_fn(nnx.merge(graphdef, nnx.State(p)), xb, yb)
+    w0 = jnp.zeros((64, 96))
+    (w, _), _ = jax.jit(lambda w: jax.lax.scan(step, (w, tx.init(w)), length=steps))(w0)
+    return float(0.5 * jnp.mean(curvature * (w - target) ** 2))
 
-    ref = adamw_jax.adamw(2e-3, weight_decay=1e-2, mask=adamw_jax.masks.by_name())
-    fp32 = adamw_jax.scale_by_adam()
-    int4 = adamw_jax.scale_by_adam(mu_dtype="int4", nu_dtype="int4")
-    kernel = ("l2", "kernel")
 
-    def step(carry, idx):
-        p, s_ref, s32, s4 = carry
-        g = jax.grad(loss)(p, x[idx], y[idx])
-        u, s_ref = ref.update(g, s_ref, p)
-        d32, s32 = fp32.update(g, s32)
-        d4, s4 = int4.update(g, s4)
-        a, b = d4[kernel[0]][kernel[1]], d32[kernel[0]][kernel[1]]
-        m4 = adamw_jax.quantize.dequantize_int4(s4.mu[kernel[0]][kernel[1]])
-        v4 = jnp.square(adamw_jax.quantize.dequantize_int4(s4.nu[kernel[0]][kernel[1]]))
-        m32, v32 = s32.mu[kernel[0]][kernel[1]], s32.nu[kernel[0]][kernel[1]]
+def shadow(seed: int, steps: int) -> None:
+    """Direction errors of int4/int8 moments fed a float32 char-LM run's gradients."""
+    cfg = char_transformer.Config()
+    data = char_transformer.CharData(char_transformer.load_text())
+    model = char_transformer.CharTransformer(
+        data.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.block
+    )
+    params = model.init(jax.random.key(seed), jnp.zeros((1, cfg.block), jnp.int32))["params"]
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, steps, 0.1 * cfg.lr)
+    clip = optax.clip_by_global_norm(cfg.clip)
+    decay = {"weight_decay": cfg.weight_decay, "mask": adamw_jax.masks.by_name()}
+    ref = optax.chain(clip, adamw_jax.adamw(schedule, b2=0.99, **decay))
+    variants = {
+        "fp32": {},
+        "int4": {"mu_dtype": "int4", "nu_dtype": "int4"},
+        "int4 first only": {"mu_dtype": "int4"},
+        "int4 second only": {"nu_dtype": "int4"},
+        "int8": {"mu_dtype": "int8", "nu_dtype": "int8"},
+    }
+    txs = {k: adamw_jax.scale_by_adam(b2=0.99, **kw) for k, kw in variants.items()}
 
-        def rel(e, r):
-            return jnp.linalg.norm(e - r) / jnp.linalg.norm(r)
+    def norm(tree):
+        return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
 
-        stats = jnp.stack([rel(a, b), rel(m4, m32), rel(v4, v32), jnp.mean(v4) / jnp.mean(v32)])
-        return (optax.apply_updates(p, u), s_ref, s32, s4), stats
+    @jax.jit
+    def step(params, ref_state, states, x, y):
+        grads = jax.grad(char_transformer.loss_fn)(params, model.apply, x, y)
+        updates, ref_state = ref.update(grads, ref_state, params)
+        clipped, _ = clip.update(grads, clip.init(grads))
+        out = {k: tx.update(clipped, states[k]) for k, tx in txs.items()}
+        base = out["fp32"][0]
+        stats = {
+            k: jnp.stack(
+                [norm(jax.tree.map(jnp.subtract, d, base)) / norm(base), norm(d) / norm(base)]
+            )
+            for k, (d, _) in out.items()
+            if k != "fp32"
+        }
+        states = {k: s for k, (_, s) in out.items()}
+        return optax.apply_updates(params, updates), ref_state, states, stats
 
-    init = (params, ref.init(params), fp32.init(params), int4.init(params))
-    _, stats = jax.jit(lambda c, o: jax.lax.scan(step, c, o))(init, jnp.asarray(order))
-    stats = np.asarray(stats)
-    print(f"\nint4 vs float32 moments fed the same gradients (digits l2 kernel, {steps} steps):")
-    print("  steps       |d4-d32|/|d32|  |m4-m32|/|m32|  |v4-v32|/|v32|  mean v4/mean v32")
-    for lo in range(0, steps, max(steps // 5, 1)):
-        window = stats[lo : lo + max(steps // 5, 1)].mean(axis=0)
-        print(
-            f"  {lo + 1:5d}-{lo + len(stats[lo : lo + max(steps // 5, 1)]):5d} "
-            f"{window[0]:14.4f} {window[1]:15.4f} {window[2]:15.4f} {window[3]:17.4f}"
+    ref_state, states = ref.init(params), {k: tx.init(params) for k, tx in txs.items()}
+    rows = []
+    print(f"\nchar LM, seed {seed}: step directions fed float32 AdamW's gradients")
+    print("  steps       " + "  ".join(f"{k:>22s}" for k in variants if k != "fp32"))
+    print("              " + "  ".join(f"{'rel. error / norm ratio':>22s}" for _ in txs)[24:])
+    for t in range(steps):
+        x, y = data.batch(data.train, seed, t, cfg.batch_size * cfg.accum, cfg.block)
+        params, ref_state, states, stats = step(
+            params, ref_state, states, jnp.asarray(x), jnp.asarray(y)
         )
+        rows.append({k: np.asarray(v) for k, v in stats.items()})
+        if (t + 1) % 100 == 0:
+            window = {k: np.mean([r[k] for r in rows[-100:]], axis=0) for k in rows[-1]}
+            cells = "  ".join(f"{e:13.3f} / {r:6.3f}" for e, r in window.values())
+            print(f"  {t - 98:4d}-{t + 1:4d}  {cells}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["digits", "char"])
+    parser.add_argument("--tasks", nargs="*", default=["digits", "char"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--moments", nargs="+", default=list(MOMENTS), choices=list(MOMENTS))
     parser.add_argument("--digits-steps", type=int, default=1500)
     parser.add_argument("--char-steps", type=int, default=1000)
     parser.add_argument("--shadow", action="store_true")
+    parser.add_argument("--shadow-steps", type=int, default=300)
     parser.add_argument(
         "--int4-first-moment-rounding", choices=("stochastic", "nearest"), default="stochastic"
     )
+    parser.add_argument(
+        "--int4-second-moment-format", choices=tuple(SECOND_MOMENT_FORMATS), default="e2m2"
+    )
     args = parser.parse_args(argv)
     _moment_storage.INT4_FIRST_MOMENT_ROUNDING = args.int4_first_moment_rounding
+    quantize.INT4_UNSIGNED_FORMAT = SECOND_MOMENT_FORMATS[args.int4_second_moment_format]
 
-    def lsq(moments: str) -> tuple[float, float]:
-        dtype = MOMENTS[moments]
-        loss = memory.least_squares({"mu_dtype": dtype, "nu_dtype": dtype}, 1000)
-        return loss, loss
+    def final_loss(run):
+        return lambda moments, seed: (run(moments, seed),) * 2
 
     runners = {
         "digits": lambda m, s: digits_run(m, s, args.digits_steps),
         "char": lambda m, s: char_run(m, s, args.char_steps),
-        "lsq": lambda m, s: lsq(m),
+        "lsq": final_loss(lambda m, s: memory.least_squares(_storage(m), 1000)),
+        "quad": final_loss(quad_run),
     }
     results = {}
     for task in args.tasks:
@@ -158,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
             for moments in args.moments:
                 results[task, seed, moments] = runners[task](moments, seed)
                 print(f"[{task} seed {seed} {moments}] {results[task, seed, moments]}", flush=True)
-    print("\ntask    seed  moments  train (last 100)  vs fp32   val loss   vs fp32")
+    if results:
+        print("\ntask    seed  moments  train (last 100)  vs fp32   val loss   vs fp32")
     for (task, seed, moments), (train, val) in results.items():
         ref = results.get((task, seed, "fp32"), (train, val))
         print(
@@ -166,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{val:9.4f} {100 * (val / ref[1] - 1):+7.2f}%"
         )
     if args.shadow:
-        shadow(args.digits_steps)
+        shadow(args.seeds[0], args.shadow_steps)
     return results
 
 

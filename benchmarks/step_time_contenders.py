@@ -198,7 +198,7 @@ def stream_probe(
     treedef = jax.tree.structure(params)
     columns = [treedef.flatten_up_to(t) for t in (params, grads, mu, nu)]
     per_leaf = [list(x) for x in zip(*columns, strict=True)]
-    out = fused.aliased_call(PROBE_TARGET, per_leaf, lambda k: [])
+    out = fused.aliased_call(PROBE_TARGET, per_leaf, lambda start, stop: [])
     p, m, v = (jax.tree.unflatten(treedef, out[k::3]) for k in range(3))
     return p, (m, v)
 
@@ -281,30 +281,31 @@ def _moment_from(stored: Any, out) -> Any:
 
 
 def block_probe(block_size: int):
-    """The probe with the traffic of the fused step on low-bit moments, block by block.
+    """The probe with the traffic of the fused step on low-bit moments.
 
     Returns ``step(params, grads, (mu, nu)) -> (params, (mu, nu))`` on the moments of a
-    ``fused_adamw(..., mu_dtype=q, nu_dtype=q)`` state: per block of a quantized leaf it
-    reads and writes the params, both moments' codes and scales and reads the gradient,
-    adding one per code and the gradient to the params; small float32 leaves as the
-    float32 probe. Needs :func:`block_probe_available`.
+    ``fused_adamw(..., mu_dtype=q, nu_dtype=q)`` state. It takes the kernel's operands and
+    work split, and streams through each chunk's share of every array the step moves (the
+    params, both moments' codes and scales read and written, the gradient read), adding
+    one per code and the gradient to the params; the small float32 leaves as the float32
+    probe. Needs :func:`block_probe_available`.
     """
 
     def step(params, grads, moments):
         treedef = jax.tree.structure(params)
         stored = [treedef.flatten_up_to(m) for m in moments]  # quantized moments whole
         per_leaf, kinds = [], []
-        for p, g, m, v in zip(jax.tree.leaves(params), treedef.flatten_up_to(grads), *stored):
+        leaves = zip(jax.tree.leaves(params), treedef.flatten_up_to(grads), *stored, strict=True)
+        for p, g, m, v in leaves:
             (m_kind, m_parts), (v_kind, v_parts) = _moment_parts(m), _moment_parts(v)
             per_leaf.append([p, g, *m_parts, *v_parts])
             kinds += [m_kind, v_kind]
         kinds = np.asarray(kinds, np.uint8)
-        n = fused._LEAVES_PER_CALL
         out = iter(
             fused.aliased_call(
                 BLOCK_PROBE_TARGET,
                 per_leaf,
-                lambda k: [kinds[2 * k * n : 2 * (k + 1) * n]],
+                lambda start, stop: [kinds[2 * start : 2 * stop]],
                 block_size=np.int64(block_size),
             )
         )
@@ -319,47 +320,39 @@ def block_probe(block_size: int):
     return step
 
 
+def _block_probe_contender(q: str, opt: fused.FusedAdamW, params, grads) -> Contender:
+    """The probe with the traffic of ``opt``'s step on ``q`` moments."""
+    adam = opt.init(params)[0]
+    block = 128 if q == "int4" else 256  # the default block sizes
+    moments = (adam.mu, adam.nu)
+    note = f"C++ same-pattern probe ({q})"
+    c = jax_contender(f"{PROBE} {q}", block_probe(block), params, grads, moments, note)
+    c.probe, c.moment_bytes = c.name, state_nbytes(moments)
+    return c
+
+
 def lowbit_contenders(params_np, grads_np, moments: list[str]) -> list[Contender]:
     """Per low-bit storage: its probe, the fused step and adamw's XLA step on it."""
     grads = jax.tree.map(jnp.asarray, grads_np)
+
+    def fresh():
+        return jax.tree.map(jnp.array, params_np)
+
     out = []
     for q in moments:
         kwargs = {"mu_dtype": q, "nu_dtype": q, "weight_decay": WEIGHT_DECAY}
         opt = fused.fused_adamw(LEARNING_RATE, **kwargs)
-        block = 128 if q == "int4" else 256
-        probe = f"{PROBE} {q}"
         if jax.default_backend() == "cpu" and block_probe_available():
-            params = jax.tree.map(jnp.array, params_np)
-            adam = opt.init(params)[0]
-            out.append(
-                jax_contender(
-                    probe,
-                    block_probe(block),
-                    params,
-                    grads,
-                    (adam.mu, adam.nu),
-                    f"C++ same-pattern probe ({q})",
-                )
-            )
-            out[-1].probe = probe
-            out[-1].moment_bytes = state_nbytes((adam.mu, adam.nu))
-        params = jax.tree.map(jnp.array, params_np)
+            out.append(_block_probe_contender(q, opt, fresh(), grads))
+        params = fresh()
         state = opt.init(params)
         note = "C++ kernel" if opt.kernel_used(params, grads, state) else "XLA fallback"
         out.append(jax_contender(f"{FUSED} {q}", opt.step, params, grads, state, note))
-        out[-1].probe = probe
         tx = adamw(LEARNING_RATE, **kwargs)
-        params = jax.tree.map(jnp.array, params_np)
-        xla = jax_contender(
-            f"adamw_jax.adamw {q} (Optax protocol)",
-            optax_step(tx),
-            params,
-            grads,
-            tx.init(params),
-            "XLA",
-        )
-        xla.probe = probe
-        out.append(xla)
+        params = fresh()
+        name = f"adamw_jax.adamw {q} (Optax protocol)"
+        out.append(jax_contender(name, optax_step(tx), params, grads, tx.init(params), "XLA"))
+        out[-2].probe = out[-1].probe = f"{PROBE} {q}"
     return out
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 import reference
-from _helpers import assert_trees_close_to_leaf_scale, run_steps
+from _helpers import assert_trees_bitwise_equal, assert_trees_close_to_leaf_scale, run_steps
 
 import adamw_jax
 from adamw_jax import fused, masks
@@ -152,12 +152,12 @@ def test_fallback_when_kernel_unavailable(monkeypatch):
 @pytest.mark.parametrize(
     "kwargs, params",
     [
-        ({"mu_dtype": "int8", "nu_dtype": "int8"}, {"w": jnp.ones((64, 80))}),
+        ({"mu_dtype": "int8", "nu_dtype": jnp.float32}, {"w": jnp.ones((64, 80))}),
         ({"mu_dtype": jnp.float16}, {"w": jnp.ones((4, 3))}),
         ({}, {"w": jnp.ones((4, 3), jnp.bfloat16)}),
         ({"mask": {"w": jnp.array([[True, False, True]] * 4)}}, {"w": jnp.ones((4, 3))}),
     ],
-    ids=["int8_moments", "float16_moments", "bf16_params", "elementwise_mask"],
+    ids=["int8_with_float32", "float16_moments", "bf16_params", "elementwise_mask"],
 )
 def test_unsupported_inputs_take_the_xla_path(kwargs, params):
     opt = fused.fused_adamw(1e-2, **kwargs)
@@ -202,3 +202,118 @@ def test_many_leaves_split_over_calls_keep_their_masks():
     for k in mask:
         same = bool(jnp.all(got[0][k] == plain[0][k]))
         assert same == (k not in decayed), k
+
+
+# Low-bit moments: the kernel decodes, updates and re-encodes them block by block and must
+# give the XLA path's codes and scales bit for bit (the same code books, block bounds and
+# hashed stochastic rounding, the same float32 roundings and fused products).
+def _lowbit_params():
+    rng = np.random.default_rng(2)
+    shapes = {
+        "rows": (4, 512),  # rows of whole blocks
+        "padded": (4, 250),  # rows that end in a shorter block (padded by the XLA path)
+        "odd": (3, 333),  # an odd row length: the last int4 byte holds one code
+        "bias": (33,),  # under min_quantize_size: float32 moments
+        "scalar": (),
+    }
+    return {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+
+
+def _lowbit_run(opt, grads):
+    params = _lowbit_params()
+    state = opt.init(params)
+    step = jax.jit(opt.step, donate_argnums=(0, 2))
+    for g in grads:
+        params, state = step(params, g, state)
+    return params, state
+
+
+LOWBIT_CONFIGS = {
+    "int8": {"mu_dtype": "int8", "nu_dtype": "int8", "mask": masks.by_ndim(2)},
+    "int4_amsgrad_nesterov": {
+        "mu_dtype": "int4",
+        "nu_dtype": "int4",
+        "amsgrad": True,
+        "nesterov": True,
+        "decay_coupling": "none",
+        "block_size": 64,
+    },
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(LOWBIT_CONFIGS))
+def test_lowbit_kernel_matches_xla_codes_bit_for_bit_over_200_steps(name):
+    kwargs = {"learning_rate": 1e-2, "weight_decay": 0.1, "min_quantize_size": 64}
+    kwargs |= LOWBIT_CONFIGS[name]
+    kernel = fused.fused_adamw(**kwargs, backend="kernel")
+    xla = fused.fused_adamw(**kwargs, backend="xla")
+    params = _lowbit_params()
+    assert kernel.kernel_used(params, params, kernel.init(params))
+    rng = np.random.default_rng(3)
+    grads = [  # gradients of changing scale, so that codes and scales keep moving
+        {
+            k: (0.5 + t % 4) * rng.standard_normal(np.shape(p)).astype(np.float32)
+            for k, p in params.items()
+        }
+        for t in range(200)
+    ]
+    (p_kernel, s_kernel), (p_xla, s_xla) = _lowbit_run(kernel, grads), _lowbit_run(xla, grads)
+    assert_trees_bitwise_equal(s_kernel, s_xla)  # codes, scales, float32 moments, counts
+    assert_trees_close_to_leaf_scale(p_kernel, p_xla, ulps=8)
+    mu = s_kernel[0].mu["padded"]
+    assert len(np.unique(np.asarray(mu.codes))) > 8  # the codes spread over the book
+    assert float(jnp.max(jnp.abs(p_kernel["rows"] - _lowbit_params()["rows"]))) > 0.1
+
+
+def _kernel_call(kinds, moments, block_size=4):
+    """One (2, 8) leaf through the kernel's FFI target with the given moment buffers."""
+    x = jnp.ones((2, 8), jnp.float32)
+    hyper = jnp.ones([len(fused._KernelHyper._fields)], jnp.float32)
+    return fused.aliased_call(
+        fused._TARGET,
+        [[x, x, *moments]],
+        lambda start, stop: [hyper, np.ones([1], np.uint8), np.asarray(kinds, np.uint8)],
+        amsgrad=np.int64(0),
+        nesterov=np.int64(0),
+        coupling=np.int64(1),
+        block_size=np.int64(block_size),
+    )
+
+
+@needs_kernel
+def test_kernel_refuses_bad_buffers_with_a_clear_error():
+    f32, scales = jnp.zeros((2, 8), jnp.float32), jnp.zeros((2, 2), jnp.float32)
+    m8, v8 = jnp.zeros((2, 8), jnp.int8), jnp.zeros((2, 8), jnp.uint8)
+    packed = jnp.zeros((2, 4), jnp.uint8)
+    jax.block_until_ready(_kernel_call([2, 2], [m8, scales, v8, scales]))  # a valid call
+    bad = [
+        ([2, 2], [f32, scales, v8, scales], "does not match its kind"),
+        ([2, 2], [m8, scales, v8, jnp.zeros((2, 3))], "one float32 scale per block"),
+        ([2, 3], [m8, scales, packed, scales], "both int8 or both int4"),
+        ([3, 3], [packed, jnp.zeros((2, 3)), packed, jnp.zeros((2, 3))], "even block_size"),
+        ([2, 0], [m8, scales, f32], "both int8 or both int4"),
+        ([7, 7], [f32, f32], "unknown moment kind"),
+    ]
+    for kinds, moments, message in bad:
+        block = 3 if message == "even block_size" else 4
+        with pytest.raises(Exception, match=message):
+            jax.block_until_ready(_kernel_call(kinds, moments, block))
+
+
+@needs_kernel
+def test_mixed_lowbit_moments_take_the_xla_path():
+    # int8 with int4, or a quantized moment with a float one: XLA's code fuses other
+    # products there, so the kernel leaves such steps to it (and backend="kernel" says so)
+    params = {"w": jnp.ones((8, 64))}
+    for nu_dtype in ("int4", jnp.float32):
+        kwargs = {"mu_dtype": "int8", "nu_dtype": nu_dtype, "block_size": 16}
+        opt = fused.fused_adamw(1e-2, **kwargs, min_quantize_size=16)
+        state = opt.init(params)
+        assert not opt.kernel_used(params, params, state)
+        with pytest.raises(ValueError, match="does not apply"):
+            fused.fused_adamw(1e-2, **kwargs, min_quantize_size=16, backend="kernel").step(
+                params, params, state
+            )
+    both = fused.fused_adamw(1e-2, mu_dtype="int4", nu_dtype="int4", min_quantize_size=16)
+    assert both.kernel_used(params, params, both.init(params))

@@ -68,6 +68,54 @@ def test_encoding_picks_the_nearest_code_and_stochastically_an_unbiased_one(sign
     np.testing.assert_array_equal(np.asarray(exact), np.arange(len(values)))
 
 
+def _numpy_int4_codes(x, signed, block_size, rounding, salt):
+    """The packed codes by the module docstring's "Encoding, bit for bit", in NumPy."""
+    e_bits, m_bits = (2, 1) if signed else (2, 2)
+    subnormals, bias, shift = signed, 2**e_bits - 1, 23 - m_bits
+    top = np.float32(2.0 - 2.0**-m_bits)
+    rows, n = x.shape
+    blocks = -(-n // block_size)
+    xb = np.zeros((rows, blocks * block_size), np.float32)
+    xb[:, :n] = x
+    xb = xb.reshape(rows, blocks, block_size)
+    mag = np.abs(xb) if signed else np.maximum(xb, np.float32(0))
+    absmax = mag.max(-1, keepdims=True)
+    inv = np.where(absmax > 0, top, np.float32(0)) / np.where(absmax > 0, absmax, np.float32(1))
+    y = (mag * inv).astype(np.float32)
+    bits = y.view(np.int32).astype(np.int64)
+    normal = bits - ((127 - bias) << 23)
+    if subnormals:
+        z = y * np.float32(2.0 ** (bias - 1 + m_bits + shift)) + np.float32(2.0**23)
+        sub = z.astype(np.float32).view(np.int32).astype(np.int64) - (150 << 23)
+        fixed = np.where(y < np.float32(2.0 ** (1 - bias)), sub, normal)
+    else:
+        fixed = np.where(y < np.float32(2.0**-bias), 0, normal)
+    if rounding == "nearest":
+        code = (fixed + (1 << (shift - 1))) >> shift
+    else:
+        spread = (salt * 0x85EBCA6B) % 2**32
+        h = ((bits % 2**32) ^ spread) * 0x9E3779B1 % 2**32
+        code = (fixed + (h >> (32 - shift))) >> shift
+    code = np.minimum(code, 2 ** (e_bits + m_bits) - 1)
+    if signed:
+        code = code | np.where((xb.view(np.int32) < 0) & (code > 0), 8, 0)
+    code = code.reshape(rows, -1)[:, : n + n % 2]
+    return (code[:, 0::2] | (code[:, 1::2] << 4)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_codes_follow_the_documented_procedure_bit_for_bit(signed):
+    """A NumPy transcription of the module docstring's encoding (what a port must match):
+    the same bytes, to nearest and stochastically with a salt, odd row length included."""
+    x = _inputs("heavy_tailed", shape=(4, 301))
+    x = x if signed else np.abs(x)
+    x[1, :5] = [0.0, -0.0, 1e-30, -1e-30, 3.0]
+    for rounding, salt in (("nearest", None), ("stochastic", 12345)):
+        q = quantize.quantize_int4(jnp.asarray(x), signed=signed, rounding=rounding, salt=salt)
+        expected = _numpy_int4_codes(x, signed, 128, rounding, salt or 0)
+        np.testing.assert_array_equal(np.asarray(q.codes), expected)
+
+
 @pytest.mark.parametrize("length", [1, 4, 7])
 def test_packing_round_trips_any_length(length):
     rng = np.random.default_rng(length)

@@ -38,7 +38,6 @@ STORAGES = {
         "block_size": 32,
         "amsgrad": True,
     },
-    "int4_mu_int8_nu": {"mu_dtype": "int4", "nu_dtype": "int8", "min_quantize_size": 64},
     "packed": {"moment_layout": "packed"},
     "packed_amsgrad": {"moment_layout": "packed", "amsgrad": True},
     # The stability options: a target copy of the params in the state, cautious steps.

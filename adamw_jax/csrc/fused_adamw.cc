@@ -52,7 +52,7 @@ enum Hyper : int {
   kNesterovM,      // beta1 / (1 - beta1^(t+1))
   kNesterovG,      // (1 - beta1) / (1 - beta1^t)
   kRoundingSalt,   // the step count t as uint32 bits (not a float value): stochastic rounding's salt
-  kC2,             // 1 - beta2^t (AMSGrad with quantized moments divides by it, as XLA does)
+  kC2,             // 1 - beta2^t (AMSGrad's maximum divides by it, as XLA's code does)
   kNumHyper,
 };
 
@@ -104,10 +104,10 @@ inline float MaxNan(float a, float b) {
   return a != a ? a : (b != b ? b : larger);
 }
 
-
 // How one moment of a leaf is stored: the `kinds` operand holds two per leaf (first moment,
-// second moment; AMSGrad's running maximum is stored like the second). fused.py's _KIND
-// gives the same numbers.
+// second moment; AMSGrad's running maximum is stored like the second). fused.py's
+// _FLOAT32, _BFLOAT16, _INT8 and _INT4 are the same numbers. A leaf's moments are both
+// floating (float32 or bfloat16), both int8 or both int4.
 enum Kind : int { kFloat32 = 0, kBfloat16 = 1, kInt8 = 2, kInt4 = 3 };
 
 inline bool IsQuantized(int kind) { return kind == kInt8 || kind == kInt4; }
@@ -152,6 +152,7 @@ inline __attribute__((always_inline)) void LeafBody(const Leaf& leaf, const floa
   const float b1 = h[kB1], one_minus_b1 = h[kOneMinusB1];
   const float b2 = h[kB2], one_minus_b2 = h[kOneMinusB2];
   const float inv_c1 = h[kInvC1], inv_c2 = h[kInvC2], eps = h[kEps], eps_root = h[kEpsRoot];
+  const float c2 = h[kC2];
   const float lr = h[kLr], wd = h[kWd];
   const float nesterov_m = h[kNesterovM], nesterov_g = h[kNesterovG];
   uint32_t salt;
@@ -174,8 +175,8 @@ inline __attribute__((always_inline)) void LeafBody(const Leaf& leaf, const floa
                         ? Mad<kFma>(b2, Load(v_io, i), one_minus_b2 * (g * g))
                         : Mad<kFma>(one_minus_b2, g * g, b2 * Load(v_io, i));
     float v_hat = v * inv_c2;  // XLA divides by a scalar this way too
-    if constexpr (kAmsgrad) {
-      v_hat = MaxNan(Load(v_max_io, i), v_hat);
+    if constexpr (kAmsgrad) {  // but here by 1 - b2^t itself
+      v_hat = MaxNan(Load(v_max_io, i), v / c2);
       Store(v_max_io, i, v_hat);  // a running maximum: rounded to nearest
     }
     float m_hat;
@@ -258,19 +259,17 @@ LeafFn PickKernel(bool m_bf16, bool v_bf16, bool amsgrad, bool nesterov, int dec
                 : PickFlags<float, float>(amsgrad, nesterov, decay, fma);
 }
 
-
 // ---------------------------------------------------------------------------------------
-// Leaves with a quantized moment: blockwise codes, bit for bit as adamw_jax/quantize.py.
+// Leaves with quantized moments: blockwise codes, bit for bit as adamw_jax/quantize.py
+// encodes them (its module docstring spells the encoding out).
 //
 // A leaf is cut into blocks of `block` consecutive elements along its last axis (the last
 // block of a row may be shorter), each with one float32 scale per quantized moment. A block
-// is visited once: a first pass over its gradient and old codes gives the block's new
-// scale, computed as the XLA path does (adamw_jax/_moment_storage.py, update_leaf: the
-// step applied to the block's largest |g| and largest stored magnitudes); then, slice by
-// slice (all in L1 cache), the first-moment loop decodes, updates and re-encodes m, the
-// second-moment loop v (and v_max), and the update loop writes the params from the new
-// float32 moments. The second moment's codes are rounded stochastically with the hash of
-// adamw_jax/_numerics.py, salted with the step count.
+// is visited once (QuantizedStep): a pass over its gradient and old codes gives its new
+// scales; then one loop decodes, updates and re-encodes both moments and an update loop
+// writes the params from the new float32 moments, all in L1 cache. The second moment (and
+// the 4-bit first moment) is rounded stochastically with the hash of adamw_jax/_numerics.py,
+// salted with the step count.
 
 #define ADAMW_JAX_INLINE inline __attribute__((always_inline))
 
@@ -408,16 +407,16 @@ struct Int8Codes {
     for (int64_t i = 0; i < n; ++i) codes[i] = static_cast<Code<kFirst>>(wide[i]);
   }
 
+  // (Computed in the codes' own type, so that it vectorizes over whole bytes.)
   template <bool kFirst>
   static ADAMW_JAX_INLINE int32_t Largest(const void* from, int64_t n) {
     const Code<kFirst>* __restrict codes = static_cast<const Code<kFirst>*>(from);
-    int32_t top = 0;
+    Code<kFirst> largest = 0, smallest = 0;
     for (int64_t i = 0; i < n; ++i) {
-      const int32_t k = codes[i];
-      const int32_t a = k < 0 ? -k : k;
-      top = a > top ? a : top;
+      largest = codes[i] > largest ? codes[i] : largest;
+      smallest = codes[i] < smallest ? codes[i] : smallest;
     }
-    return top;
+    return std::max<int32_t>(largest, -static_cast<int32_t>(smallest));
   }
 };
 
@@ -457,6 +456,8 @@ struct Int4Codes {
     return row * ((length + 1) / 2) + col / 2;  // col is even: blocks are whole bytes
   }
 
+  // The nibbles of n codes to int32 and back (n odd only at a row's end); the largest
+  // code magnitude (the first moment's: without the sign bit).
   template <bool kFirst>
   static ADAMW_JAX_INLINE void Widen(const void* from, int32_t* __restrict wide, int64_t n) {
     const uint8_t* __restrict bytes = static_cast<const uint8_t*>(from);
@@ -478,11 +479,11 @@ struct Int4Codes {
   template <bool kFirst>
   static ADAMW_JAX_INLINE int32_t Largest(const void* from, int64_t n) {
     const uint8_t* __restrict bytes = static_cast<const uint8_t*>(from);
-    const int32_t mask = kFirst ? 7 : 15;  // a magnitude's bits
-    int32_t top = 0;
+    const uint8_t mask = kFirst ? 7 : 15;  // a magnitude's bits
+    uint8_t top = 0;
     for (int64_t j = 0; j < (n + 1) / 2; ++j) {
-      const int32_t low = bytes[j] & mask, high = (bytes[j] >> 4) & mask;
-      const int32_t larger = low > high ? low : high;
+      const uint8_t low = bytes[j] & mask, high = (bytes[j] >> 4) & mask;
+      const uint8_t larger = low > high ? low : high;
       top = larger > top ? larger : top;
     }
     return top;
@@ -530,19 +531,23 @@ ADAMW_JAX_INLINE float Average(float b, float x, float one_minus_b, float y) {
   return kFuseStored ? Mad<kFma>(b, x, one_minus_b * y) : Mad<kFma>(one_minus_b, y, b * x);
 }
 
-// Runs Step::Block(leaf, h, row, col, n, q) on each block of `leaf` whose first element
-// lies in [lo, hi): elements [col, col + n) of row `row`, its scales at index q. Each
-// chunk of a leaf's element range so takes the blocks that start in it.
-template <class Step>
-ADAMW_JAX_INLINE void ForEachBlock(const Leaf& leaf, const float* h, int64_t lo, int64_t hi) {
-  const int64_t length = leaf.row, block = leaf.block;
-  const int64_t per_row = (length + block - 1) / block;
-  const int64_t end = hi / length * per_row + (hi % length + block - 1) / block;
-  for (int64_t q = lo / length * per_row + (lo % length + block - 1) / block; q < end; ++q) {
-    const int64_t row = q / per_row, col = q % per_row * block;
-    Step::Block(leaf, h, row, col, std::min(block, length - col), q);
+// The blocks of a leaf: block q is elements [col, col + n) of row `row` (blocks never
+// cross a row; the last of a row may be shorter), its scales at index q.
+struct Blocks {
+  int64_t length, block, per_row;
+
+  explicit Blocks(const Leaf& leaf)
+      : length(leaf.row), block(leaf.block), per_row((leaf.row + leaf.block - 1) / leaf.block) {}
+
+  // The first block that starts at or after element e: each chunk [lo, hi) of a leaf's
+  // element range takes the blocks [FirstFrom(lo), FirstFrom(hi)).
+  int64_t FirstFrom(int64_t e) const {
+    return e / length * per_row + (e % length + block - 1) / block;
   }
-}
+  int64_t Row(int64_t q) const { return q / per_row; }
+  int64_t Col(int64_t q) const { return q % per_row * block; }
+  int64_t Size(int64_t q) const { return std::min(block, length - Col(q)); }
+};
 
 constexpr int64_t kSlice = 256;  // elements of a block handled at once (scratch in L1)
 
@@ -558,19 +563,47 @@ struct QuantizedStep {
   using F = typename Codes::FirstBook;
   using S = typename Codes::SecondBook;
 
+  struct BlockCodings {
+    Coding m, v, v_max;
+  };
+
+  // The blocks that start in [lo, hi). Each block's Codings are computed one block ahead:
+  // a chain of scalar operations (a square root, divisions) whose latency the CPU then
+  // hides behind the previous block's loops.
   static ADAMW_JAX_INLINE void Run(const Leaf& leaf, const float* h, int64_t lo, int64_t hi) {
-    ForEachBlock<QuantizedStep>(leaf, h, lo, hi);
+    const Blocks blocks(leaf);
+    const int64_t end = blocks.FirstFrom(hi);
+    int64_t q = blocks.FirstFrom(lo);
+    if (q >= end) return;
+    BlockCodings next = Prepare(leaf, blocks, h, q);
+    for (; q < end; ++q) {
+      const BlockCodings codings = next;
+      if (q + 1 < end) next = Prepare(leaf, blocks, h, q + 1);
+      Block(leaf, h, blocks.Row(q), blocks.Col(q), blocks.Size(q), codings);
+    }
+  }
+
+  static ADAMW_JAX_INLINE BlockCodings Prepare(const Leaf& leaf, const Blocks& blocks,
+                                               const float* h, int64_t q) {
+    const int64_t row = blocks.Row(q), col = blocks.Col(q);
+    const int64_t at = Codes::Offset(row, col, leaf.row);
+    const auto* m = static_cast<const uint8_t*>(leaf.m) + at;
+    const auto* v = static_cast<const uint8_t*>(leaf.v) + at;
+    const auto* v_max = kAmsgrad ? static_cast<const uint8_t*>(leaf.v_max) + at : nullptr;
+    BlockCodings c;
+    Codings(leaf, h, leaf.g + row * leaf.row + col, blocks.Size(q), q, m, v, v_max, &c.m, &c.v,
+            &c.v_max);
+    return c;
   }
 
   static ADAMW_JAX_INLINE void Block(const Leaf& leaf, const float* h, int64_t row, int64_t col,
-                                     int64_t n, int64_t q) {
+                                     int64_t n, const BlockCodings& codings) {
     const int64_t start = row * leaf.row + col, at = Codes::Offset(row, col, leaf.row);
     const float* g = leaf.g + start;
     uint8_t* m = static_cast<uint8_t*>(leaf.m) + at;
     uint8_t* v = static_cast<uint8_t*>(leaf.v) + at;
     uint8_t* v_max = kAmsgrad ? static_cast<uint8_t*>(leaf.v_max) + at : nullptr;
-    Coding m_coding, v_coding, v_max_coding;
-    Codings(leaf, h, g, n, q, m, v, v_max, &m_coding, &v_coding, &v_max_coding);
+    const Coding m_coding = codings.m, v_coding = codings.v, v_max_coding = codings.v_max;
     alignas(64) int32_t m_wide[kSlice], v_wide[kSlice], max_wide[kAmsgrad ? kSlice : 1];
     alignas(64) float m_new[kSlice], v_hat[kSlice];
     for (int64_t done = 0; done < n; done += kSlice) {
@@ -776,7 +809,9 @@ LeafFn PickQuantizedStep(bool padded, bool amsgrad, int isa) {
 
 template <bool kNesterov>
 UpdateFn PickUpdate(int decay, int isa) {
-  if (decay == kLrCoupled) return PickUpdateIsa<UpdateWith<kNesterov, kLrCoupled>::template Type>(isa);
+  if (decay == kLrCoupled) {
+    return PickUpdateIsa<UpdateWith<kNesterov, kLrCoupled>::template Type>(isa);
+  }
   if (decay == kIndependent) {
     return PickUpdateIsa<UpdateWith<kNesterov, kIndependent>::template Type>(isa);
   }
