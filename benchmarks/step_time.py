@@ -194,7 +194,7 @@ def run_tree(name: str, args: argparse.Namespace) -> dict:
     grads = bc.make_tree(shapes, seed=1, std=1.0)
     size = sum(p.size for p in params.values())
     contenders = bc.jax_contenders(params, grads, fused_only=args.fused_only)
-    contenders += bc.lowbit_contenders(params, grads, args.moments)
+    contenders += bc.lowbit_contenders(params, grads, args.moments, fused_only=args.fused_only)
     if not (args.no_torch or args.fused_only):
         contenders += bc.torch_contenders(params, grads)
     _time_rounds(contenders, args.rounds, args.round_seconds, args.pause)

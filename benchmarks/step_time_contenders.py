@@ -331,8 +331,11 @@ def _block_probe_contender(q: str, opt: fused.FusedAdamW, params, grads) -> Cont
     return c
 
 
-def lowbit_contenders(params_np, grads_np, moments: list[str]) -> list[Contender]:
-    """Per low-bit storage: its probe, the fused step and adamw's XLA step on it."""
+def lowbit_contenders(
+    params_np, grads_np, moments: list[str], fused_only: bool = False
+) -> list[Contender]:
+    """Per low-bit storage: its probe, the fused step and (unless ``fused_only``) adamw's
+    XLA step on it."""
     grads = jax.tree.map(jnp.asarray, grads_np)
 
     def fresh():
@@ -348,11 +351,13 @@ def lowbit_contenders(params_np, grads_np, moments: list[str]) -> list[Contender
         state = opt.init(params)
         note = "C++ kernel" if opt.kernel_used(params, grads, state) else "XLA fallback"
         out.append(jax_contender(f"{FUSED} {q}", opt.step, params, grads, state, note))
-        tx = adamw(LEARNING_RATE, **kwargs)
-        params = fresh()
-        name = f"adamw_jax.adamw {q} (Optax protocol)"
-        out.append(jax_contender(name, optax_step(tx), params, grads, tx.init(params), "XLA"))
-        out[-2].probe = out[-1].probe = f"{PROBE} {q}"
+        out[-1].probe = f"{PROBE} {q}"
+        if not fused_only:
+            tx = adamw(LEARNING_RATE, **kwargs)
+            params = fresh()
+            name = f"adamw_jax.adamw {q} (Optax protocol)"
+            out.append(jax_contender(name, optax_step(tx), params, grads, tx.init(params), "XLA"))
+            out[-1].probe = f"{PROBE} {q}"
     return out
 
 

@@ -286,9 +286,8 @@ def load_or_build(
 # ------------------------------------------------------------------------------- features
 def mel_filterbank() -> np.ndarray:
     """``(N_FFT // 2 + 1, N_MELS)`` triangular filters, evenly spaced on the HTK mel scale."""
-    mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # noqa: E731
-    hz = lambda m: 700.0 * (10.0 ** (m / 2595.0) - 1.0)  # noqa: E731
-    edges = hz(np.linspace(mel(MEL_RANGE[0]), mel(MEL_RANGE[1]), N_MELS + 2))
+    low, high = (2595.0 * np.log10(1.0 + f / 700.0) for f in MEL_RANGE)  # Hz -> mel
+    edges = 700.0 * (10.0 ** (np.linspace(low, high, N_MELS + 2) / 2595.0) - 1.0)  # -> Hz
     freqs = np.fft.rfftfreq(N_FFT, 1.0 / SAMPLE_RATE)
     lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     rising = (freqs - lower) / (centre - lower)

@@ -26,7 +26,8 @@ PNG of the curves and of the test confusion matrices.
 
 Run from the repository root (espeak-ng must be installed: ``apt-get install espeak-ng``)::
 
-    python examples/train_keywords.py                  # the full comparison
+    python examples/train_keywords.py                  # the full comparison: ~15 min
+    python examples/train_keywords.py --more-seeds 3   # ... and 3 other seeds of each choice
     python examples/train_keywords.py --quick          # a fast smoke run
     python examples/train_keywords.py --help           # every flag
 """
@@ -228,7 +229,10 @@ def make_trainer(method: str, data: Arrays, cfg: Config) -> Trainer:
         # Reshuffled epochs: batch i is a slice of epoch i // per_epoch's permutation.
         order = jax.random.permutation(jax.random.fold_in(state.data_key, i // per_epoch), n_train)
         idx = jax.lax.dynamic_slice(order, ((i % per_epoch) * cfg.batch_size,), (cfg.batch_size,))
-        loss_fn = lambda p: _per_clip(logits(p, x_train[idx]), y_train[idx])[0].mean()  # noqa: E731
+
+        def loss_fn(params) -> jax.Array:
+            return _per_clip(logits(params, x_train[idx]), y_train[idx])[0].mean()
+
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         tx = make_optimizer(method, hparams, cfg)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -17,8 +17,9 @@ from flax import nnx
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The quick run's bar on the test speakers: 10x chance (1 in 20 words). The quick run
-# reaches ~72% with either method; 50% leaves room for other CPUs' rounding while a broken
-# pipeline (misaligned frames or labels, features of the wrong clips) stays far below it.
+# reaches 76-77% with either method (2 of its 15 test speakers whisper, a voice type no
+# training speaker has); 50% leaves room for other CPUs' rounding, while a broken pipeline
+# (labels misaligned with the clips, features of the wrong clips) is near chance.
 QUICK_TEST_ACCURACY = 0.5
 
 
@@ -106,7 +107,7 @@ def test_features_have_the_documented_shape_and_put_a_tone_in_its_band(tk):
     window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(kd.FRAME) / kd.FRAME)
     power = np.abs(np.fft.rfft(frames * window, n=kd.N_FFT)) ** 2
     np.testing.assert_allclose(features[1], np.log(power @ bank + 1e-6), rtol=0, atol=1e-3)
-    assert np.all(features[2] == np.float32(np.log(1e-6)))  # silence: the floor
+    np.testing.assert_allclose(features[2], np.log(1e-6), rtol=1e-6)  # silence: the floor
     with pytest.raises(ValueError, match=r"audio must be \(n, 16000\)"):
         kd.log_mel(jnp.zeros((2, 8000), jnp.int16))
 
