@@ -508,14 +508,15 @@ def sweep(
       :meth:`Results.best` leaves its configuration out.
     """
     configs = _check_configs(configs)
-    _validate.check_int("seeds", seeds, low=1)
-    _check_members_per_call(members_per_call, mesh)
-    _check_key(key)
-    pop = _population.population(configs, key, int(seeds))
-    chunk = members_per_call or _population.default_members_per_call(len(pop.seed), mesh)
-    start = time.perf_counter()
-    runner = _population.compile_runner(train, chunk, mesh, pop)
-    return _run(runner, pop, configs, chunk, mesh, progress, start)
+    evaluate = _Evaluator(
+        train,
+        key=key,
+        seeds=seeds,
+        members_per_call=members_per_call,
+        mesh=mesh,
+        progress=progress,
+    )
+    return evaluate(configs)
 
 
 def _run(runner, pop, configs, chunk, mesh, progress, start) -> Results:
@@ -540,7 +541,7 @@ def _run(runner, pop, configs, chunk, mesh, progress, start) -> Results:
             f"{len(failed)} of {results.evaluations} members returned a non-finite metric "
             f"(configuration, seed): {failed[:10]}; see Results.failures.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of sweep or of a search
         )
     return results
 
