@@ -14,8 +14,9 @@ small decoder-only (GPT-style) Transformer written in Flax Linen and trained wit
 
 ``--moments bf16``, ``--moments int8`` or ``--moments int4`` stores AdamW's two moments in
 bfloat16 or as blockwise 8-bit or 4-bit codes (``adamw(mu_dtype=..., nu_dtype=...)``)
-instead of float32; the run
-prints how many parameters' moments are quantized and the optimizer state's bytes.
+instead of float32, and ``--moments int8-int4`` the first moment in 8 bits and the second
+in 4; the run prints how many parameters' moments are quantized and the optimizer state's
+bytes.
 
 Every ``--save-every`` optimizer steps it writes a checkpoint with orbax-checkpoint: params,
 optimizer state, step and the data position. ``--resume`` continues from the latest one.
@@ -137,14 +138,15 @@ SMALL = dict(
 )
 
 
-# How AdamW's two moments are stored (adamw's mu_dtype and nu_dtype); the arithmetic is
+# How AdamW's two moments are stored: adamw's (mu_dtype, nu_dtype); the arithmetic is
 # float32 in every case. With "int8" or "int4", leaves under min_quantize_size (4096)
-# elements stay float32.
-MOMENT_DTYPES: dict[str, Any] = {
-    "fp32": None,
-    "bf16": jnp.bfloat16,
-    "int8": "int8",
-    "int4": "int4",
+# elements stay float32. "int8-int4" keeps the first moment in 8 bits, the second in 4.
+MOMENT_DTYPES: dict[str, tuple[Any, Any]] = {
+    "fp32": (None, None),
+    "bf16": (jnp.bfloat16, jnp.bfloat16),
+    "int8": ("int8", "int8"),
+    "int4": ("int4", "int4"),
+    "int8-int4": ("int8", "int4"),
 }
 QUANTIZED = (adamw_jax.QuantizedArray, adamw_jax.QuantizedArray4)
 
@@ -202,8 +204,8 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
             weight_decay=cfg.weight_decay,
             mask=masks.by_name(),
             amsgrad=cfg.amsgrad,
-            mu_dtype=MOMENT_DTYPES[cfg.moments],
-            nu_dtype=MOMENT_DTYPES[cfg.moments],
+            mu_dtype=MOMENT_DTYPES[cfg.moments][0],
+            nu_dtype=MOMENT_DTYPES[cfg.moments][1],
         ),
     )
     return optax.MultiSteps(inner, every_k_schedule=cfg.accum).gradient_transformation()
@@ -374,7 +376,7 @@ def describe_moments(moments: str, opt_state: optax.MultiStepsState, n_params: i
         f"moments: {moments}; AdamW state {adam / n_params:.2f} bytes/param "
         f"({total / n_params:.2f} with MultiSteps' gradient accumulator)"
     )
-    if moments in ("int8", "int4"):
+    if moments.startswith("int"):
         q = quantized_params(opt_state)
         line += f"; {q:,} of {n_params:,} parameters quantized, the rest float32"
     return line
@@ -444,8 +446,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--moments",
         choices=tuple(MOMENT_DTYPES),
         default=d.moments,
-        help="storage of AdamW's moments: float32, bfloat16, or blockwise 8-bit or 4-bit codes "
-        "(leaves under 4096 elements stay float32) (%(default)s)",
+        help="storage of AdamW's moments: float32, bfloat16, blockwise 8-bit or 4-bit codes, "
+        "or 8-bit first and 4-bit second (leaves under 4096 elements stay float32) "
+        "(%(default)s)",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of init, batches, sampling (%(default)s)"

@@ -176,6 +176,24 @@ def test_char_transformer_int8_moments_train_and_track_fp32(lm_runs):
     assert fp32_bytes - int8_bytes > 5.5 * big
 
 
+def test_char_transformer_mixes_8_bit_first_and_4_bit_second_moments(lm_runs):
+    lm = _load("char_transformer")
+    argv = ["--small", "--steps", "6", "--save-every", "0", "--no-progress"]
+    with jax.numpy_dtype_promotion("standard"):
+        mixed = lm.main([*argv, "--moments", "int8-int4"])
+    assert np.isfinite(mixed["val_loss"])
+    adam_state = mixed["state"]["opt_state"].inner_opt_state[1][0]
+    quantized = (adamw_jax.QuantizedArray, adamw_jax.QuantizedArray4)
+    is_q = lambda x: isinstance(x, quantized)  # noqa: E731
+    mu_types = {type(x) for x in jax.tree.leaves(adam_state.mu, is_leaf=is_q) if is_q(x)}
+    nu_types = {type(x) for x in jax.tree.leaves(adam_state.nu, is_leaf=is_q) if is_q(x)}
+    assert mu_types == {adamw_jax.QuantizedArray}
+    assert nu_types == {adamw_jax.QuantizedArray4}
+    params = mixed["state"]["params"]
+    big = sum(x.size for x in jax.tree.leaves(params) if x.size >= 4096)
+    assert lm.quantized_params(mixed["state"]["opt_state"]) == big
+
+
 def _opt_tree(tx, params):
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros([], jnp.int32)}
 
