@@ -266,7 +266,7 @@ LeafFn PickKernel(bool m_bf16, bool v_bf16, bool amsgrad, bool nesterov, int dec
 // A leaf is cut into blocks of `block` consecutive elements along its last axis (the last
 // block of a row may be shorter), each with one float32 scale per quantized moment. A block
 // is visited once (QuantizedStep): a pass over its gradient and old codes gives its new
-// scales; then one loop decodes, updates and re-encodes both moments and an update loop
+// scales; then a loop per moment decodes, updates and re-encodes it and an update loop
 // writes the params from the new float32 moments, all in L1 cache. The second moment (and
 // the 4-bit first moment) is rounded stochastically with the hash of adamw_jax/_numerics.py,
 // salted with the step count.
@@ -556,7 +556,7 @@ constexpr int64_t kSlice = 256;  // elements of a block handled at once (scratch
 // (adamw_jax/_moment_storage.py, update_leaf: the step applied to the block's largest |g|
 // and largest stored magnitudes); then, slice by slice, all in L1 cache: the codes are
 // widened to int32 (so that the loop runs on 32-bit lanes only, which vectorizes without
-// running out of registers), one loop decodes, updates and re-encodes both moments, the
+// running out of registers), a loop per moment decodes, updates and re-encodes it, the
 // codes are narrowed back, and the leaf's update loop writes the params.
 template <class Codes, bool kPadded, bool kAmsgrad, bool kFma>
 struct QuantizedStep {
@@ -578,8 +578,32 @@ struct QuantizedStep {
     BlockCodings next = Prepare(leaf, blocks, h, q);
     for (; q < end; ++q) {
       const BlockCodings codings = next;
+      if (q + 2 < end) Prefetch(leaf, blocks, q + 2);
       if (q + 1 < end) next = Prepare(leaf, blocks, h, q + 1);
       Block(leaf, h, blocks.Row(q), blocks.Col(q), blocks.Size(q), codings);
+    }
+  }
+
+  // Asks for block q's gradient, params and codes ahead of their use: the loops over a
+  // block are bound by arithmetic, so its memory traffic overlaps them instead of stalling
+  // the first pass over the block, which has little else to do.
+  static ADAMW_JAX_INLINE void Prefetch(const Leaf& leaf, const Blocks& blocks, int64_t q) {
+    const int64_t row = blocks.Row(q), col = blocks.Col(q), n = blocks.Size(q);
+    const int64_t start = row * leaf.row + col, at = Codes::Offset(row, col, leaf.row);
+    const int64_t bytes = Codes::Offset(0, n, n);
+    const char* g = reinterpret_cast<const char*>(leaf.g + start);
+    const char* p = reinterpret_cast<const char*>(leaf.p + start);
+    for (int64_t b = 0; b < n * 4; b += 64) {
+      __builtin_prefetch(g + b, 0, 3);
+      __builtin_prefetch(p + b, 1, 3);
+    }
+    const char* m = static_cast<const char*>(leaf.m) + at;
+    const char* v = static_cast<const char*>(leaf.v) + at;
+    const char* v_max = kAmsgrad ? static_cast<const char*>(leaf.v_max) + at : nullptr;
+    for (int64_t b = 0; b < bytes; b += 64) {
+      __builtin_prefetch(m + b, 1, 3);
+      __builtin_prefetch(v + b, 1, 3);
+      if constexpr (kAmsgrad) __builtin_prefetch(v_max + b, 1, 3);
     }
   }
 
@@ -655,6 +679,8 @@ struct QuantizedStep {
     const float b2 = h[kB2], one_minus_b2 = h[kOneMinusB2];
     const float inv_c2 = h[kInvC2], c2 = h[kC2];
     const uint32_t salt_mix = BitsOf(h[kRoundingSalt]) * kSaltMultiplier;
+    // One loop per moment: together their constants and temporaries outnumber the 16
+    // vector registers of AVX2, and the spills cost more than reading g twice from L1.
     for (int64_t i = 0; i < n; ++i) {
       const float gi = g[i];
       const float m_old = Codes::First(m_codes[i]) * mc.scale;
@@ -662,6 +688,9 @@ struct QuantizedStep {
           Average<Codes::template kFuseStoredFirst<kPadded>, kFma>(b1, m_old, one_minus_b1, gi);
       m_codes[i] = Codes::EncodeFirst(m, mc.inverse, salt_mix);
       m_new[i] = m;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = g[i];
       const float root_old = Codes::Second(v_codes[i]) * vc.scale;
       const float v = Average<Codes::template kFuseStoredSecond<kPadded>, kFma>(
           b2, root_old * root_old, one_minus_b2, gi * gi);
