@@ -176,7 +176,7 @@ def test_char_transformer_int8_moments_train_and_track_fp32(lm_runs):
     assert fp32_bytes - int8_bytes > 5.5 * big
 
 
-def test_char_transformer_mixes_8_bit_first_and_4_bit_second_moments(lm_runs):
+def test_char_transformer_mixes_8_bit_first_and_4_bit_second_moments():
     lm = _load("char_transformer")
     argv = ["--small", "--steps", "6", "--save-every", "0", "--no-progress"]
     with jax.numpy_dtype_promotion("standard"):
