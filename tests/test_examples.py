@@ -178,20 +178,17 @@ def test_char_transformer_int8_moments_train_and_track_fp32(lm_runs):
 
 def test_char_transformer_mixes_8_bit_first_and_4_bit_second_moments():
     lm = _load("char_transformer")
-    argv = ["--small", "--steps", "6", "--save-every", "0", "--no-progress"]
-    with jax.numpy_dtype_promotion("standard"):
-        mixed = lm.main([*argv, "--moments", "int8-int4"])
-    assert np.isfinite(mixed["val_loss"])
-    adam_state = mixed["state"]["opt_state"].inner_opt_state[1][0]
-    quantized = (adamw_jax.QuantizedArray, adamw_jax.QuantizedArray4)
-    is_q = lambda x: isinstance(x, quantized)  # noqa: E731
-    mu_types = {type(x) for x in jax.tree.leaves(adam_state.mu, is_leaf=is_q) if is_q(x)}
-    nu_types = {type(x) for x in jax.tree.leaves(adam_state.nu, is_leaf=is_q) if is_q(x)}
-    assert mu_types == {adamw_jax.QuantizedArray}
-    assert nu_types == {adamw_jax.QuantizedArray4}
-    params = mixed["state"]["params"]
-    big = sum(x.size for x in jax.tree.leaves(params) if x.size >= 4096)
-    assert lm.quantized_params(mixed["state"]["opt_state"]) == big
+    tx = lm.make_optimizer(lm.Config(moments="int8-int4"))
+    params = {"dense": {"kernel": jnp.zeros((64, 128)), "bias": jnp.zeros(128)}}
+    opt_state = jax.eval_shape(tx.init, params)
+    adam_state = opt_state.inner_opt_state[1][0]  # (clip, (scale_by_adam, decay))
+    assert isinstance(adam_state.mu["dense"]["kernel"], adamw_jax.QuantizedArray)
+    assert isinstance(adam_state.nu["dense"]["kernel"], adamw_jax.QuantizedArray4)
+    assert adam_state.mu["dense"]["bias"].dtype == jnp.float32  # under min_quantize_size
+    assert lm.quantized_params(opt_state) == 64 * 128
+    assert "8,192 of 8,320 parameters quantized" in lm.describe_moments(
+        "int8-int4", opt_state, 8320
+    )
 
 
 def _opt_tree(tx, params):
