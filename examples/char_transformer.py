@@ -196,6 +196,7 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
         decay_steps=cfg.steps,
         end_value=0.1 * cfg.lr,
     )
+    mu_dtype, nu_dtype = MOMENT_DTYPES[cfg.moments]
     inner = optax.chain(
         optax.clip_by_global_norm(cfg.clip),
         adamw_jax.adamw(
@@ -204,8 +205,8 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
             weight_decay=cfg.weight_decay,
             mask=masks.by_name(),
             amsgrad=cfg.amsgrad,
-            mu_dtype=MOMENT_DTYPES[cfg.moments][0],
-            nu_dtype=MOMENT_DTYPES[cfg.moments][1],
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
         ),
     )
     return optax.MultiSteps(inner, every_k_schedule=cfg.accum).gradient_transformation()
@@ -376,7 +377,7 @@ def describe_moments(moments: str, opt_state: optax.MultiStepsState, n_params: i
         f"moments: {moments}; AdamW state {adam / n_params:.2f} bytes/param "
         f"({total / n_params:.2f} with MultiSteps' gradient accumulator)"
     )
-    if moments.startswith("int"):
+    if any(isinstance(dtype, str) for dtype in MOMENT_DTYPES[moments]):  # "int8" / "int4"
         q = quantized_params(opt_state)
         line += f"; {q:,} of {n_params:,} parameters quantized, the rest float32"
     return line
