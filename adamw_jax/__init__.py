@@ -1,6 +1,6 @@
 """AdamW for JAX: Adam's moment scaling and decoupled weight decay as Optax transformations."""
 
-from adamw_jax import compat, fused, masks, quantize, schedules, sharding, stability, tuning
+from adamw_jax import compat, fused, masks, quantize, schedules, sharding, stability
 from adamw_jax._packing import PackedMoments
 from adamw_jax._trees import state_nbytes
 from adamw_jax.alias import adam, adamw
@@ -45,5 +45,4 @@ __all__ = [
     "skip_spikes",
     "stability",
     "state_nbytes",
-    "tuning",
 ]

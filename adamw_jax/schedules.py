@@ -1,4 +1,6 @@
-"""Schedules from the AdamW paper: warm restarts (AdamWR), normalized decay, EMA timescale."""
+"""Schedules and formulas: the AdamW paper's warm restarts (AdamWR) and normalized decay,
+schedules whose peak may be traced (a hyperparameter of a sweep), and the EMA timescale with
+the starting weight decay it suggests."""
 
 import decimal
 import math
@@ -253,3 +255,155 @@ def weight_decay_for_timescale(learning_rate: float, tau: float) -> float:
     _validate.check_scalar("learning_rate", learning_rate, low=0.0, low_inclusive=False)
     _validate.check_scalar("tau", tau, low=0.0, low_inclusive=False)
     return 1.0 / (float(learning_rate) * float(tau))
+
+
+def scale_schedule(schedule: Callable[[Any], Any], peak: Any) -> Callable[[Any], jax.Array]:
+    r"""A schedule with a traced peak: ``step -> peak * schedule(step)``.
+
+    Optax's schedules check their arguments with Python comparisons, so they refuse a
+    traced peak (a member-varying learning rate). Build the schedule's shape with peak 1
+    and scale it here.
+
+    Args:
+      schedule: a schedule with peak 1, e.g.
+        ``optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, steps)``.
+      peak: the peak value: a number or a traced scalar.
+
+    Returns:
+      A schedule whose values are ``peak`` times ``schedule``'s, in ``peak``'s dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from adamw_jax import schedules
+      >>> lr = schedules.scale_schedule(optax.linear_schedule(1.0, 0.0, 10), jnp.float32(0.5))
+      >>> float(lr(5))
+      0.25
+    """
+    if not callable(schedule):
+        raise TypeError(f"schedule must be a callable step -> value; got {schedule!r}.")
+    peak = jnp.asarray(peak)
+    if peak.ndim != 0 or not jnp.issubdtype(peak.dtype, jnp.floating):
+        raise TypeError(f"peak must be a real float scalar; got {peak.dtype}{peak.shape}.")
+
+    def scaled(step):
+        return peak * jnp.asarray(schedule(step), peak.dtype)
+
+    return scaled
+
+
+def warmup_cosine(
+    peak: Any, *, warmup_steps: int, decay_steps: int, end_fraction: float = 0.0
+) -> Callable[[Any], jax.Array]:
+    r"""Linear warm-up from 0 to a (traced) ``peak``, then cosine decay to
+    ``end_fraction * peak``.
+
+    .. math::
+
+      \eta_t = \text{peak} \cdot \begin{cases} t / T_w & t < T_w \\
+      f + (1 - f)\,\tfrac12\bigl(1 + \cos(\pi\,\tfrac{t - T_w}{T - T_w})\bigr) & t \ge T_w
+      \end{cases}
+
+    Args:
+      peak: the peak learning rate: a number or a traced scalar.
+      warmup_steps: :math:`T_w`, an int in [0, decay_steps).
+      decay_steps: :math:`T`, the step at which the decay ends, an int in [1, inf).
+      end_fraction: :math:`f`, the final value as a fraction of the peak, in [0, 1].
+    """
+    _validate.check_int("decay_steps", decay_steps, low=1)
+    _validate.check_int("warmup_steps", warmup_steps, low=0)
+    if warmup_steps >= decay_steps:
+        raise ValueError(
+            f"warmup_steps must be in [0, decay_steps={decay_steps}); got {warmup_steps}."
+        )
+    _validate.check_scalar("end_fraction", end_fraction, low=0.0, high=1.0, high_inclusive=True)
+    warmup, total, end = int(warmup_steps), int(decay_steps), float(end_fraction)
+
+    def shape(step):
+        t = jnp.asarray(step, jnp.float32)
+        rising = t / jnp.float32(max(warmup, 1))
+        progress = jnp.clip((t - warmup) / jnp.float32(total - warmup), 0.0, 1.0)
+        falling = end + (1.0 - end) * 0.5 * (1.0 + jnp.cos(jnp.float32(math.pi) * progress))
+        return jnp.where(t < warmup, rising, falling)
+
+    return scale_schedule(shape, jnp.asarray(peak, jnp.float32))
+
+
+def suggest_weight_decay(
+    learning_rate: float,
+    *,
+    steps: int | None = None,
+    dataset_size: float | None = None,
+    batch_size: float | None = None,
+    timescale: float = 0.25,
+    decay_coupling: str = "lr",
+) -> float:
+    r"""A starting weight decay from the EMA view of weight decay.
+
+    With decoupled decay each step shrinks the weights by the factor :math:`1 - d_t`, so
+    they are an exponential moving average of recent updates over
+    :math:`\tau_{iter} = 1/d` steps. Wang & Aitchison find that the best :math:`\tau` is a
+    roughly fixed fraction of training whatever the model and data size; Bergsma et al.
+    write it per epoch of the training set, :math:`\tau = B/(\eta\lambda D)` (batch size
+    :math:`B`, :math:`D` examples or tokens trained on), and fit how its best value moves
+    with the tokens per parameter. This returns the :math:`\lambda` that makes
+    :math:`\tau_{iter}` the fraction ``timescale`` of the run's :math:`T` steps:
+
+    .. math::
+
+      \lambda = \frac{1}{\eta \cdot \text{timescale} \cdot T}\ \ (\texttt{"lr"}), \qquad
+      \lambda = \frac{1}{\text{timescale} \cdot T}\ \ (\texttt{"schedule"}, \texttt{"none"})
+
+    (with ``decay_coupling="lr"`` the per-step decay is :math:`d = \eta\lambda`; with
+    ``"schedule"`` it is :math:`\lambda` at the peak and ``"none"`` always
+    :math:`\lambda`), where :math:`T` is ``steps``, or ``dataset_size / batch_size``.
+    It is a starting point for a search, not its result: the best fraction depends on the
+    task (:func:`adamw_jax.tuning.separable_search` refines it).
+
+    Args:
+      learning_rate: the (peak) learning rate :math:`\eta`, in (0, inf).
+      steps: the run's length :math:`T` in steps, an int in [1, inf); or give
+        ``dataset_size`` and ``batch_size`` instead.
+      dataset_size: :math:`D`, the examples (or tokens) the whole run trains on, in
+        (0, inf).
+      batch_size: :math:`B`, examples (or tokens) per step, in (0, inf).
+      timescale: the wanted :math:`\tau_{iter}/T`, in (0, inf). The default 0.25 lies in
+        the range both papers report for their tasks; it is not universal.
+      decay_coupling: the convention of the optimizer the value is for: ``"lr"``
+        (``adamw``'s default), ``"schedule"`` (the paper's :math:`\lambda`) or ``"none"``.
+
+    Returns:
+      :math:`\lambda`, a Python float.
+
+    Example:
+      >>> from adamw_jax import schedules
+      >>> schedules.suggest_weight_decay(1e-3, steps=10_000, timescale=0.1)  # 1/(1e-3 * 1000)
+      1.0
+
+    References:
+      Wang & Aitchison, "How to set AdamW's weight decay as you scale model and dataset
+      size", ICML 2025 (arXiv:2405.13698).
+      Bergsma et al., "Power Lines: Scaling Laws for Weight Decay and Batch Size in LLM
+      Pre-training", 2025 (arXiv:2505.13738).
+    """
+    _validate.check_choice("decay_coupling", decay_coupling, ("lr", "schedule", "none"))
+    _validate.check_scalar("learning_rate", learning_rate, low=0.0, low_inclusive=False)
+    _validate.check_scalar("timescale", timescale, low=0.0, low_inclusive=False)
+    total_steps = _run_length(steps, dataset_size, batch_size)
+    tau = float(timescale) * total_steps
+    if decay_coupling == "lr":
+        return weight_decay_for_timescale(float(learning_rate), tau)
+    return 1.0 / tau
+
+
+def _run_length(steps: Any, dataset_size: Any, batch_size: Any) -> float:
+    """The run's length in steps, from ``steps`` or from ``dataset_size / batch_size``."""
+    if steps is not None:
+        if dataset_size is not None or batch_size is not None:
+            raise ValueError("give either steps, or dataset_size and batch_size, not both.")
+        _validate.check_int("steps", steps, low=1)
+        return float(steps)
+    if dataset_size is None or batch_size is None:
+        raise ValueError("give steps, or both dataset_size and batch_size.")
+    _validate.check_scalar("dataset_size", dataset_size, low=0.0, low_inclusive=False)
+    _validate.check_scalar("batch_size", batch_size, low=0.0, low_inclusive=False)
+    return float(dataset_size) / float(batch_size)

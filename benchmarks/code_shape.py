@@ -28,30 +28,57 @@ def _code_lines(lines: list[str], node: ast.FunctionDef) -> int:
     return count
 
 
+def _sources() -> list[pathlib.Path]:
+    """The package's modules, its subpackages' included."""
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def _module_name(path: pathlib.Path) -> str:
+    """``alias`` for alias.py, ``tuning`` for tuning/__init__.py, ``tuning._sweep`` for
+    tuning/_sweep.py; the package's own ``__init__`` keeps that name."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _is_module(name: str) -> bool:
+    path = PACKAGE.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def function_lengths() -> list[tuple[int, str]]:
     """(lines of code, "module.py:line name") for every function, longest first."""
     rows = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in _sources():
         source = path.read_text()
         lines = source.splitlines()
+        where = path.relative_to(PACKAGE).as_posix()
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                rows.append((_code_lines(lines, node), f"{path.name}:{node.lineno} {node.name}"))
+                rows.append((_code_lines(lines, node), f"{where}:{node.lineno} {node.name}"))
     return sorted(rows, reverse=True)
+
+
+def _targets(node: ast.ImportFrom) -> set[str]:
+    """The package's modules one ``from adamw_jax... import ...`` reads from."""
+    base = ".".join(node.module.split(".")[1:])
+    targets = set()
+    for alias in node.names:
+        submodule = f"{base}.{alias.name}" if base else alias.name
+        targets.add(submodule if not base or _is_module(submodule) else base)
+    return targets
 
 
 def import_graph() -> dict[str, list[str]]:
     """module -> the package's modules it imports from."""
     graph = {}
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in _sources():
         targets = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("adamw_jax"):
-                if node.module == "adamw_jax":
-                    targets.update(alias.name for alias in node.names)
-                else:
-                    targets.add(node.module.split(".")[1])
-        graph[path.stem] = sorted(targets)
+                targets |= _targets(node)
+        graph[_module_name(path)] = sorted(targets)
     return graph
 
 
@@ -64,7 +91,7 @@ def main() -> None:
         print(f"  {count:4d}  {where}")
     print("\nImports within the package (X -> Y):")
     for module, targets in import_graph().items():
-        print(f"  {module:16s} -> {', '.join(targets) or '-'}")
+        print(f"  {module:20s} -> {', '.join(targets) or '-'}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 import adamw_jax
-from adamw_jax import tuning
+from adamw_jax import schedules, tuning
 
 
 def make_train(steps: int):
@@ -37,7 +37,7 @@ def make_train(steps: int):
             (jax.random.normal(k, (a, b)) * jnp.sqrt(2.0 / a), jnp.zeros(b))
             for k, a, b in zip(keys[:-1], sizes[:-1], sizes[1:], strict=True)
         ]
-        lr = tuning.warmup_cosine(hparams["learning_rate"], warmup_steps=10, decay_steps=steps)
+        lr = schedules.warmup_cosine(hparams["learning_rate"], warmup_steps=10, decay_steps=steps)
         tx = adamw_jax.adamw(lr, weight_decay=hparams["weight_decay"])
 
         def loss_fn(params, xb, yb):

@@ -52,7 +52,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import adamw_jax
-from adamw_jax import masks, tuning
+from adamw_jax import masks, schedules, tuning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import keywords_data as kd  # the data builder next to this file
@@ -152,7 +152,7 @@ class KeywordNet(nnx.Module):
 # ------------------------------------------------------------------------------- training
 def make_optimizer(method: str, hparams: dict, cfg: Config) -> optax.GradientTransformation:
     """``method`` at ``hparams``: linear warmup then cosine decay; no decay on biases/norms."""
-    schedule = tuning.warmup_cosine(
+    schedule = schedules.warmup_cosine(
         hparams["learning_rate"], warmup_steps=cfg.warmup, decay_steps=cfg.steps
     )
     mask = masks.by_name()

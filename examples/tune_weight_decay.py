@@ -12,7 +12,7 @@ batch order), and every strategy is run with ``adamw_jax.tuning``:
 * **optuna**: TPE over the grid's ranges with as many evaluations as the separable search
   (:func:`adamw_jax.tuning.optuna_search`);
 * **tau rule**: no decay search at all: the lr line with the decay that
-  :func:`adamw_jax.tuning.suggest_weight_decay` gives (for decoupled decay only).
+  :func:`adamw_jax.schedules.suggest_weight_decay` gives (for decoupled decay only).
 
 for AdamW with the paper's lambda (``decay_coupling="schedule"``: the decay per step is
 lambda times the schedule's multiplier) and for Adam + L2 (``adam(l2=...)``). Each
@@ -45,7 +45,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import adamw_jax
-from adamw_jax import tuning
+from adamw_jax import schedules, tuning
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
@@ -102,7 +102,7 @@ def apply(params: dict, x: jax.Array) -> jax.Array:
 def make_optimizer(method: str, hparams: dict[str, jax.Array], steps: int):
     """The optimizer of ``method`` from traced hyperparameters (a cosine schedule)."""
     peak = hparams["learning_rate"]
-    lr = tuning.warmup_cosine(peak, warmup_steps=0, decay_steps=steps)
+    lr = schedules.warmup_cosine(peak, warmup_steps=0, decay_steps=steps)
     if method == "Adam + L2":
         return adamw_jax.adam(lr, l2=hparams["weight_decay"])
     return adamw_jax.adamw(
@@ -170,7 +170,7 @@ def run_strategies(method: str, train: Callable, args: argparse.Namespace) -> di
         **common,
     )
     if method != "Adam + L2":
-        rule = tuning.suggest_weight_decay(
+        rule = schedules.suggest_weight_decay(
             max(lrs), steps=args.steps, timescale=args.timescale, decay_coupling="schedule"
         )
         found["tau rule"] = tuning.sweep(

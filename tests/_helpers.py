@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 import adamw_jax
-from adamw_jax import tuning
+from adamw_jax import schedules
 
 
 class Run(NamedTuple):
@@ -205,7 +205,7 @@ def mlp_train(steps: int, coupling: str = "lr") -> Callable:
             "w2": jax.random.normal(k2, (32, 4)) * 0.5,
         }
         peak = hparams["learning_rate"]
-        lr = tuning.warmup_cosine(peak, warmup_steps=5, decay_steps=steps)
+        lr = schedules.warmup_cosine(peak, warmup_steps=5, decay_steps=steps)
         others = {k: v for k, v in hparams.items() if k != "learning_rate"}
         if coupling == "schedule":
             others.update(decay_coupling="schedule", peak_learning_rate=peak)
@@ -236,7 +236,7 @@ def elementwise_train(steps: int) -> Callable:
 
     def train(hparams, key):
         w = jax.random.normal(key, (64,))
-        lr = tuning.warmup_cosine(hparams["learning_rate"], warmup_steps=3, decay_steps=steps)
+        lr = schedules.warmup_cosine(hparams["learning_rate"], warmup_steps=3, decay_steps=steps)
         tx = adamw_jax.adamw(lr, **{k: v for k, v in hparams.items() if k != "learning_rate"})
 
         def step(carry, _):

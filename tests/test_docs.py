@@ -124,7 +124,12 @@ def site(tmp_path_factory) -> Path:
 
 
 def _public_modules() -> list[str]:
-    return sorted(p.stem for p in (ROOT / "adamw_jax").glob("*.py") if not p.stem.startswith("_"))
+    """The package's public modules and subpackages (``tuning``)."""
+    package = ROOT / "adamw_jax"
+    names = [p.stem for p in package.glob("*.py")] + [
+        p.parent.name for p in package.glob("*/__init__.py")
+    ]
+    return sorted(name for name in names if not name.startswith("_"))
 
 
 def _public_names(module) -> list[str]:

@@ -259,3 +259,48 @@ def test_ema_timescale_is_where_adamw_forgets_to_one_over_e():
 def test_timescale_functions_refuse_bad_arguments(fn, args, name):
     with pytest.raises(ValueError, match=f"{name} must be in"):
         fn(*args)
+
+
+# ------------------------------------------- traced-peak schedules and the starting decay
+def test_suggest_weight_decay_follows_the_timescale_formulas():
+    assert schedules.suggest_weight_decay(1e-3, steps=10_000, timescale=0.1) == pytest.approx(1.0)
+    by_data = schedules.suggest_weight_decay(2e-3, dataset_size=1e6, batch_size=100, timescale=0.5)
+    assert by_data == pytest.approx(1.0 / (2e-3 * 0.5 * 1e4))
+    paper = schedules.suggest_weight_decay(5.0, steps=800, decay_coupling="schedule")
+    assert paper == pytest.approx(1.0 / (0.25 * 800))
+    # The EMA timescale of the suggestion is the asked fraction of the run.
+    wd = schedules.suggest_weight_decay(3e-4, steps=5000, timescale=0.2)
+    assert schedules.ema_timescale(3e-4, wd) == pytest.approx(0.2 * 5000)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "give steps, or both dataset_size and batch_size"),
+        ({"steps": 10, "batch_size": 4}, "not both"),
+        ({"steps": 0}, "steps must be in"),
+        ({"steps": 10, "timescale": 0.0}, r"timescale must be in \(0.0, inf\)"),
+        ({"steps": 10, "decay_coupling": "paper"}, "decay_coupling must be one of"),
+        ({"dataset_size": -1.0, "batch_size": 4}, "dataset_size must be in"),
+    ],
+)
+def test_suggest_weight_decay_refuses_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        schedules.suggest_weight_decay(1e-3, **kwargs)
+
+
+def test_warmup_cosine_matches_optax_and_takes_a_traced_peak():
+    steps = jnp.arange(0, 120)
+    ours = schedules.warmup_cosine(0.3, warmup_steps=10, decay_steps=100, end_fraction=0.1)(steps)
+    with jax.numpy_dtype_promotion("standard"):
+        reference = optax.warmup_cosine_decay_schedule(0.0, 0.3, 10, 100, 0.03)(steps)
+    np.testing.assert_allclose(ours, reference, rtol=2e-6, atol=1e-8)
+    peaks = jnp.asarray([0.1, 0.2], jnp.float32)
+    batched = jax.vmap(lambda p: schedules.warmup_cosine(p, warmup_steps=10, decay_steps=100)(50))(
+        peaks
+    )
+    np.testing.assert_allclose(batched[1], 2 * batched[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="warmup_steps must be in"):
+        schedules.warmup_cosine(0.1, warmup_steps=100, decay_steps=100)
+    with pytest.raises(TypeError, match="peak must be a real float scalar"):
+        schedules.scale_schedule(lambda t: 1.0, jnp.ones(2))

@@ -15,11 +15,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from _helpers import elementwise_train, mlp_train
 
-import adamw_jax
 from adamw_jax import tuning
 
 TESTS = Path(__file__).resolve().parent
@@ -200,6 +198,7 @@ def test_non_finite_metrics_are_reported_per_member_not_raised():
         ({"members_per_call": True}, TypeError, "members_per_call must be a positive int"),
         ({"seeds": 0}, ValueError, "seeds must be in"),
         ({"key": 0}, TypeError, "key must be one PRNG key"),
+        ({"progress": "yes"}, TypeError, "progress must be True, False or None"),
     ],
 )
 def test_sweep_refuses_bad_input(kwargs, error, match):
@@ -226,6 +225,45 @@ def test_sweep_refuses_bad_input(kwargs, error, match):
 def test_train_must_return_a_dict_of_scalars(returned, match):
     with pytest.raises(TypeError, match=match):
         tuning.sweep(lambda h, k: returned(h), [{"learning_rate": 0.1}], key=KEY, progress=False)
+
+
+def test_progress_bar_without_tqdm_is_refused_by_name_or_left_out(monkeypatch, configs):
+    trained = []
+
+    def train(h, key):
+        trained.append(h)
+        return {"loss": h["learning_rate"] ** 2 + h["weight_decay"]}
+
+    expected = tuning.sweep(train, configs, key=KEY, progress=False)
+    trained.clear()
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    with pytest.raises(
+        ImportError, match=r"progress=True needs tqdm.*pip install 'adamw_jax\[tune\]'"
+    ):
+        tuning.sweep(train, configs, key=KEY, progress=True)
+    assert not trained  # refused before anything is traced
+    # The default asks for a bar only where tqdm is installed.
+    quiet = tuning.sweep(train, configs, key=KEY)
+    np.testing.assert_array_equal(quiet.metrics["loss"], expected.metrics["loss"])
+
+
+def test_import_adamw_jax_leaves_tuning_and_its_extras_unimported():
+    code = "import adamw_jax, sys; print([m in sys.modules for m in sys.argv[1:]])"
+    names = ["adamw_jax.tuning", "tqdm", "optuna"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str([False] * len(names)), proc.stdout
+    code = (
+        "from adamw_jax import tuning; import sys; print([m in sys.modules for m in sys.argv[1:]])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str([True, False, False]), proc.stdout
 
 
 # ------------------------------------------------------------------------------ results
@@ -345,48 +383,3 @@ def test_optuna_missing_names_the_extra(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'adamw_jax\[tune\]'"):
         tuning.optuna_search(_bowl, {"learning_rate": tuning.log_range(1e-3, 1e-1)}, n_trials=1,
                              batch=1, key=KEY, metric="loss")  # fmt: skip
-
-
-# ----------------------------------------------------------- the rule and the schedules
-def test_suggest_weight_decay_follows_the_timescale_formulas():
-    assert tuning.suggest_weight_decay(1e-3, steps=10_000, timescale=0.1) == pytest.approx(1.0)
-    by_data = tuning.suggest_weight_decay(2e-3, dataset_size=1e6, batch_size=100, timescale=0.5)
-    assert by_data == pytest.approx(1.0 / (2e-3 * 0.5 * 1e4))
-    paper = tuning.suggest_weight_decay(5.0, steps=800, decay_coupling="schedule")
-    assert paper == pytest.approx(1.0 / (0.25 * 800))
-    # The EMA timescale of the suggestion is the asked fraction of the run.
-    wd = tuning.suggest_weight_decay(3e-4, steps=5000, timescale=0.2)
-    assert adamw_jax.schedules.ema_timescale(3e-4, wd) == pytest.approx(0.2 * 5000)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({}, "give steps, or both dataset_size and batch_size"),
-        ({"steps": 10, "batch_size": 4}, "not both"),
-        ({"steps": 0}, "steps must be in"),
-        ({"steps": 10, "timescale": 0.0}, r"timescale must be in \(0.0, inf\)"),
-        ({"steps": 10, "decay_coupling": "paper"}, "decay_coupling must be one of"),
-        ({"dataset_size": -1.0, "batch_size": 4}, "dataset_size must be in"),
-    ],
-)
-def test_suggest_weight_decay_refuses_bad_input(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        tuning.suggest_weight_decay(1e-3, **kwargs)
-
-
-def test_warmup_cosine_matches_optax_and_takes_a_traced_peak():
-    steps = jnp.arange(0, 120)
-    ours = tuning.warmup_cosine(0.3, warmup_steps=10, decay_steps=100, end_fraction=0.1)(steps)
-    with jax.numpy_dtype_promotion("standard"):
-        reference = optax.warmup_cosine_decay_schedule(0.0, 0.3, 10, 100, 0.03)(steps)
-    np.testing.assert_allclose(ours, reference, rtol=2e-6, atol=1e-8)
-    peaks = jnp.asarray([0.1, 0.2], jnp.float32)
-    batched = jax.vmap(lambda p: tuning.warmup_cosine(p, warmup_steps=10, decay_steps=100)(50))(
-        peaks
-    )
-    np.testing.assert_allclose(batched[1], 2 * batched[0], rtol=1e-6)
-    with pytest.raises(ValueError, match="warmup_steps must be in"):
-        tuning.warmup_cosine(0.1, warmup_steps=100, decay_steps=100)
-    with pytest.raises(TypeError, match="peak must be a real float scalar"):
-        tuning.scale_schedule(lambda t: 1.0, jnp.ones(2))
