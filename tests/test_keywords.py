@@ -156,9 +156,25 @@ def test_quick_run_recognizes_unseen_speakers(tk, quick):
 
 def test_missing_espeak_is_named(tk, monkeypatch):
     kd = tk.kd
-    monkeypatch.setattr(kd.shutil, "which", lambda name: None)
-    with pytest.raises(RuntimeError, match="install the package espeak-ng"):
+    monkeypatch.setitem(sys.modules, "espeakng_loader", None)  # import fails
+    with pytest.raises(RuntimeError, match=r"espeakng-loader.*pip install adamw_jax\[examples\]"):
         kd.build(0, 1)
+
+
+def test_synthesizer_is_the_pinned_one_with_every_variant(tk):
+    kd = tk.kd
+    library, data_dir = kd.espeak_library()
+    variants = Path(data_dir) / "voices" / "!v"
+    assert not [v for v in kd.VARIANTS if not (variants / v).is_file()]
+    voice = _load("espeak_voice")
+    (word,) = voice.speak(library, data_dir, kd.ESPEAK_VERSION, "en+m1", 150, 50, ["go"])
+    assert len(word) > 0.1 * kd.ESPEAK_RATE * 2  # int16 bytes: at least 0.1 s spoken
+    with pytest.raises(RuntimeError, match=r"espeak-ng 1\.0\.0 expected; .* is 1\.52\.0"):
+        voice.speak(library, data_dir, "1.0.0", "en+m1", 150, 50, ["go"])
+    with pytest.raises(RuntimeError, match="no voice variant 'nobody'"):
+        kd.speak_words(kd.Speaker("en", "nobody", 150, 50, "train"), ["go"])
+    with pytest.raises(RuntimeError, match="espeak_SetVoiceByName"):
+        kd.speak_words(kd.Speaker("xx-nowhere", "m1", 150, 50, "train"), ["go"])
 
 
 @pytest.mark.parametrize(
