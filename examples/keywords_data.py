@@ -11,8 +11,11 @@ Speakers are split by variant: the variants of the test (and validation) speaker
 no training speaker, so the test set measures generalization to unseen voices. The accents
 are shared between the splits (espeak-ng has only 8 English ones).
 
-Everything is a pure function of the seed and of espeak-ng's version (it is deterministic;
-1.51 here, another version may pronounce differently): the same seed gives the same bytes.
+espeak-ng comes from the ``espeakng-loader`` wheel (its library and voice data), pinned in the
+``examples`` extra: version 1.52.0 of espeak-ng, called through its C API by
+``espeak_voice.py``, one fresh process per speaker. Everything is a pure function of the seed
+and of that version (another version may pronounce differently): the same seed gives the
+same bytes.
 The audio is cached as an ``.npz`` file (64 MB per 2000 clips).
 
 The features are log-mel spectrograms computed in JAX (:func:`log_mel`): a 25 ms Hann
@@ -26,8 +29,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import shutil
+import struct
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -42,12 +46,15 @@ WORDS = (
 )  # fmt: skip
 SAMPLE_RATE = 16_000  # Hz; every clip is one second
 ESPEAK_RATE = 22_050  # Hz, espeak-ng's output
+ESPEAK_VERSION = "1.52.0"  # the espeak-ng of the pinned espeakng-loader wheel
 # espeak-ng's English accents (its own voices; the MBROLA ones need extra packages).
 ACCENTS = (
     "en", "en-029", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-gb-x-rp",
     "en-us", "en-us-nyc",
 )  # fmt: skip
-# espeak-ng's voice variants (espeak-ng-data/voices/!v), as shipped with version 1.51.
+# espeak-ng's voice variants (espeak-ng-data/voices/!v): those of version 1.51, all still in
+# 1.52.0, which adds "Reed", "ian" and "mike2"; those and "Mr serious" (a name with a space)
+# are left out, so that the splits keep their 70/15/15 variants.
 VARIANTS = (
     "Alex", "Alicia", "Andrea", "Andy", "Annie", "AnxiousAndy", "Demonic", "Denis", "Diogo",
     "Gene", "Gene2", "Henrique", "Hugo", "Jacky", "Lee", "Marco", "Mario", "Michael", "Mike",
@@ -72,14 +79,14 @@ FRAME, HOP, N_FFT, N_MELS = 400, 160, 512, 40  # 25 ms, 10 ms at 16 kHz
 N_FRAMES = 1 + (SAMPLE_RATE - FRAME) // HOP  # 98
 FEATURE_SHAPE = (N_FRAMES, N_MELS)
 MEL_RANGE = (20.0, 7600.0)  # Hz
-VERSION = 1  # bump when the synthesis changes: cached files carry it in their name
+VERSION = 2  # bump when the synthesis changes: cached files carry it in their name
 
-_BREAK_MS = 800  # silence requested between the words of one espeak-ng call
-_MIN_GAP_S = 0.3  # a quieter stretch at least this long separates two words
+_SILENCE_DB = -50  # below the word's peak: the silence trimmed around a word
+_VOICE_SCRIPT = Path(__file__).resolve().with_name("espeak_voice.py")
 
 
 class Speaker(NamedTuple):
-    """One synthetic speaker: espeak-ng's ``-v accent+variant -s speed -p pitch``."""
+    """One synthetic speaker: espeak-ng's voice ``accent+variant``, rate and pitch."""
 
     accent: str
     variant: str
@@ -133,67 +140,58 @@ def make_speakers(
 
 
 # ------------------------------------------------------------------------------ synthesis
-def espeak_path() -> str:
-    """The espeak-ng executable; a clear error when the package is not installed."""
-    path = shutil.which("espeak-ng")
-    if path is None:
+def espeak_library() -> tuple[str, str]:
+    """The paths of ``libespeak-ng`` and of its ``espeak-ng-data``, from the espeakng-loader
+    wheel; a clear error when it is not installed."""
+    try:
+        import espeakng_loader
+    except ImportError as error:
         raise RuntimeError(
-            "this example synthesizes its data set with the program espeak-ng, which is not "
-            "installed: install the package espeak-ng (Debian/Ubuntu: "
-            "`sudo apt-get install espeak-ng`; macOS: `brew install espeak-ng`)"
-        )
-    return path
+            "this example synthesizes its data set with espeak-ng from the package "
+            "espeakng-loader, which is not installed: `pip install adamw_jax[examples]`"
+        ) from error
+    return espeakng_loader.get_library_path(), espeakng_loader.get_data_path()
 
 
-def _speak(speaker: Speaker, words: Sequence[str], espeak: str) -> np.ndarray:
-    """The words spoken by ``speaker`` with pauses between them, float32 at 22.05 kHz."""
-    pause = f'<break time="{_BREAK_MS}ms"/>'
-    ssml = "<speak>" + pause.join(words) + "</speak>"
-    command = [espeak, "-m", "-v", f"{speaker.accent}+{speaker.variant}"]
-    command += ["-s", str(speaker.speed), "-p", str(speaker.pitch), "--stdout", ssml]
-    raw = subprocess.run(command, capture_output=True, check=True).stdout
-    rate = int.from_bytes(raw[24:28], "little")
-    if raw[:4] != b"RIFF" or rate != ESPEAK_RATE:
-        raise RuntimeError(f"espeak-ng gave no {ESPEAK_RATE} Hz WAV for {speaker}")
-    start = raw.find(b"data") + 8
-    end = start + (len(raw) - start) // 2 * 2
-    return np.frombuffer(raw[start:end], "<i2").astype(np.float32) / 32768.0
-
-
-def _split_words(audio: np.ndarray, min_gap_s: float = _MIN_GAP_S) -> list[np.ndarray]:
-    """Cuts at every stretch of >= ``min_gap_s`` that stays 50 dB below the peak.
-
-    The pieces start and end with the first and last loud 10 ms block: silence trimmed.
-    """
+def _trim(audio: np.ndarray) -> np.ndarray:
+    """``audio`` from its first to its last 10 ms block within 50 dB of its peak."""
     block = ESPEAK_RATE // 100  # 10 ms
     n = len(audio) // block
     envelope = np.abs(audio[: n * block]).reshape(n, block).max(axis=1)
-    loud = np.concatenate([[False], envelope > 10 ** (-50 / 20) * envelope.max(), [False]])
-    edges = np.flatnonzero(np.diff(loud.astype(np.int8)))
-    runs = list(zip(edges[::2], edges[1::2], strict=True))  # [start, end) of loud blocks
-    if not runs:
-        return []
-    words, (first, last) = [], runs[0]
-    for start, end in runs[1:]:
-        if start - last >= min_gap_s * 100:
-            words.append(audio[first * block : last * block])
-            first = start
-        last = end
-    words.append(audio[first * block : last * block])
-    return words
+    loud = np.flatnonzero(envelope > 10 ** (_SILENCE_DB / 20) * envelope.max())
+    if not len(loud):
+        raise RuntimeError("espeak-ng spoke a word as silence")
+    return audio[loud[0] * block : (loud[-1] + 1) * block]
 
 
 def speak_words(speaker: Speaker, words: Sequence[str] = WORDS) -> list[np.ndarray]:
     """Each word spoken by ``speaker`` (float32 at 22.05 kHz, silence trimmed).
 
-    One espeak-ng call speaks all the words with pauses between them, then the pauses are
-    found; when they do not give exactly one piece per word (voices with a long echo), each
-    word is spoken by its own call.
+    One process (``espeak_voice.py``) speaks the words, one synthesizer call per word, in
+    the order given: the same words in the same order give the same samples.
     """
-    espeak = espeak_path()
-    pieces = _split_words(_speak(speaker, words, espeak))
-    if len(pieces) != len(words):
-        pieces = [_split_words(_speak(speaker, [w], espeak), np.inf)[0] for w in words]
+    library, data_dir = espeak_library()
+    voice = f"{speaker.accent}+{speaker.variant}"
+    command = [
+        sys.executable,
+        "-I",
+        "-S",
+        str(_VOICE_SCRIPT),
+        library,
+        data_dir,
+        ESPEAK_VERSION,
+        voice,
+    ]
+    command += [str(speaker.speed), str(speaker.pitch), *words]
+    done = subprocess.run(command, capture_output=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{speaker}: {done.stderr.decode().strip()}")
+    raw, pieces = done.stdout, []
+    for _ in words:
+        (n,) = struct.unpack_from("<I", raw)
+        samples = np.frombuffer(raw[4 : 4 + 2 * n], "<i2").astype(np.float32) / 32768.0
+        pieces.append(_trim(samples))
+        raw = raw[4 + 2 * n :]
     return pieces
 
 
@@ -244,15 +242,15 @@ def build(
     Args:
       seed: fixes the speakers, the word offsets, gains and noise (same seed, same bytes).
       per_variant: speakers per voice variant, in [1, 8]: ``100 * per_variant * 20`` clips.
-      workers: speakers synthesized at once, each by an espeak-ng process (None: the number
+      workers: speakers synthesized at once, each by its own process (None: the number
         of CPUs). The result does not depend on it.
       progress: a tqdm bar over the speakers.
 
     Raises:
-      RuntimeError: espeak-ng is not installed.
+      RuntimeError: espeakng-loader (the synthesizer) is not installed.
     """
     speakers = make_speakers(seed, per_variant)
-    espeak_path()  # fails early, before any thread starts
+    espeak_library()  # fails early, before any thread starts
     with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         clips = pool.map(speaker_clips, speakers, range(len(speakers)), [seed] * len(speakers))
         if progress:

@@ -1,6 +1,7 @@
 """Keyword spotting on synthesized speech (Flax NNX): AdamW vs Adam + L2 on unseen speakers.
 
-The data set (``keywords_data.py``) is made on the machine with espeak-ng: the 20 words of
+The data set (``keywords_data.py``) is made on the machine with espeak-ng (the library in the
+``espeakng-loader`` wheel, pinned in the ``examples`` extra): the 20 words of
 the Speech Commands vocabulary spoken by 200 synthetic speakers (an accent, a voice variant,
 a speaking rate and a pitch each), one second at 16 kHz with noise, 4000 clips. The speakers
 are split by voice variant, so the validation and test speakers' voices are never heard in
@@ -24,7 +25,7 @@ compiled run in a loop; on a GPU, vmapped chunks of configurations).
 It prints the grid, a table (train and test accuracy, the generalization gap) and writes a
 PNG of the curves and of the test confusion matrices.
 
-Run from the repository root (espeak-ng must be installed: ``apt-get install espeak-ng``)::
+Run from the repository root (after ``pip install -e ".[examples]"``, which brings espeak-ng)::
 
     python examples/train_keywords.py                  # the full comparison: ~15 min
     python examples/train_keywords.py --more-seeds 3   # ... and 3 other seeds of each choice
