@@ -476,4 +476,4 @@ def test_cautious_flags_must_be_bools(name):
     with pytest.raises(TypeError, match=f"{name} must be a bool; got 1"):
         adamw_jax.adamw(1e-2, **{name: 1})
     with pytest.raises(TypeError, match="cautious must be a bool; got 'yes'"):
-        adamw_jax.decoupled_weight_decay(cautious="yes")
+        adamw_jax.decoupled_weight_decay(1e-3, cautious="yes")
