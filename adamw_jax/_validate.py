@@ -196,12 +196,13 @@ def check_bool(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a bool; got {value!r} of type {type(value).__name__}.")
 
 
-def check_mask(name: str, value: Any) -> None:
+def check_mask(name: str, value: Any, *, allow_single_bool: bool = False) -> None:
     """Raises TypeError if ``value`` is not None, a callable or a pytree of bools.
 
-    A single boolean (Python or 0-d array) is refused: it is what a callable mask turns into
-    when ``optax.inject_hyperparams`` mistakes it for a schedule and calls it on the step
-    count, and it would then silently decay every leaf (or none).
+    A single boolean (Python or 0-d array) is refused unless ``allow_single_bool`` (where
+    Optax's own callers pass one, ``add_decayed_weights``): it is what a callable mask turns
+    into when ``optax.inject_hyperparams`` mistakes it for a schedule and calls it on the
+    step count, and it would then silently decay every leaf (or none).
     """
     if isinstance(value, (str, bytes, int, float, complex)) and not isinstance(value, bool):
         raise TypeError(
@@ -213,6 +214,8 @@ def check_mask(name: str, value: Any) -> None:
             f"{name} must be None, a pytree of bools like the params, or a callable "
             f"params -> such a pytree; got the class or dtype {value!r}."
         )
+    if isinstance(value, (bool, np.bool_)) and allow_single_bool:
+        return
     if isinstance(value, (bool, np.bool_)) or (
         isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0
     ):

@@ -25,7 +25,7 @@ import optax
 
 from adamw_jax import _numerics, _trees, _validate
 from adamw_jax._base import ScalarOrSchedule
-from adamw_jax.masks import leaf_path
+from adamw_jax.masks import leaf_path, named_leaves
 
 
 class TorchAdamWState(NamedTuple):
@@ -410,10 +410,7 @@ def _check_real(params: Any) -> None:
 
 def _decay_flags(pattern: re.Pattern | None, params: Any) -> list[bool]:
     """Per leaf of ``params``, whether it decays: its path does not match ``pattern``."""
-    return [
-        pattern is None or pattern.search(leaf_path(path)) is None
-        for path, _ in jax.tree_util.tree_leaves_with_path(params)
-    ]
+    return [pattern is None or pattern.search(path) is None for path, _ in named_leaves(params)]
 
 
 def _keras_leaf_step(
@@ -491,7 +488,7 @@ def keras_adamw(
       epsilon: :math:`\epsilon`, in [0, inf).
       amsgrad: keep the running maximum of the velocity (Keras' ``amsgrad``).
       exclude_from_weight_decay: None, or names such as ``["bias", "scale"]``: a leaf whose
-        path (``jax.tree_util.keystr``, e.g. ``"['dense']['bias']"``) contains one of them
+        path (as :mod:`adamw_jax.masks` writes it, e.g. ``"dense/bias"``) contains one of them
         does not decay. As in Keras' ``exclude_from_weight_decay(var_names=...)`` the names
         are joined into one regular expression, so plain names match as substrings.
 

@@ -1,6 +1,7 @@
 """Weight decay: the L2-style ``add_decayed_weights`` and the decoupled decay of AdamW."""
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -43,14 +44,19 @@ def add_decayed_weights(
 
       u \leftarrow u + \lambda_t\, w
 
-    on the leaves ``mask`` selects. A drop-in for ``optax.add_decayed_weights`` that also
-    accepts a schedule. Placed before :func:`adamw_jax.scale_by_adam` it is classic Adam
-    with an L2 penalty; placed after it and before the learning rate it is AdamW.
+    on the leaves ``mask`` selects. A drop-in for ``optax.add_decayed_weights``: it takes
+    the same arguments, a negative coefficient (``optax.fromage`` adds
+    :math:`(1/\sqrt{1 + \eta^2} - 1)\, w`) and a single ``True`` or ``False`` for the
+    mask (``optax.lars``' default) included. Placed before :func:`adamw_jax.scale_by_adam`
+    it is classic Adam with an L2 penalty; placed after it and before the learning rate it
+    is AdamW.
 
     Args:
-      weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a schedule.
-      mask: None (all leaves), a bool pytree like the params (or a prefix of it), or a
-        callable ``params -> bool pytree`` (see :mod:`adamw_jax.masks`).
+      weight_decay: :math:`\lambda_t`, a finite real number (negative ones pull the
+        weights outward), a scalar array or a schedule.
+      mask: None or ``True`` (all leaves), ``False`` (none), a bool pytree like the params
+        (or a prefix of it), or a callable ``params -> bool pytree`` (see
+        :mod:`adamw_jax.masks`).
 
     Returns:
       An ``optax.GradientTransformation``; its ``update`` requires ``params`` unless
@@ -69,11 +75,13 @@ def add_decayed_weights(
       Hanson & Pratt, "Comparing biases for minimal network construction with
       back-propagation", NeurIPS 1988.
     """
-    _validate.check_scalar("weight_decay", weight_decay, low=0.0, allow_schedule=True)
-    _validate.check_mask("mask", mask)
+    _validate.check_scalar(
+        "weight_decay", weight_decay, low=-math.inf, low_inclusive=False, allow_schedule=True
+    )
+    _validate.check_mask("mask", mask, allow_single_bool=True)
 
     def init_fn(params):
-        del params
+        masks.resolve_mask(mask, params)  # a mask that does not fit fails here, not later
         return AddDecayedWeightsState(jnp.zeros([], jnp.int32))
 
     needs_params = not _is_zero(weight_decay)
@@ -119,7 +127,7 @@ def _unchanged(u: jax.Array, p: jax.Array) -> jax.Array:
 
 
 def decoupled_weight_decay(
-    learning_rate: ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule,
     weight_decay: ScalarOrSchedule = 1e-4,
     *,
     mask: Mask = None,
@@ -219,6 +227,7 @@ def decoupled_weight_decay(
     coupling = effective_coupling(decay_coupling, peak_learning_rate)
 
     def init_fn(params):
+        masks.resolve_mask(mask, params)  # a mask that does not fit fails here, not later
         return DecoupledWeightDecayState(
             jnp.zeros([], jnp.int32), _initial_target(decay_target, params)
         )

@@ -15,6 +15,9 @@ _RELATIVE_STD_FLOOR = 1e-6
 # The smallest kept fraction a cautious direction is divided by (the official code's and
 # timm's clamp): a leaf whose every sign disagrees gets a zero direction, not 0 / 0.
 _MIN_KEPT_FRACTION = 1e-3
+# skip_spikes' default bound on a run of skipped spikes: as many steps as the default
+# warmup, the accepted steps the statistics need before they judge a spike.
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 20
 
 
 class SkipSpikesState(NamedTuple):
@@ -32,6 +35,9 @@ class SkipSpikesState(NamedTuple):
         non-finite metrics do not count).
       restarts: steps accepted by ``max_consecutive_skips`` (each restarted the
         statistics), int32 (saturating).
+      steps: the steps seen, skipped or accepted, int32 (saturating).
+      last_skipped_step: the latest skipped step's number, counted as ``steps`` counts
+        (from 1); 0 while no step has been skipped. int32.
     """
 
     inner_state: Any
@@ -42,6 +48,8 @@ class SkipSpikesState(NamedTuple):
     last_z: jax.Array
     consecutive: jax.Array
     restarts: jax.Array
+    steps: jax.Array
+    last_skipped_step: jax.Array
 
 
 def skip_spikes(
@@ -51,7 +59,7 @@ def skip_spikes(
     window: int = 100,
     warmup: int = 20,
     metric: str = "grad_norm",
-    max_consecutive_skips: int | None = None,
+    max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Skips the steps whose gradient norm (or loss) spikes above its recent statistics.
 
@@ -80,13 +88,16 @@ def skip_spikes(
     than ``window`` have been accepted, then exponential moving averages with timescale
     ``window`` steps. A smooth trend moves the statistics along with it (a linear ramp
     gives :math:`z \approx 1`); a lasting jump of more than ``threshold`` standard
-    deviations is skipped for as long as it lasts, unless ``max_consecutive_skips``
-    bounds it: once that many spikes have been skipped in a row (no step accepted in
-    between), the next spike is accepted and restarts the statistics from its own
-    metric, as at the first step (:math:`\mu = x_t`, :math:`\sigma^2 = 0`,
-    :math:`n = 1`), so the ``warmup - 1`` steps after it are accepted while the
-    statistics re-learn the new level (choose it above the longest burst of bad steps
-    to be skipped: a burst that long is taken for a new level). Only upward spikes are
+    deviations (a new data mixture, a change of loss scale) would be skipped for as long
+    as it lasts, so ``max_consecutive_skips`` bounds a run of skips: once that many
+    spikes have been skipped in a row (no step accepted in between), the next spike is
+    accepted and restarts the statistics from its own metric, as at the first step
+    (:math:`\mu = x_t`, :math:`\sigma^2 = 0`, :math:`n = 1`), so the ``warmup - 1``
+    steps after it are accepted while the statistics re-learn the new level. The
+    default, 20, is the default ``warmup``: longer than the bursts of bad batches
+    skipping is for (a few steps), and short enough that a lasting change costs at most
+    20 skipped steps instead of stalling the run (choose it above the longest burst to
+    be skipped: a burst that long is taken for a new level). Only upward spikes are
     skipped. On stationary noise the default threshold skips no step of a Gaussian-like
     metric (a high-dimensional gradient norm; 0 of 40,000 steps) and about 1e-4
     (log-normal) to 4e-4 (Student t, 5 degrees of freedom) of heavy-tailed ones.
@@ -95,6 +106,11 @@ def skip_spikes(
     ``jax.jit``, ``jax.vmap``, ``optax.MultiSteps`` and ``optax.inject_hyperparams``
     (``threshold``, ``window``, ``warmup`` and ``max_consecutive_skips`` may be traced).
     The statistics are kept in float32, or in the params' dtype when wider.
+
+    The state counts what happened (``steps``, ``accepted``, ``skipped``,
+    ``consecutive``, ``restarts``, ``last_skipped_step``), on the device: read them every
+    so many steps, not every step, to see a run of skips without a host sync per step
+    (the Stability tools page shows a loop that logs them).
 
     Args:
       inner: the transformation to protect, e.g. ``adamw_jax.adamw(...)``; it receives
@@ -107,10 +123,11 @@ def skip_spikes(
         first step.
       metric: ``"grad_norm"`` (the global L2 norm of the updates ``skip_spikes``
         receives) or ``"loss"`` (``update`` then requires ``value=loss``, a scalar).
-      max_consecutive_skips: None (no bound: a lasting jump of the metric is skipped
-        for good), or an int in [1, inf): the most spikes skipped in a row; the next one
-        is accepted and restarts the statistics (counted in ``restarts``). Non-finite
-        metrics are always skipped and neither count nor end a run of skips.
+      max_consecutive_skips: an int in [1, inf), 20 by default: the most spikes
+        skipped in a row; the next one is accepted and restarts the statistics (counted
+        in ``restarts``). None removes the bound (a lasting jump of the metric is then
+        skipped for good). Non-finite metrics are always skipped and neither count nor
+        end a run of skips.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -126,6 +143,8 @@ def skip_spikes(
       ...     updates, state = tx.update({"w": g * jnp.ones(2)}, state, params)
       >>> updates["w"], int(state.skipped), int(state.accepted)
       (Array([0., 0.], dtype=float32), 1, 4)
+      >>> int(state.steps), int(state.last_skipped_step)
+      (5, 5)
 
       A lasting jump, bounded to two skips in a row; the third step at the new level is
       accepted and restarts the statistics:
@@ -148,7 +167,9 @@ def skip_spikes(
     def init_fn(params):
         zero = jnp.zeros([], _statistics_dtype(params))
         count = jnp.zeros([], jnp.int32)
-        return SkipSpikesState(inner.init(params), zero, zero, count, count, zero, count, count)
+        return SkipSpikesState(
+            inner.init(params), zero, zero, count, count, zero, count, count, count, count
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         x = _metric_value(metric, updates, extra_args, state.mean.dtype)
@@ -247,6 +268,7 @@ def _next_state(
     accepted = jnp.where(restart, one, _numerics.safe_increment(state.accepted))
     spike_skip = skip & jnp.isfinite(x)  # non-finite metrics leave the run count alone
     consecutive = jnp.where(skip, state.consecutive, jnp.zeros_like(state.consecutive))
+    steps = _numerics.safe_increment(state.steps)
     return SkipSpikesState(
         inner_state,
         jnp.where(skip, state.mean, jnp.where(restart, x, mean)),
@@ -256,6 +278,8 @@ def _next_state(
         z,
         jnp.where(spike_skip, _numerics.safe_increment(state.consecutive), consecutive),
         jnp.where(restart, _numerics.safe_increment(state.restarts), state.restarts),
+        steps,
+        jnp.where(skip, steps, state.last_skipped_step),
     )
 
 

@@ -209,7 +209,7 @@ def run_tree(name: str, args: argparse.Namespace) -> dict:
     }
     record = {
         "tree": name,
-        "title": bc.TREE_TITLES[name],
+        "title": bc.tree_title(name, shapes),
         "params": int(size),
         "leaves": len(shapes),
         "bytes_per_step": 28 * int(size),

@@ -106,13 +106,25 @@ def _lm_shapes(scale: float) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-TREE_TITLES = {
-    "array16m": "one 16M-param array",
-    "array64m": "one 64M-param array",
-    "gpt": "GPT-like, 196 leaves",
-    "many": "many small leaves",
-    "lm16m": "transformer-shaped, 16.8M params",
-}
+def tree_title(name: str, shapes: dict[str, tuple[int, ...]]) -> str:
+    """A benchmark tree's label, its counts taken from ``shapes`` (so ``--quick`` and
+    ``--scale`` label what they run)."""
+    size = sum(math.prod(shape) for shape in shapes.values())
+    if name in ("array16m", "array64m"):
+        return f"one {_size_label(size)}-param array"
+    if name == "gpt":
+        return f"GPT-like, {len(shapes)} leaves"
+    if name == "many":
+        return "many small leaves"
+    return f"transformer-shaped, {size / 1e6:.3g}M params"
+
+
+def _size_label(size: int) -> str:
+    """16M for 16 * 2**20, 16K for 16 * 2**10, else the count with separators."""
+    for shift, unit in ((20, "M"), (10, "K")):
+        if size % 2**shift == 0:
+            return f"{size >> shift}{unit}"
+    return f"{size:,}"
 
 
 def make_tree(shapes: dict[str, tuple[int, ...]], seed: int, std: float) -> dict[str, np.ndarray]:

@@ -54,6 +54,9 @@ def test_quick_run_prints_and_writes_every_column(benchmark, tmp_path, capsys):
     assert [t["tree"] for t in record["trees"]] == list(benchmark.TREES)
     for tree in record["trees"]:
         assert tree["params"] > 0 and tree["leaves"] >= 1 and tree["probe_gb_per_s"] > 0
+        assert tree["title"] in printed
+        if tree["tree"] == "gpt":  # labelled from the tree run, not the full-size one
+            assert tree["title"] == f"GPT-like, {tree['leaves']} leaves" != "GPT-like, 196 leaves"
         names = [r["contender"] for r in tree["rows"]]
         has_torch = importlib.util.find_spec("torch") is not None
         assert names == [*JAX_ROWS, *(TORCH_ROWS if has_torch else ())]

@@ -301,7 +301,7 @@ def test_update_needs_params_with_the_same_structure(factory):
 
 
 def test_keras_adamw_refuses_complex_params():
-    with pytest.raises(TypeError, match=re.escape("params at ['z'] are complex")):
+    with pytest.raises(TypeError, match=re.escape("params at z are complex")):
         compat.keras_adamw().init({"z": jnp.ones(2, jnp.complex64)})
 
 

@@ -40,6 +40,15 @@ Cases:
 * ``adamw`` inside ``optax.chain`` after ``optax.clip_by_global_norm``, inside
   ``optax.MultiSteps`` (``mini_step``, ``gradient_step``, ``acc_grads`` compared) and inside
   ``optax.inject_hyperparams`` (the injected hyperparameters compared at every step).
+* Optax's own aliases built on adamw_jax (``OPTAX_ALIASES_ON_OURS``): ``optax.adam``,
+  ``nadam``, ``lamb``, ``lion``, ``fromage`` and ``lars``, each the chain Optax assembles
+  for it with adamw_jax's ``scale_by_adam`` and ``add_decayed_weights`` in place of Optax's
+  (the other pieces, trust ratio, Lion's sign, momentum, learning rate, are Optax's),
+  against the alias itself: ``lamb`` with a bool-tree mask and a weight decay, ``lion``
+  with a callable mask (its momentum compared at every step), ``fromage`` with a constant
+  and a scheduled learning rate (its L2 coefficient ``1 / sqrt(1 + lr^2) - 1`` is
+  negative), ``lars`` with its default mask ``True`` and with a bool tree (its momentum
+  compared at every step). Same tolerance, ``rtol=1e-6`` and no ``atol``.
 
 Deliberate differences, one test each (``test_difference_<n>_*``):
 
@@ -76,10 +85,14 @@ Deliberate differences, one test each (``test_difference_<n>_*``):
    (0.8984375), so after two steps a third of its entries differ from adamw_jax's (which
    equal Optax's given float32 betas).
 8. Masks: a mask's leaves may be boolean arrays, also traced ones (Optax's ``masked`` needs
-   Python booleans); a single boolean for the whole tree is refused (``TypeError``; under
-   ``inject_hyperparams`` it is what a callable mask turns into), where Optax takes it as a
-   prefix of the params; a callable mask is called with the params at ``update`` (Optax calls
-   it with the updates that reach its ``add_decayed_weights``: Adam's directions).
+   Python booleans); a single boolean for the whole tree is refused by ``adamw`` and
+   ``decoupled_weight_decay`` (``TypeError``; under ``inject_hyperparams`` it is what a
+   callable mask turns into), where Optax takes it as a prefix of the params
+   (``add_decayed_weights`` takes it too, as Optax's: ``optax.lars`` passes ``True``); a
+   callable mask is called with the params at ``update`` (Optax calls it with the updates
+   that reach its ``add_decayed_weights``: Adam's directions). Masks see paths as
+   ``adamw_jax.masks`` writes them, and a bool tree that differs from the params only in
+   Flax NNX's Variable layer is matched by path (Optax's ``masked`` refuses it).
 9. The decay steps' states always hold a ``count``: ``add_decayed_weights``'s state is
    ``AddDecayedWeightsState(count)`` for a number or a schedule, with or without a mask
    (Optax's is ``EmptyState``, ``WeightDecaySchedule`` or a ``MaskedState`` around either),
@@ -90,12 +103,15 @@ Deliberate differences, one test each (``test_difference_<n>_*``):
     ``update``, as any L2 penalty does; with the default ``l2 = 0`` it does not, like
     ``optax.adam``.
 11. Hyperparameters are checked when the transformation is built: out-of-range or
-    non-finite values (``b1 = 1``, a negative learning rate, a NaN ``eps``, ...) raise
-    ``ValueError``; Optax accepts them.
+    non-finite values (``b1 = 1``, a negative learning rate, a NaN ``eps``, a negative
+    decoupled weight decay, ...) raise ``ValueError``; Optax accepts them.
+    ``add_decayed_weights`` takes any finite coefficient, negative ones included, as
+    Optax's (``optax.fromage`` passes one).
 12. Integer params are refused (``TypeError`` naming the leaf); Optax steps them, with float
     updates and an integer second moment.
 """
 
+import functools
 import inspect
 import math
 import warnings
@@ -258,6 +274,126 @@ def _multisteps(tx):
     return optax.MultiSteps(tx, every_k_schedule=4).gradient_transformation()
 
 
+# Optax's own aliases re-assembled on adamw_jax: each is the chain Optax builds for it, with
+# adamw_jax's scale_by_adam and add_decayed_weights in place of Optax's. The other pieces
+# are Optax's, run under standard promotion (difference 4).
+
+
+def _optax_piece(tx) -> optax.GradientTransformationExtraArgs:
+    return _under("standard", tx)
+
+
+def _adam_on_ours(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, *, nesterov=False):
+    """``optax.adam`` (``optax.nadam`` with ``nesterov=True``) on adamw_jax's scale_by_adam."""
+    return optax.chain(
+        adamw_jax.scale_by_adam(b1, b2, eps, eps_root, nesterov=nesterov),
+        _optax_piece(optax.scale_by_learning_rate(learning_rate)),
+    )
+
+
+def _lamb_on_ours(
+    learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0.0, mask=None
+):
+    """``optax.lamb``: Adam's direction, an L2 term, the trust ratio, the learning rate."""
+    return optax.chain(
+        adamw_jax.scale_by_adam(b1, b2, eps, eps_root),
+        adamw_jax.add_decayed_weights(weight_decay, mask),
+        _optax_piece(optax.scale_by_trust_ratio()),
+        _optax_piece(optax.scale_by_learning_rate(learning_rate)),
+    )
+
+
+def _lion_on_ours(learning_rate, b1=0.9, b2=0.99, weight_decay=1e-3, mask=None):
+    """``optax.lion``: the sign of the interpolated momentum, an L2 term, the learning rate."""
+    return optax.chain(
+        _optax_piece(optax.scale_by_lion(b1, b2)),
+        adamw_jax.add_decayed_weights(weight_decay, mask),
+        _optax_piece(optax.scale_by_learning_rate(learning_rate)),
+    )
+
+
+def _fromage_multiplier(learning_rate):
+    return 1 / (1 + learning_rate**2) ** 0.5
+
+
+def _fromage_on_ours(learning_rate, min_norm=1e-6):
+    """``optax.fromage``: its L2 coefficient ``1 / sqrt(1 + lr^2) - 1`` is negative."""
+    if callable(learning_rate):
+        step_size = lambda c: _fromage_multiplier(learning_rate(c)) * learning_rate(c)  # noqa: E731
+        coefficient = lambda c: _fromage_multiplier(learning_rate(c)) - 1  # noqa: E731
+    else:
+        step_size = learning_rate * _fromage_multiplier(learning_rate)
+        coefficient = _fromage_multiplier(learning_rate) - 1
+    return optax.chain(
+        _optax_piece(optax.scale_by_trust_ratio(min_norm)),
+        _optax_piece(optax.scale_by_learning_rate(step_size)),
+        adamw_jax.add_decayed_weights(coefficient),
+    )
+
+
+def _lars_on_ours(learning_rate, weight_decay=0.0, weight_decay_mask=True, momentum=0.9):
+    """``optax.lars``: its default decay mask is the single boolean ``True``."""
+    return optax.chain(
+        adamw_jax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+        _optax_piece(optax.masked(optax.scale_by_trust_ratio(trust_coefficient=0.001), True)),
+        _optax_piece(optax.scale_by_learning_rate(learning_rate)),
+        _optax_piece(optax.trace(decay=momentum)),
+    )
+
+
+def _states_of(kind: type) -> Callable[[Any], list]:
+    """``state -> [each state of type kind in it]``: an Optax piece's state, in both chains."""
+
+    def extras(state):
+        found = []
+
+        def is_kind(x):
+            if isinstance(x, kind):
+                found.append(x)
+                return True
+            return False
+
+        jax.tree.leaves(state, is_leaf=is_kind)
+        return found
+
+    return extras
+
+
+FROMAGE_LR = _standard_schedule(
+    optax.exponential_decay(0.2, transition_steps=STEPS, decay_rate=0.1)
+)
+
+OPTAX_ALIASES_ON_OURS = {
+    "optax.adam-on-ours": _same(_adam_on_ours, optax.adam, LR, B1, 0.99, 1e-7),
+    "optax.nadam-on-ours": replace(
+        _same(functools.partial(_adam_on_ours, nesterov=True), optax.nadam, LR, B1, B2),
+        lookahead_atol=True,
+    ),
+    "optax.lamb-on-ours": _same(
+        _lamb_on_ours, optax.lamb, LR, B1, B2, 1e-6, 0.0, 0.01, DECAY_KERNELS
+    ),
+    "optax.lion-on-ours": Case(  # the same Python-float betas: both run Optax's scale_by_lion
+        lambda: _lion_on_ours(LR, 0.9, 0.99, 0.1, _rank_at_least_2),
+        lambda: optax.lion(LR, 0.9, 0.99, None, 0.1, _rank_at_least_2),
+        extras=_states_of(optax.ScaleByLionState),
+    ),
+    "optax.fromage-on-ours": Case(lambda: _fromage_on_ours(0.1), lambda: optax.fromage(0.1)),
+    "optax.fromage-schedule-on-ours": Case(
+        lambda: _fromage_on_ours(FROMAGE_LR), lambda: optax.fromage(FROMAGE_LR)
+    ),
+    "optax.lars-on-ours": Case(
+        lambda: _lars_on_ours(0.05, 0.01),
+        lambda: optax.lars(0.05, 0.01),
+        extras=_states_of(optax.TraceState),
+    ),
+    "optax.lars-mask-on-ours": Case(
+        lambda: _lars_on_ours(0.05, 0.01, DECAY_KERNELS),
+        lambda: optax.lars(0.05, 0.01, DECAY_KERNELS),
+        extras=_states_of(optax.TraceState),
+    ),
+}
+
+
 CASES = {
     "adamw-defaults": _same(adamw_jax.adamw, optax.adamw, LR),
     "adamw-positional": _same(adamw_jax.adamw, optax.adamw, LR, B1, 0.99, 1e-6, 0.0, None, 0.05),
@@ -341,6 +477,7 @@ CASES = {
         ),
         extras=_hyperparams,
     ),
+    **OPTAX_ALIASES_ON_OURS,
 }
 
 
@@ -665,12 +802,21 @@ def test_difference_8_masks():
     with jax.numpy_dtype_promotion("standard"), pytest.raises(jax.errors.TracerBoolConversionError):
         jax.jit(lambda m: step(optax.adamw, m))(array_mask)
 
-    # A single boolean: refused by adamw_jax, a prefix of the params for Optax.
+    # A single boolean: refused by adamw_jax's adamw, a prefix of the params for Optax;
+    # add_decayed_weights takes it, as Optax's does.
     with pytest.raises(TypeError, match="single boolean"):
         adamw_jax.adamw(LR, mask=True)
     with jax.numpy_dtype_promotion("standard"):
         everything = step(optax.adamw, True)
         chex.assert_trees_all_close(everything, step(optax.adamw, None), rtol=0)
+    for mask, expected in (
+        (True, jax.tree.map(lambda g, p: g + 0.1 * p, grads, params)),
+        (False, grads),
+    ):
+        l2 = adamw_jax.add_decayed_weights(0.1, mask)
+        chex.assert_trees_all_close(
+            l2.update(grads, l2.init(params), params)[0], expected, rtol=1e-6
+        )
 
     # A callable mask is called at update with the params (adamw_jax), or with the updates
     # that reach Optax's add_decayed_weights: Adam's directions.
@@ -754,6 +900,13 @@ def test_difference_11_hyperparameters_are_checked(name, value):
     optax.adamw(**kwargs)  # builds without complaint
     with pytest.raises(ValueError, match=name):
         adamw_jax.adamw(**kwargs)
+
+
+def test_difference_11_add_decayed_weights_takes_negative_coefficients_as_optax():
+    for weight_decay in (-0.1, lambda count: -0.1):
+        adamw_jax.add_decayed_weights(weight_decay)  # as optax.add_decayed_weights
+    with pytest.raises(ValueError, match=r"weight_decay must be in \(-inf, inf\)"):
+        adamw_jax.add_decayed_weights(math.inf)
 
 
 def test_difference_12_integer_params_are_refused():

@@ -1,5 +1,7 @@
 """add_decayed_weights and decoupled_weight_decay, with masks and schedules."""
 
+import inspect
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,54 @@ def test_add_decayed_weights_is_a_drop_in_for_optax(mask):
     got, _ = ours.update(GRADS, ours.init(PARAMS), PARAMS)
     want, _ = theirs.update(GRADS, theirs.init(PARAMS), PARAMS)
     chex.assert_trees_all_equal(got, want)
+
+
+def _fromage_decay(count):
+    """``optax.fromage``'s scheduled coefficient ``1 / sqrt(1 + lr_t^2) - 1``, negative."""
+    lr = 0.5 / (1.0 + count.astype(jnp.float32))
+    return 1.0 / jnp.sqrt(1.0 + lr**2) - 1.0
+
+
+@pytest.mark.parametrize(
+    "weight_decay, mask",
+    [
+        (1 / (1 + 0.3**2) ** 0.5 - 1, None),  # optax.fromage(0.3)'s coefficient
+        (-0.2, {"enc": {"w": True, "b": False}, "dec": True}),
+        (_fromage_decay, None),
+        (0.1, True),  # optax.lars' default mask
+        (0.1, False),
+        (-0.1, True),
+    ],
+    ids=["fromage", "negative-masked", "negative-schedule", "mask-True", "mask-False", "neg-True"],
+)
+def test_negative_coefficients_and_single_bool_masks_are_optaxs(weight_decay, mask):
+    """50 steps, the params moving with the updates; each step's updates equal Optax's."""
+    ours = adamw_jax.add_decayed_weights(weight_decay, mask)
+    theirs = optax.add_decayed_weights(weight_decay, mask)
+    params, s_ours, s_theirs = PARAMS, ours.init(PARAMS), theirs.init(PARAMS)
+    for _ in range(50):
+        got, s_ours = ours.update(GRADS, s_ours, params)
+        with jax.numpy_dtype_promotion("standard"):  # Optax mixes Python floats and arrays
+            want, s_theirs = theirs.update(GRADS, s_theirs, params)
+        chex.assert_trees_all_close(got, want, rtol=1e-6, atol=0.0)
+        params = jax.tree.map(lambda p, u: p - 0.1 * u, params, want)
+    if mask is False:
+        chex.assert_trees_all_equal(got, GRADS)
+
+
+def test_decoupled_decay_still_refuses_a_negative_coefficient():
+    with pytest.raises(ValueError, match=r"^weight_decay must be in \[0.0, inf\); got -0.1"):
+        adamw_jax.decoupled_weight_decay(0.1, -0.1)
+    with pytest.raises(ValueError, match=r"^weight_decay must be in \(-inf, inf\); got nan"):
+        adamw_jax.add_decayed_weights(float("nan"))
+
+
+def test_decoupled_decay_requires_a_learning_rate_as_adamw_does():
+    for factory in (adamw_jax.decoupled_weight_decay, adamw_jax.adamw):
+        parameter = inspect.signature(factory).parameters["learning_rate"]
+        assert parameter.default is inspect.Parameter.empty, factory
+        with pytest.raises(TypeError, match="learning_rate"):
+            factory()
 
 
 def test_add_decayed_weights_follows_a_schedule():
@@ -84,13 +134,13 @@ def test_masks_that_do_not_fit_the_params_are_refused():
 
 
 def test_params_are_required():
-    for tx in (adamw_jax.decoupled_weight_decay(), adamw_jax.add_decayed_weights(0.1)):
+    for tx in (adamw_jax.decoupled_weight_decay(0.1), adamw_jax.add_decayed_weights(0.1)):
         with pytest.raises(ValueError, match="needs the params"):
             tx.update(GRADS, tx.init(PARAMS))
 
 
 def test_updates_that_do_not_fit_the_params_are_refused():
-    tx = adamw_jax.decoupled_weight_decay()
+    tx = adamw_jax.decoupled_weight_decay(0.1)
     with pytest.raises(ValueError, match="tree structure"):
         tx.update({"dec": GRADS["dec"]}, tx.init(PARAMS), PARAMS)
     bad = {**GRADS, "dec": jnp.ones(5)}
@@ -149,22 +199,22 @@ def test_masks_apply_with_a_target_and_cautious_decay():
 
 def test_decay_targets_that_do_not_fit_the_params_are_refused():
     partial = {"enc": {"w": SIGNED["enc"]["w"]}}
-    bad_structure = adamw_jax.decoupled_weight_decay(decay_target=partial)
+    bad_structure = adamw_jax.decoupled_weight_decay(0.1, decay_target=partial)
     with pytest.raises(ValueError, match="decay_target have a different tree structure"):
         bad_structure.init(SIGNED)
     bad_shape = adamw_jax.decoupled_weight_decay(
-        decay_target={"enc": {"w": jnp.ones(6), "b": jnp.ones(3)}}
+        0.1, decay_target={"enc": {"w": jnp.ones(6), "b": jnp.ones(3)}}
     )
     with pytest.raises(ValueError, match=r"decay_target at \['enc'\]\['w'\] have shape \(6,\)"):
         bad_shape.init(SIGNED)
     with pytest.raises(ValueError, match=r"decay_target must be one of \('zero', 'init'\)"):
-        adamw_jax.decoupled_weight_decay(decay_target="initial")
+        adamw_jax.decoupled_weight_decay(0.1, decay_target="initial")
     with pytest.raises(TypeError, match="decay_target must be one of"):
         adamw_jax.adamw(1e-3, decay_target=None)
 
 
 def test_a_state_without_the_target_is_refused():
-    tx = adamw_jax.decoupled_weight_decay(decay_target="init")
+    tx = adamw_jax.decoupled_weight_decay(0.1, decay_target="init")
     with pytest.raises(ValueError, match="state without a target"):
         tx.update(DIRECTION, adamw_jax.DecoupledWeightDecayState(jnp.zeros([], jnp.int32)), SIGNED)
 

@@ -1,5 +1,7 @@
 """skip_spikes and cautious: against NumPy transcriptions, and under jit, vmap and wrappers."""
 
+import inspect
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -311,10 +313,10 @@ def test_max_consecutive_skips_matches_numpy_transcription_float64():
             g, value = x
             updates, new = tx.update(g, state, params, value=value)
             row = (new.last_z, new.skipped > state.skipped, new.consecutive, new.restarts)
-            return (optax.apply_updates(params, updates), new), row
+            return (optax.apply_updates(params, updates), new), (*row, new.last_skipped_step)
 
         run = jax.jit(lambda p, xs: jax.lax.scan(step, (p, tx.init(p)), xs))
-        (params, state), (z, skipped, consecutive, restart_count) = run(
+        (params, state), (z, skipped, consecutive, restart_count, last_skipped) = run(
             jnp.zeros(DIM), (jnp.asarray(noise), jnp.asarray(loss))
         )
     # The transcription sees what the test is about: both jumps restart, the bursts do not.
@@ -323,6 +325,11 @@ def test_max_consecutive_skips_matches_numpy_transcription_float64():
     np.testing.assert_array_equal(np.asarray(skipped), skips)
     np.testing.assert_array_equal(np.asarray(consecutive), runs)
     np.testing.assert_array_equal(np.asarray(restart_count), restarts)
+    numbers = np.arange(1, steps + 1)  # steps count from 1
+    np.testing.assert_array_equal(
+        np.asarray(last_skipped), np.maximum.accumulate(np.where(skips, numbers, 0))
+    )
+    assert int(state.steps) == steps and int(state.skipped) == skips.sum()
     finite = np.isfinite(zs)
     np.testing.assert_allclose(np.asarray(z)[finite], zs[finite], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose([float(state.mean), float(state.var)], [mean, var], rtol=1e-9)
@@ -360,6 +367,36 @@ def test_a_lasting_jump_is_skipped_for_good_unless_bounded(bound):
     assert np.abs(z[-100:]).max() < 6.0
 
 
+def test_a_lasting_rise_of_the_gradient_norm_recovers_within_the_default_bound():
+    """A lasting 1.5x rise of the gradient norm at step 200 of 1000, all defaults.
+
+    Unbounded, the 800 steps after the rise would all be skipped. With the default bound,
+    ``bound`` steps are skipped, the next is accepted and restarts the statistics, and no
+    later step is skipped; the counters say so exactly.
+    """
+    steps, rise = 1000, 200
+    bound = inspect.signature(adamw_jax.skip_spikes).parameters["max_consecutive_skips"].default
+    assert bound == adamw_jax.stability.DEFAULT_MAX_CONSECUTIVE_SKIPS == 20
+    rng = np.random.default_rng(8)
+    noise = rng.normal(size=(steps, 1000))  # norms 31.6 +- 0.7: the rise is 22 std out
+    noise[rise:] *= 1.5
+    with jax.enable_x64(True):
+        tx = adamw_jax.skip_spikes(optax.sgd(0.1))
+        _, state, z, skipped = run_recorded(tx, jnp.zeros(1000), lambda p, n: n, jnp.asarray(noise))
+    norms = np.sqrt(np.sum(noise * noise, axis=1))
+    want = skip_spikes_with_restarts(
+        norms, max_consecutive_skips=bound, threshold=6.0, window=100, warmup=20
+    )
+    np.testing.assert_array_equal(skipped, want[0])
+    assert not skipped[:rise].any() and skipped[rise : rise + bound].all()
+    assert not skipped[rise + bound :].any()  # recovered: the 21st step at the new level on
+    assert float(z[rise]) > 6.0 and np.abs(z[-100:]).max() < 6.0
+    counters = (state.steps, state.skipped, state.consecutive, state.restarts)
+    assert [int(c) for c in counters] == [steps, bound, 0, 1]
+    assert int(state.last_skipped_step) == rise + bound  # steps number from 1
+    assert int(state.accepted) == steps - rise - bound  # counted again from the restart
+
+
 def test_non_finite_metrics_never_end_or_lengthen_a_run_of_skips():
     tx = adamw_jax.skip_spikes(optax.sgd(0.1), metric="loss", warmup=3, max_consecutive_skips=2)
     state = tx.init(PARAMS)
@@ -371,12 +408,14 @@ def test_non_finite_metrics_never_end_or_lengthen_a_run_of_skips():
         history.append((int(state.consecutive), int(state.restarts)))
     # 9.0 is skipped twice (NaN and inf in between do not count), the third 9.0 restarts.
     assert history[4:] == [(1, 0), (1, 0), (1, 0), (2, 0), (2, 0), (0, 1)]
+    assert (int(state.steps), int(state.last_skipped_step)) == (10, 9)  # the last NaN
     assert float(jnp.abs(updates["w"]).max()) > 0 and float(state.mean) == 9.0
     assert int(state.skipped) == 5 and int(state.accepted) == 1
     for _ in range(5):  # a lasting NaN is never accepted, however long
         updates, state = step(_grads(1.0, 0), state, PARAMS, value=jnp.float32(np.nan))
     chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, PARAMS))
     assert (int(state.restarts), int(state.consecutive)) == (1, 0)
+    assert (int(state.steps), int(state.last_skipped_step), int(state.skipped)) == (15, 15, 10)
 
 
 def test_max_consecutive_skips_can_be_injected():
@@ -476,4 +515,4 @@ def test_cautious_flags_must_be_bools(name):
     with pytest.raises(TypeError, match=f"{name} must be a bool; got 1"):
         adamw_jax.adamw(1e-2, **{name: 1})
     with pytest.raises(TypeError, match="cautious must be a bool; got 'yes'"):
-        adamw_jax.decoupled_weight_decay(cautious="yes")
+        adamw_jax.decoupled_weight_decay(1e-3, cautious="yes")
