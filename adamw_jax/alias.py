@@ -22,6 +22,7 @@ def adamw(
     mask: Mask = None,
     *,
     nesterov: bool = False,
+    nesterov_bias_correction: str = "optax",
     decay_coupling: str = "lr",
     peak_learning_rate: float | None = None,
     amsgrad: bool = False,
@@ -70,6 +71,9 @@ def adamw(
       mask: which leaves decay: None (all), a bool pytree like the params, or a callable
         ``params -> bool pytree`` such as ``adamw_jax.masks.by_ndim(2)``.
       nesterov: Nesterov look-ahead on the first moment (as ``optax.nadamw``).
+      nesterov_bias_correction: ``"optax"`` (default, as ``optax.nadamw``) or
+        ``"algoperf"`` (as AlgoPerf's NAdamW), with ``nesterov`` (see
+        :func:`adamw_jax.scale_by_adam`).
       decay_coupling: ``"lr"`` (default, as PyTorch and Optax), ``"schedule"`` (the paper)
         or ``"none"`` (independent decay).
       peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"`` with a
@@ -133,6 +137,7 @@ def adamw(
         eps_root,
         mu_dtype,
         nesterov=nesterov,
+        nesterov_bias_correction=nesterov_bias_correction,
         amsgrad=amsgrad,
         nu_dtype=nu_dtype,
         block_size=block_size,
@@ -165,6 +170,7 @@ def adam(
     mu_dtype: MomentDtype = None,
     *,
     nesterov: bool = False,
+    nesterov_bias_correction: str = "optax",
     l2: ScalarOrSchedule = 0.0,
     mask: Mask = None,
     amsgrad: bool = False,
@@ -197,6 +203,8 @@ def adam(
         dtype, ``"int8"`` or ``"int4"`` (blockwise 8-bit or 4-bit codes, see
         :func:`adamw_jax.scale_by_adam`).
       nesterov: Nesterov look-ahead on the first moment.
+      nesterov_bias_correction: ``"optax"`` or ``"algoperf"``, with ``nesterov`` (as in
+        :func:`adamw`).
       l2: :math:`\lambda`, the L2 coefficient, in [0, inf) (the penalty is
         :math:`\tfrac{\lambda}{2}\lVert w \rVert^2`): a number, a scalar array or a schedule.
       mask: which leaves are penalized (as in :func:`adamw`).
@@ -236,6 +244,7 @@ def adam(
             eps_root,
             mu_dtype,
             nesterov=nesterov,
+            nesterov_bias_correction=nesterov_bias_correction,
             amsgrad=amsgrad,
             nu_dtype=nu_dtype,
             block_size=block_size,

@@ -29,7 +29,7 @@ from adamw_jax import _moment_storage, _numerics, _validate, masks
 from adamw_jax._base import Mask, MomentDtype, ScalarOrArray, ScalarOrSchedule
 from adamw_jax.alias import adamw
 from adamw_jax.decay import DecoupledWeightDecayState, decay_scalars, effective_coupling
-from adamw_jax.moments import ScaleByAdamState
+from adamw_jax.moments import ScaleByAdamState, nesterov_weights
 from adamw_jax.quantize import QuantizedArray, QuantizedArray4
 
 BACKENDS = ("auto", "kernel", "xla")
@@ -96,6 +96,7 @@ def fused_adamw(
     mask: Mask = None,
     *,
     nesterov: bool = False,
+    nesterov_bias_correction: str = "optax",
     decay_coupling: str = "lr",
     peak_learning_rate: float | None = None,
     amsgrad: bool = False,
@@ -147,6 +148,8 @@ def fused_adamw(
         schedule; 1e-4 by default.
       mask: which leaves decay, as in :func:`adamw_jax.adamw`.
       nesterov: Nesterov look-ahead on the first moment.
+      nesterov_bias_correction: ``"optax"`` or ``"algoperf"``, with ``nesterov``, as in
+        :func:`adamw_jax.adamw` (the kernel takes both).
       decay_coupling: ``"lr"``, ``"schedule"`` or ``"none"``, as in :func:`adamw_jax.adamw`.
       peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"``.
       amsgrad: use the running maximum of the bias-corrected second moment.
@@ -191,6 +194,7 @@ def fused_adamw(
         weight_decay,
         mask,
         nesterov=nesterov,
+        nesterov_bias_correction=nesterov_bias_correction,
         decay_coupling=decay_coupling,
         peak_learning_rate=peak_learning_rate,
         amsgrad=amsgrad,
@@ -232,7 +236,16 @@ def fused_adamw(
         if how is None:
             return _xla_step(tx, params, grads, state)
         hyper = _kernel_hyper(
-            b1, b2, eps, eps_root, learning_rate, weight_decay, coupling, peak_learning_rate, state
+            b1,
+            b2,
+            eps,
+            eps_root,
+            learning_rate,
+            weight_decay,
+            coupling,
+            peak_learning_rate,
+            state,
+            nesterov_bias_correction=nesterov_bias_correction,
         )
         if not jax.tree.leaves(params):  # an empty tree: no kernel call to make
             return _xla_step(tx, params, grads, state)
@@ -393,7 +406,7 @@ class _KernelHyper(NamedTuple):
     eps_root: jax.Array
     lr: jax.Array  # the learning rate at this step
     wd: jax.Array  # the decay factor: weight_decay, or weight_decay / peak learning rate
-    nesterov_m: jax.Array  # b1 / (1 - b1^(t+1))
+    nesterov_m: jax.Array  # b1 / (1 - b1^(t+1)); "algoperf": b1 / (1 - b1^t)
     nesterov_g: jax.Array  # (1 - b1) / (1 - b1^t)
     # The step count t as uint32, its bits carried in a float32 slot (not a float value): the
     # salt of the second moment's stochastic rounding in bfloat16.
@@ -406,7 +419,17 @@ class _KernelHyper(NamedTuple):
 
 
 def _kernel_hyper(
-    b1, b2, eps, eps_root, learning_rate, weight_decay, coupling, peak_learning_rate, state
+    b1,
+    b2,
+    eps,
+    eps_root,
+    learning_rate,
+    weight_decay,
+    coupling,
+    peak_learning_rate,
+    state,
+    *,
+    nesterov_bias_correction: str = "optax",
 ) -> _KernelHyper:
     """The kernel's scalars for this step, computed as ``adamw``'s XLA code does."""
     adam_state, decay_state = state
@@ -418,6 +441,9 @@ def _kernel_hyper(
     lr = _numerics.value_at(learning_rate, decay_state.count)
     wd = _numerics.value_at(weight_decay, decay_state.count)
     scalars = decay_scalars(lr, wd, coupling, peak_learning_rate, r)
+    nesterov_m, nesterov_g = nesterov_weights(
+        beta1, c1, 1 - beta1 ** (t + 1), nesterov_bias_correction
+    )
     return _KernelHyper(
         b1=beta1,
         one_minus_b1=1 - beta1,
@@ -429,8 +455,8 @@ def _kernel_hyper(
         eps_root=jnp.asarray(eps_root, r),
         lr=scalars.lr,
         wd=scalars.decay,
-        nesterov_m=beta1 / (1 - beta1 ** (t + 1)),
-        nesterov_g=(1 - beta1) / c1,
+        nesterov_m=nesterov_m,
+        nesterov_g=nesterov_g,
         rounding_salt=jax.lax.bitcast_convert_type(count.astype(jnp.uint32), jnp.float32),
         c2=c2,
     )

@@ -58,6 +58,12 @@ CONFIGS = {
     "default": {},
     "amsgrad": {"amsgrad": True, "weight_decay": 1e-2},
     "nesterov": {"nesterov": True, "weight_decay": 0.3},
+    "nesterov_algoperf": {
+        "nesterov": True,
+        "nesterov_bias_correction": "algoperf",
+        "b1": 0.8,
+        "weight_decay": 0.3,
+    },
     "none": {"decay_coupling": "none", "weight_decay": 1e-3},
     "schedule": {
         "learning_rate": optax.linear_schedule(3e-2, 1e-3, 150),
