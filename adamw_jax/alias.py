@@ -45,7 +45,8 @@ def adamw(
             {\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon} - d_t w_{t-1},
 
     with :math:`d_t = \eta_t\lambda_t` (``"lr"``), :math:`(\eta_t/\eta_{peak})\lambda_t`
-    (``"schedule"``) or :math:`\lambda_t` (``"none"``) on the leaves ``mask`` selects, and
+    (``"schedule"``), :math:`\lambda_t` (``"none"``) or :math:`(\eta_t^2/\eta_{peak})\lambda_t`
+    (``"adamc"``) on the leaves ``mask`` selects, and
     :math:`d_t = 0` elsewhere. The chain of :func:`adamw_jax.scale_by_adam` and
     :func:`adamw_jax.decoupled_weight_decay`. With ``decay_coupling="lr"`` it takes the
     same steps as ``optax.adamw`` and ``torch.optim.AdamW`` (up to their order of
@@ -74,10 +75,11 @@ def adamw(
       nesterov_bias_correction: ``"optax"`` (default, as ``optax.nadamw``) or
         ``"algoperf"`` (as AlgoPerf's NAdamW), with ``nesterov`` (see
         :func:`adamw_jax.scale_by_adam`).
-      decay_coupling: ``"lr"`` (default, as PyTorch and Optax), ``"schedule"`` (the paper)
-        or ``"none"`` (independent decay).
-      peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"`` with a
-        learning-rate schedule.
+      decay_coupling: ``"lr"`` (default, as PyTorch and Optax), ``"schedule"`` (the paper),
+        ``"none"`` (independent decay) or ``"adamc"`` (AdamC, for normalized layers: see
+        :func:`adamw_jax.decoupled_weight_decay`).
+      peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"`` or
+        ``"adamc"`` with a learning-rate schedule.
       amsgrad: use the running maximum of the bias-corrected second moment.
       nu_dtype: storage dtype of the second moment (None: the params' real dtype), a
         floating dtype, ``"int8"`` or ``"int4"``.

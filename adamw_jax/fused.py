@@ -47,9 +47,15 @@ _INT8_CODES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
 # path's codes there; such a step takes the XLA code.
 _QUANTIZED = (_INT8, _INT4)
 # The kernel's `coupling` attribute (enum Decay in csrc/fused_adamw.cc) for each coupling
-# the step applies: "schedule" is "lr" with the decay factor already divided by the peak.
+# the step applies: "schedule" and "adamc" are "lr" with the decay factor already scaled by
+# the peak (decay_scalars).
 _LR_COUPLED, _INDEPENDENT = 1, 2
-_KERNEL_COUPLING = {"lr": _LR_COUPLED, "schedule": _LR_COUPLED, "none": _INDEPENDENT}
+_KERNEL_COUPLING = {
+    "lr": _LR_COUPLED,
+    "schedule": _LR_COUPLED,
+    "none": _INDEPENDENT,
+    "adamc": _LR_COUPLED,
+}
 
 
 class FusedAdamW(NamedTuple):
@@ -150,8 +156,9 @@ def fused_adamw(
       nesterov: Nesterov look-ahead on the first moment.
       nesterov_bias_correction: ``"optax"`` or ``"algoperf"``, with ``nesterov``, as in
         :func:`adamw_jax.adamw` (the kernel takes both).
-      decay_coupling: ``"lr"``, ``"schedule"`` or ``"none"``, as in :func:`adamw_jax.adamw`.
-      peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"``.
+      decay_coupling: ``"lr"``, ``"schedule"``, ``"none"`` or ``"adamc"``, as in
+        :func:`adamw_jax.adamw`.
+      peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"`` or ``"adamc"``.
       amsgrad: use the running maximum of the bias-corrected second moment.
       nu_dtype: storage dtype of the second moment: None (the params' real dtype), a
         floating dtype, ``"int8"`` or ``"int4"``.
@@ -405,7 +412,9 @@ class _KernelHyper(NamedTuple):
     eps: jax.Array
     eps_root: jax.Array
     lr: jax.Array  # the learning rate at this step
-    wd: jax.Array  # the decay factor: weight_decay, or weight_decay / peak learning rate
+    # the decay factor: weight_decay, weight_decay / peak ("schedule") or
+    # weight_decay * lr / peak ("adamc")
+    wd: jax.Array
     nesterov_m: jax.Array  # b1 / (1 - b1^(t+1)); "algoperf": b1 / (1 - b1^t)
     nesterov_g: jax.Array  # (1 - b1) / (1 - b1^t)
     # The step count t as uint32, its bits carried in a float32 slot (not a float value): the

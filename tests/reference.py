@@ -17,7 +17,8 @@ are evaluated at ``t - 1``, the step count before the update)::
 
 with the decay ``d`` by ``decay_coupling``: ``lr * weight_decay`` ("lr"),
 ``(lr / peak_learning_rate) * weight_decay`` ("schedule"; ``weight_decay`` when no peak is
-given), ``weight_decay`` ("none"); ``d = 0`` on leaves the mask leaves out. This is the
+given), ``weight_decay`` ("none"), ``lr**2 / peak_learning_rate * weight_decay`` ("adamc";
+``lr * weight_decay`` when no peak is given); ``d = 0`` on leaves the mask leaves out. This is the
 update of the README's "The update" section.
 
 :func:`algoperf_nadamw_trajectory` transcribes the NAdamW baseline of MLCommons AlgoPerf
@@ -100,6 +101,8 @@ def adamw_trajectory(
                 d = lr * wd
             elif decay_coupling == "schedule":
                 d = wd if peak_learning_rate is None else (lr / peak_learning_rate) * wd
+            elif decay_coupling == "adamc":
+                d = lr * wd if peak_learning_rate is None else lr**2 / peak_learning_rate * wd
             else:
                 d = wd
             if not decays:

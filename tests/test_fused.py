@@ -71,6 +71,12 @@ CONFIGS = {
         "peak_learning_rate": 3e-2,
         "weight_decay": 0.1,
     },
+    "adamc": {
+        "learning_rate": optax.linear_schedule(3e-2, 1e-3, 150),
+        "decay_coupling": "adamc",
+        "peak_learning_rate": 3e-2,
+        "weight_decay": 0.5,
+    },
     "bf16_moments": {
         "mu_dtype": jnp.bfloat16,
         "nu_dtype": jnp.bfloat16,
