@@ -224,6 +224,8 @@ def fused_adamw(
     # Settings the kernel does not implement: with them, every step takes the XLA code.
     needs_xla = param_update is not None or moment_layout != "tree"
 
+    hyper_args = (b1, b2, eps, eps_root, learning_rate, weight_decay, coupling, peak_learning_rate)
+
     def plan(params, grads, state):
         """How the kernel takes this step (a _KernelPlan), or None for the XLA code."""
         if backend == "xla" or jax.default_backend() != "cpu" or not kernel_available():
@@ -242,18 +244,7 @@ def fused_adamw(
             raise _kernel_refused()
         if how is None:
             return _xla_step(tx, params, grads, state)
-        hyper = _kernel_hyper(
-            b1,
-            b2,
-            eps,
-            eps_root,
-            learning_rate,
-            weight_decay,
-            coupling,
-            peak_learning_rate,
-            state,
-            nesterov_bias_correction=nesterov_bias_correction,
-        )
+        hyper = _kernel_hyper(*hyper_args, state, nesterov_bias_correction=nesterov_bias_correction)
         if not jax.tree.leaves(params):  # an empty tree: no kernel call to make
             return _xla_step(tx, params, grads, state)
         return _kernel_step(options, params, state, hyper, how)
