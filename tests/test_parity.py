@@ -5,8 +5,8 @@ script, run again here. A figure of the page is a bound within a factor of 10 bo
 the comparison fails if it measures more than 10 times the page's figure (adamw_jax moved
 away from what it reproduces) or less than a tenth of it (the page went stale). A float64
 figure at or below the row's floor (rounding) may shrink but not grow past 10 times the
-floor; a ``0`` (bitwise equal) must stay exactly 0. With ``ADAMW_JAX_REQUIRE_PARITY=1`` a missing torch or
-keras fails these tests instead of skipping them, as in ``test_compat.py``.
+floor; a ``0`` (bitwise equal) must stay exactly 0. With ``ADAMW_JAX_REQUIRE_PARITY=1`` a
+missing torch or keras fails these tests instead of skipping them, as in ``test_compat.py``.
 """
 
 from __future__ import annotations
