@@ -22,6 +22,7 @@ def adamw(
     mask: Mask = None,
     *,
     nesterov: bool = False,
+    nesterov_bias_correction: str = "optax",
     decay_coupling: str = "lr",
     peak_learning_rate: float | None = None,
     amsgrad: bool = False,
@@ -44,7 +45,8 @@ def adamw(
             {\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon} - d_t w_{t-1},
 
     with :math:`d_t = \eta_t\lambda_t` (``"lr"``), :math:`(\eta_t/\eta_{peak})\lambda_t`
-    (``"schedule"``) or :math:`\lambda_t` (``"none"``) on the leaves ``mask`` selects, and
+    (``"schedule"``), :math:`\lambda_t` (``"none"``) or :math:`(\eta_t^2/\eta_{peak})\lambda_t`
+    (``"adamc"``) on the leaves ``mask`` selects, and
     :math:`d_t = 0` elsewhere. The chain of :func:`adamw_jax.scale_by_adam` and
     :func:`adamw_jax.decoupled_weight_decay`. With ``decay_coupling="lr"`` it takes the
     same steps as ``optax.adamw`` and ``torch.optim.AdamW`` (up to their order of
@@ -70,10 +72,14 @@ def adamw(
       mask: which leaves decay: None (all), a bool pytree like the params, or a callable
         ``params -> bool pytree`` such as ``adamw_jax.masks.by_ndim(2)``.
       nesterov: Nesterov look-ahead on the first moment (as ``optax.nadamw``).
-      decay_coupling: ``"lr"`` (default, as PyTorch and Optax), ``"schedule"`` (the paper)
-        or ``"none"`` (independent decay).
-      peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"`` with a
-        learning-rate schedule.
+      nesterov_bias_correction: ``"optax"`` (default, as ``optax.nadamw``) or
+        ``"algoperf"`` (as AlgoPerf's NAdamW), with ``nesterov`` (see
+        :func:`adamw_jax.scale_by_adam`).
+      decay_coupling: ``"lr"`` (default, as PyTorch and Optax), ``"schedule"`` (the paper),
+        ``"none"`` (independent decay) or ``"adamc"`` (AdamC, for normalized layers: see
+        :func:`adamw_jax.decoupled_weight_decay`).
+      peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"`` or
+        ``"adamc"`` with a learning-rate schedule.
       amsgrad: use the running maximum of the bias-corrected second moment.
       nu_dtype: storage dtype of the second moment (None: the params' real dtype), a
         floating dtype, ``"int8"`` or ``"int4"``.
@@ -133,6 +139,7 @@ def adamw(
         eps_root,
         mu_dtype,
         nesterov=nesterov,
+        nesterov_bias_correction=nesterov_bias_correction,
         amsgrad=amsgrad,
         nu_dtype=nu_dtype,
         block_size=block_size,
@@ -165,6 +172,7 @@ def adam(
     mu_dtype: MomentDtype = None,
     *,
     nesterov: bool = False,
+    nesterov_bias_correction: str = "optax",
     l2: ScalarOrSchedule = 0.0,
     mask: Mask = None,
     amsgrad: bool = False,
@@ -197,6 +205,8 @@ def adam(
         dtype, ``"int8"`` or ``"int4"`` (blockwise 8-bit or 4-bit codes, see
         :func:`adamw_jax.scale_by_adam`).
       nesterov: Nesterov look-ahead on the first moment.
+      nesterov_bias_correction: ``"optax"`` or ``"algoperf"``, with ``nesterov`` (as in
+        :func:`adamw`).
       l2: :math:`\lambda`, the L2 coefficient, in [0, inf) (the penalty is
         :math:`\tfrac{\lambda}{2}\lVert w \rVert^2`): a number, a scalar array or a schedule.
       mask: which leaves are penalized (as in :func:`adamw`).
@@ -236,6 +246,7 @@ def adam(
             eps_root,
             mu_dtype,
             nesterov=nesterov,
+            nesterov_bias_correction=nesterov_bias_correction,
             amsgrad=amsgrad,
             nu_dtype=nu_dtype,
             block_size=block_size,

@@ -12,7 +12,9 @@ import optax
 from adamw_jax import _numerics, _validate, masks
 from adamw_jax._base import Mask, ScalarOrSchedule
 
-DECAY_COUPLINGS = ("lr", "schedule", "none")
+DECAY_COUPLINGS = ("lr", "schedule", "none", "adamc")
+# The couplings whose decay follows learning_rate(t) / peak_learning_rate.
+_PEAK_COUPLINGS = ("schedule", "adamc")
 DECAY_TARGETS = ("zero", "init")
 
 
@@ -147,14 +149,27 @@ def decoupled_weight_decay(
       d_t = \begin{cases}
         \eta_t \lambda_t & \text{"lr" (PyTorch, Optax)} \\
         (\eta_t / \eta_{peak}) \lambda_t & \text{"schedule" (Loshchilov \& Hutter)} \\
-        \lambda_t & \text{"none" (independent of the step size)}
+        \lambda_t & \text{"none" (independent of the step size)} \\
+        (\eta_t^2 / \eta_{peak}) \lambda_t & \text{"adamc" (Defazio)}
       \end{cases}
 
-    and :math:`d_t = 0` on leaves the mask leaves out. With ``"schedule"`` and a learning
-    rate that is not a schedule, :math:`\eta_t / \eta_{peak} = 1` unless
-    ``peak_learning_rate`` is given. The step is computed in float32 or the wider of the
-    update's and the parameter's dtypes, and returned in the parameter's dtype (so a
-    bfloat16 direction applied to float32 params loses nothing further).
+    and :math:`d_t = 0` on leaves the mask leaves out. With ``"schedule"`` or ``"adamc"``
+    and a learning rate that is not a schedule, :math:`\eta_t / \eta_{peak} = 1` unless
+    ``peak_learning_rate`` is given (``"adamc"`` is then ``"lr"``).
+
+    The step is computed in float32 or the wider of the update's and the parameter's dtypes,
+    and returned in the parameter's dtype (so a bfloat16 direction applied to float32
+    params loses nothing further).
+
+    ``"adamc"`` (AdamC) is ``"lr"`` with the decay scaled by :math:`\eta_t / \eta_{peak}`.
+    For a layer whose output is normalized (a matrix followed by LayerNorm or RMSNorm), the
+    weight norm settles where decay and update balance, at a ratio of update norm to weight
+    norm of about :math:`\sqrt{2 d_t} / \eta_t`: with ``"lr"`` that is
+    :math:`\sqrt{2 \lambda / \eta_t}`, which grows as the schedule anneals :math:`\eta_t`
+    (the gradient norm's rise at the end of training); with ``"adamc"`` it stays
+    :math:`\sqrt{2 \lambda / \eta_{peak}}`. It is meant for those layers: give a ``mask``
+    that selects them (e.g. ``adamw_jax.masks.by_ndim(2)``, the matrices); the leaves it
+    leaves out take the plain step :math:`-\eta_t u`.
 
     With a decay target :math:`w_{ref}` the decay pulls toward it instead of toward zero
     (as in fine-tuning, where it keeps the weights near the pretrained ones):
@@ -180,9 +195,9 @@ def decoupled_weight_decay(
         1e-4 by default, as ``optax.adamw``'s.
       mask: None (all leaves), a bool pytree like the params (or a prefix of it), or a
         callable ``params -> bool pytree`` (see :mod:`adamw_jax.masks`).
-      decay_coupling: ``"lr"``, ``"schedule"`` or ``"none"``.
-      peak_learning_rate: :math:`\eta_{peak}`, in (0, inf); only with ``"schedule"``, and
-        required there when ``learning_rate`` is a schedule.
+      decay_coupling: ``"lr"``, ``"schedule"``, ``"none"`` or ``"adamc"``.
+      peak_learning_rate: :math:`\eta_{peak}`, in (0, inf); only with ``"schedule"`` or
+        ``"adamc"``, and required there when ``learning_rate`` is a schedule.
       cautious: a bool; True decays only the coordinates where the update and
         :math:`w - w_{ref}` agree in sign (cautious weight decay). Works with every
         ``decay_coupling`` and mask.
@@ -216,6 +231,8 @@ def decoupled_weight_decay(
     References:
       Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
       Chen et al., "Cautious Weight Decay", arXiv:2510.12402, 2025.
+      Defazio, "Why Gradients Rapidly Increase Near the End of Training",
+      arXiv:2506.02285, 2025 (``"adamc"``).
     """
     _validate.check_scalar("learning_rate", learning_rate, low=0.0, allow_schedule=True)
     _validate.check_scalar("weight_decay", weight_decay, low=0.0, allow_schedule=True)
@@ -286,33 +303,37 @@ def _state_target(decay_target: Any, state: DecoupledWeightDecayState, params: A
 def _check_peak_learning_rate(
     peak_learning_rate: Any, decay_coupling: str, learning_rate: ScalarOrSchedule
 ) -> None:
-    """Refuses a peak without ``"schedule"``, and ``"schedule"`` on a schedule without one."""
+    """Refuses a peak the coupling does not use, and a missing one that it needs.
+
+    ``"schedule"`` and ``"adamc"`` use it, and need it when ``learning_rate`` is a schedule.
+    """
     if peak_learning_rate is not None:
-        if decay_coupling != "schedule":
+        if decay_coupling not in _PEAK_COUPLINGS:
             raise ValueError(
-                "peak_learning_rate is used only with decay_coupling='schedule'; got "
-                f"peak_learning_rate={peak_learning_rate!r} with "
+                "peak_learning_rate is used only with decay_coupling='schedule' or 'adamc'; "
+                f"got peak_learning_rate={peak_learning_rate!r} with "
                 f"decay_coupling={decay_coupling!r}."
             )
         _validate.check_scalar(
             "peak_learning_rate", peak_learning_rate, low=0.0, low_inclusive=False
         )
-    elif decay_coupling == "schedule" and _numerics.is_schedule(learning_rate):
+    elif decay_coupling in _PEAK_COUPLINGS and _numerics.is_schedule(learning_rate):
         raise ValueError(
-            "peak_learning_rate must be given (in (0, inf)) when decay_coupling='schedule' "
-            "and learning_rate is a schedule: the decay follows learning_rate(t) / "
-            "peak_learning_rate."
+            "peak_learning_rate must be given (in (0, inf)) when "
+            f"decay_coupling={decay_coupling!r} and learning_rate is a schedule: the decay "
+            "follows learning_rate(t) / peak_learning_rate."
         )
 
 
 def effective_coupling(decay_coupling: str, peak_learning_rate: Any) -> str:
-    """The coupling the step applies: ``"schedule"`` without a peak is ``"none"``.
+    """The coupling the step applies: without a peak, ``"schedule"`` is ``"none"``, and
+    ``"adamc"`` is ``"lr"``.
 
     Without ``peak_learning_rate`` the multiplier learning rate / peak is taken as 1, which
-    is the step of ``"none"``.
+    makes the step that of ``"none"`` (``"schedule"``) or ``"lr"`` (``"adamc"``).
     """
-    if decay_coupling == "schedule" and peak_learning_rate is None:
-        return "none"
+    if peak_learning_rate is None:
+        return {"schedule": "none", "adamc": "lr"}.get(decay_coupling, decay_coupling)
     return decay_coupling
 
 
@@ -320,7 +341,8 @@ class DecayScalars(NamedTuple):
     """One step's scalars in one compute dtype."""
 
     lr: jax.Array  # the learning rate, eta_t
-    decay: jax.Array  # lambda_t; divided by eta_peak with the "schedule" coupling
+    # lambda_t; divided by eta_peak with "schedule", times eta_t / eta_peak with "adamc"
+    decay: jax.Array
 
 
 def decay_scalars(
@@ -330,6 +352,8 @@ def decay_scalars(
     decay = jnp.asarray(wd, dtype)
     if coupling == "schedule":
         decay = decay / jnp.asarray(peak_learning_rate, dtype)
+    elif coupling == "adamc":
+        decay = decay * (jnp.asarray(lr, dtype) / jnp.asarray(peak_learning_rate, dtype))
     return DecayScalars(jnp.asarray(lr, dtype), decay)
 
 
@@ -350,7 +374,7 @@ def _decayed_step(
         decay = jnp.where(_numerics.signs_agree(uc, x, ties=True), decay, jnp.zeros_like(decay))
     if coupling == "none":
         step = s.lr * uc + decay
-    else:  # "lr", and "schedule" with the decay already divided by the peak
+    else:  # "lr", and "schedule" and "adamc" with the decay already scaled by the peak
         step = s.lr * (uc + decay)
     return (-step).astype(p.dtype)
 

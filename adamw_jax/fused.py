@@ -29,7 +29,7 @@ from adamw_jax import _moment_storage, _numerics, _validate, masks
 from adamw_jax._base import Mask, MomentDtype, ScalarOrArray, ScalarOrSchedule
 from adamw_jax.alias import adamw
 from adamw_jax.decay import DecoupledWeightDecayState, decay_scalars, effective_coupling
-from adamw_jax.moments import ScaleByAdamState
+from adamw_jax.moments import ScaleByAdamState, nesterov_weights
 from adamw_jax.quantize import QuantizedArray, QuantizedArray4
 
 BACKENDS = ("auto", "kernel", "xla")
@@ -47,9 +47,15 @@ _INT8_CODES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
 # path's codes there; such a step takes the XLA code.
 _QUANTIZED = (_INT8, _INT4)
 # The kernel's `coupling` attribute (enum Decay in csrc/fused_adamw.cc) for each coupling
-# the step applies: "schedule" is "lr" with the decay factor already divided by the peak.
+# the step applies: "schedule" and "adamc" are "lr" with the decay factor already scaled by
+# the peak (decay_scalars).
 _LR_COUPLED, _INDEPENDENT = 1, 2
-_KERNEL_COUPLING = {"lr": _LR_COUPLED, "schedule": _LR_COUPLED, "none": _INDEPENDENT}
+_KERNEL_COUPLING = {
+    "lr": _LR_COUPLED,
+    "schedule": _LR_COUPLED,
+    "none": _INDEPENDENT,
+    "adamc": _LR_COUPLED,
+}
 
 
 class FusedAdamW(NamedTuple):
@@ -96,6 +102,7 @@ def fused_adamw(
     mask: Mask = None,
     *,
     nesterov: bool = False,
+    nesterov_bias_correction: str = "optax",
     decay_coupling: str = "lr",
     peak_learning_rate: float | None = None,
     amsgrad: bool = False,
@@ -147,8 +154,11 @@ def fused_adamw(
         schedule; 1e-4 by default.
       mask: which leaves decay, as in :func:`adamw_jax.adamw`.
       nesterov: Nesterov look-ahead on the first moment.
-      decay_coupling: ``"lr"``, ``"schedule"`` or ``"none"``, as in :func:`adamw_jax.adamw`.
-      peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"``.
+      nesterov_bias_correction: ``"optax"`` or ``"algoperf"``, with ``nesterov``, as in
+        :func:`adamw_jax.adamw` (the kernel takes both).
+      decay_coupling: ``"lr"``, ``"schedule"``, ``"none"`` or ``"adamc"``, as in
+        :func:`adamw_jax.adamw`.
+      peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"`` or ``"adamc"``.
       amsgrad: use the running maximum of the bias-corrected second moment.
       nu_dtype: storage dtype of the second moment: None (the params' real dtype), a
         floating dtype, ``"int8"`` or ``"int4"``.
@@ -191,6 +201,7 @@ def fused_adamw(
         weight_decay,
         mask,
         nesterov=nesterov,
+        nesterov_bias_correction=nesterov_bias_correction,
         decay_coupling=decay_coupling,
         peak_learning_rate=peak_learning_rate,
         amsgrad=amsgrad,
@@ -213,6 +224,8 @@ def fused_adamw(
     # Settings the kernel does not implement: with them, every step takes the XLA code.
     needs_xla = param_update is not None or moment_layout != "tree"
 
+    hyper_args = (b1, b2, eps, eps_root, learning_rate, weight_decay, coupling, peak_learning_rate)
+
     def plan(params, grads, state):
         """How the kernel takes this step (a _KernelPlan), or None for the XLA code."""
         if backend == "xla" or jax.default_backend() != "cpu" or not kernel_available():
@@ -231,9 +244,7 @@ def fused_adamw(
             raise _kernel_refused()
         if how is None:
             return _xla_step(tx, params, grads, state)
-        hyper = _kernel_hyper(
-            b1, b2, eps, eps_root, learning_rate, weight_decay, coupling, peak_learning_rate, state
-        )
+        hyper = _kernel_hyper(*hyper_args, state, nesterov_bias_correction=nesterov_bias_correction)
         if not jax.tree.leaves(params):  # an empty tree: no kernel call to make
             return _xla_step(tx, params, grads, state)
         return _kernel_step(options, params, state, hyper, how)
@@ -392,8 +403,10 @@ class _KernelHyper(NamedTuple):
     eps: jax.Array
     eps_root: jax.Array
     lr: jax.Array  # the learning rate at this step
-    wd: jax.Array  # the decay factor: weight_decay, or weight_decay / peak learning rate
-    nesterov_m: jax.Array  # b1 / (1 - b1^(t+1))
+    # the decay factor: weight_decay, weight_decay / peak ("schedule") or
+    # weight_decay * lr / peak ("adamc")
+    wd: jax.Array
+    nesterov_m: jax.Array  # b1 / (1 - b1^(t+1)); "algoperf": b1 / (1 - b1^t)
     nesterov_g: jax.Array  # (1 - b1) / (1 - b1^t)
     # The step count t as uint32, its bits carried in a float32 slot (not a float value): the
     # salt of the second moment's stochastic rounding in bfloat16.
@@ -406,7 +419,17 @@ class _KernelHyper(NamedTuple):
 
 
 def _kernel_hyper(
-    b1, b2, eps, eps_root, learning_rate, weight_decay, coupling, peak_learning_rate, state
+    b1,
+    b2,
+    eps,
+    eps_root,
+    learning_rate,
+    weight_decay,
+    coupling,
+    peak_learning_rate,
+    state,
+    *,
+    nesterov_bias_correction: str = "optax",
 ) -> _KernelHyper:
     """The kernel's scalars for this step, computed as ``adamw``'s XLA code does."""
     adam_state, decay_state = state
@@ -418,6 +441,9 @@ def _kernel_hyper(
     lr = _numerics.value_at(learning_rate, decay_state.count)
     wd = _numerics.value_at(weight_decay, decay_state.count)
     scalars = decay_scalars(lr, wd, coupling, peak_learning_rate, r)
+    nesterov_m, nesterov_g = nesterov_weights(
+        beta1, c1, 1 - beta1 ** (t + 1), nesterov_bias_correction
+    )
     return _KernelHyper(
         b1=beta1,
         one_minus_b1=1 - beta1,
@@ -429,8 +455,8 @@ def _kernel_hyper(
         eps_root=jnp.asarray(eps_root, r),
         lr=scalars.lr,
         wd=scalars.decay,
-        nesterov_m=beta1 / (1 - beta1 ** (t + 1)),
-        nesterov_g=(1 - beta1) / c1,
+        nesterov_m=nesterov_m,
+        nesterov_g=nesterov_g,
         rounding_salt=jax.lax.bitcast_convert_type(count.astype(jnp.uint32), jnp.float32),
         c2=c2,
     )

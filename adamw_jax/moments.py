@@ -29,6 +29,9 @@ from adamw_jax._moment_storage import DEFAULT_MIN_QUANTIZE_SIZE as DEFAULT_MIN_Q
 from adamw_jax._moment_storage import MOMENT_LAYOUTS as MOMENT_LAYOUTS
 from adamw_jax._moment_storage import MomentStorage
 
+# How the Nesterov look-ahead is bias-corrected (``nesterov_bias_correction``).
+NESTEROV_BIAS_CORRECTIONS = ("optax", "algoperf")
+
 
 class ScaleByAdamState(NamedTuple):
     """State of :func:`scale_by_adam`.
@@ -61,6 +64,7 @@ def scale_by_adam(
     mu_dtype: MomentDtype = None,
     *,
     nesterov: bool = False,
+    nesterov_bias_correction: str = "optax",
     amsgrad: bool = False,
     bias_correction: bool = True,
     nu_dtype: MomentDtype = None,
@@ -83,7 +87,9 @@ def scale_by_adam(
     :math:`\max(\hat v_{\max}, \hat v_t)` (as ``optax.scale_by_amsgrad`` keeps it). With
     ``nesterov``, :math:`\hat m_t` is replaced by the look-ahead
     :math:`\beta_1 m_t / (1 - \beta_1^{t+1}) + (1 - \beta_1) g_t / (1 - \beta_1^t)` (NAdam,
-    as ``optax.nadamw``). Moments are stored in ``mu_dtype``/``nu_dtype`` but computed in
+    as ``optax.nadamw``), or with ``nesterov_bias_correction="algoperf"`` by
+    :math:`(\beta_1 m_t + (1 - \beta_1) g_t) / (1 - \beta_1^t)` (the NAdamW baseline of
+    MLCommons AlgoPerf). Moments are stored in ``mu_dtype``/``nu_dtype`` but computed in
     float32, or in the parameters' dtype when that is wider; the direction is returned in
     the wider of the gradient's and the first moment's dtype. Where the denominator is
     exactly zero (``eps = 0`` and a zero second moment, i.e. no gradient yet) the direction
@@ -98,6 +104,12 @@ def scale_by_adam(
         dtype such as ``jnp.bfloat16``, or ``"int8"`` or ``"int4"`` (blockwise 8-bit or
         4-bit codes, see below).
       nesterov: use Nesterov's look-ahead on the first moment (NAdam).
+      nesterov_bias_correction: how the look-ahead is bias-corrected, with ``nesterov``:
+        ``"optax"`` (default; :math:`m_t` divided by :math:`1 - \beta_1^{t+1}`, the
+        correction of the step it looks ahead to, and :math:`g_t` by :math:`1 - \beta_1^t`,
+        as ``optax.nadamw``) or ``"algoperf"`` (both divided by :math:`1 - \beta_1^t`, as
+        the NAdamW baseline of MLCommons AlgoPerf). ``"algoperf"`` is refused without
+        ``nesterov``, where there is no look-ahead to correct.
       amsgrad: use the running maximum of the bias-corrected second moment.
       bias_correction: divide the moments by :math:`1 - \beta^t`; False uses them raw.
       nu_dtype: storage dtype of the second moment: None (the params' real dtype), a
@@ -170,6 +182,7 @@ def scale_by_adam(
         nesterov=nesterov,
         amsgrad=amsgrad,
         bias_correction=bias_correction,
+        nesterov_bias_correction=nesterov_bias_correction,
     )
 
 
@@ -183,6 +196,7 @@ def _scale_by_adam(
     nesterov: bool,
     amsgrad: bool,
     bias_correction: bool,
+    nesterov_bias_correction: str = "optax",
 ) -> optax.GradientTransformation:
     """:func:`scale_by_adam` with its five storage keywords given as one checked value.
 
@@ -197,6 +211,7 @@ def _scale_by_adam(
     _validate.check_bool("amsgrad", amsgrad)
     _validate.check_bool("nesterov", nesterov)
     _validate.check_bool("bias_correction", bias_correction)
+    check_nesterov_bias_correction(nesterov_bias_correction, nesterov)
     packed = storage.layout == "packed"
     # Unless eps is known to be positive, a zero denominator gives a zero direction, not 0/0.
     guard_zero_denominator = not _is_positive_constant(eps)
@@ -222,6 +237,7 @@ def _scale_by_adam(
                 eps=eps,
                 eps_root=eps_root,
                 bias_correction=bias_correction,
+                nesterov_bias_correction=nesterov_bias_correction,
             )
         )
         step = functools.partial(
@@ -240,6 +256,37 @@ def _scale_by_adam(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def check_nesterov_bias_correction(nesterov_bias_correction: Any, nesterov: bool) -> None:
+    """Refuses an unknown ``nesterov_bias_correction``, and ``"algoperf"`` without Nesterov."""
+    _validate.check_choice(
+        "nesterov_bias_correction", nesterov_bias_correction, NESTEROV_BIAS_CORRECTIONS
+    )
+    if nesterov_bias_correction != "optax" and not nesterov:
+        raise ValueError(
+            f"nesterov_bias_correction={nesterov_bias_correction!r} corrects the Nesterov "
+            "look-ahead and needs nesterov=True; without it leave the default 'optax'."
+        )
+
+
+def nesterov_weights(
+    beta1: jax.Array,
+    correction1: jax.Array,
+    next_correction1: jax.Array,
+    nesterov_bias_correction: str,
+) -> tuple[jax.Array, jax.Array]:
+    r"""The weights of :math:`m_t` and :math:`g_t` in Nesterov's look-ahead.
+
+    ``correction1`` and ``next_correction1`` are :math:`1 - \beta_1^t` and
+    :math:`1 - \beta_1^{t+1}` (both 1 without bias correction). ``"optax"``:
+    :math:`(\beta_1 / (1 - \beta_1^{t+1}), (1 - \beta_1) / (1 - \beta_1^t))`;
+    ``"algoperf"``: :math:`(\beta_1 / (1 - \beta_1^t), (1 - \beta_1) / (1 - \beta_1^t))`.
+    """
+    momentum_correction = (
+        correction1 if nesterov_bias_correction == "algoperf" else next_correction1
+    )
+    return beta1 / momentum_correction, (1 - beta1) / correction1
+
+
 class AdamScalars(NamedTuple):
     r"""One step's scalar factors of :func:`_adam_step`, for one compute dtype.
 
@@ -255,8 +302,9 @@ class AdamScalars(NamedTuple):
       one_minus_b2: :math:`1 - \beta_2` (real).
       bias_correction1: :math:`1 - \beta_1^t` (compute dtype).
       bias_correction2: :math:`1 - \beta_2^t` (real).
-      nesterov_momentum: :math:`\beta_1 / (1 - \beta_1^{t+1})`, the weight of :math:`m_t`
-        in Nesterov's look-ahead (compute dtype).
+      nesterov_momentum: :math:`\beta_1 / (1 - \beta_1^{t+1})` (``"algoperf"``:
+        :math:`\beta_1 / (1 - \beta_1^t)`), the weight of :math:`m_t` in Nesterov's
+        look-ahead (compute dtype).
       nesterov_gradient: :math:`(1 - \beta_1) / (1 - \beta_1^t)`, the weight of
         :math:`g_t` in it (compute dtype).
       eps: :math:`\epsilon` (real).
@@ -289,6 +337,7 @@ def _adam_scalars(
     eps: ScalarOrArray,
     eps_root: ScalarOrArray,
     bias_correction: bool,
+    nesterov_bias_correction: str = "optax",
 ) -> AdamScalars:
     """The :class:`AdamScalars` of step ``count`` (1 for the first step) in ``compute_dtype``."""
     real_dtype = jnp.finfo(compute_dtype).dtype
@@ -299,6 +348,9 @@ def _adam_scalars(
         next_correction1 = 1 - beta1 ** (t + 1)
     else:
         correction1 = correction2 = next_correction1 = jnp.ones([], real_dtype)
+    nesterov_momentum, nesterov_gradient = nesterov_weights(
+        beta1, correction1, next_correction1, nesterov_bias_correction
+    )
     return AdamScalars(
         real_dtype=real_dtype,
         b1=beta1.astype(compute_dtype),
@@ -307,8 +359,8 @@ def _adam_scalars(
         one_minus_b2=1 - beta2,
         bias_correction1=correction1.astype(compute_dtype),
         bias_correction2=correction2,
-        nesterov_momentum=(beta1 / next_correction1).astype(compute_dtype),
-        nesterov_gradient=((1 - beta1) / correction1).astype(compute_dtype),
+        nesterov_momentum=nesterov_momentum.astype(compute_dtype),
+        nesterov_gradient=nesterov_gradient.astype(compute_dtype),
         eps=jnp.asarray(eps, real_dtype),
         eps_root=jnp.asarray(eps_root, real_dtype),
         rounding_salt=count.astype(jnp.uint32),

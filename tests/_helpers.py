@@ -248,3 +248,38 @@ def elementwise_train(steps: int) -> Callable:
         return {"loss": loss_fn(w), "w_sum": jnp.sum(w)}
 
     return train
+
+
+class LeastSquares(NamedTuple):
+    """A least-squares problem ``0.5 * mean ||x @ kernel + bias - y||^2`` (float64 NumPy).
+
+    Attributes:
+      params: the initial ``{"kernel", "bias"}``.
+      x, y: the inputs and targets.
+    """
+
+    params: dict
+    x: np.ndarray
+    y: np.ndarray
+
+    def numpy_grads(self, params: dict, t: int = 0) -> dict:
+        """The gradient at ``params`` in float64 NumPy (``t`` is ignored: full batch)."""
+        del t
+        residual = self.x @ params["kernel"] + params["bias"] - self.y
+        return {"kernel": self.x.T @ residual / len(self.x), "bias": residual.mean(0)}
+
+    def jax_grads(self, params: dict, t: Any = None) -> dict:
+        """The same gradient in JAX, in the params' dtype (``t`` is ignored)."""
+        del t
+        x, y = (jnp.asarray(a, params["kernel"].dtype) for a in (self.x, self.y))
+        residual = x @ params["kernel"] + params["bias"] - y
+        return {"kernel": x.T @ residual / len(x), "bias": residual.mean(0)}
+
+
+def least_squares(seed: int = 0, n: int = 64, d: int = 16, k: int = 4) -> LeastSquares:
+    """A :class:`LeastSquares` problem with ``n`` examples, ``d`` inputs and ``k`` outputs."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d))
+    y = x @ rng.standard_normal((d, k)) + 0.1 * rng.standard_normal((n, k))
+    params = {"kernel": 0.5 * rng.standard_normal((d, k)), "bias": rng.standard_normal(k)}
+    return LeastSquares(params, x, y)

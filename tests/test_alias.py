@@ -1,5 +1,6 @@
 """adamw and adam against an independent NumPy transcription and against Optax."""
 
+import functools
 import importlib
 import inspect
 
@@ -8,8 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _helpers import run_scan
-from reference import adamw_trajectory, max_rel_err
+from _helpers import least_squares, run_scan
+from reference import (
+    ALGOPERF_SEARCH_SPACE,
+    adamw_trajectory,
+    algoperf_nadamw_trajectory,
+    max_rel_err,
+    norm_rel_err,
+)
 
 import adamw_jax
 from adamw_jax import masks
@@ -442,3 +449,124 @@ def test_learning_rate_is_annotated_as_schedule_capable(factory):
     assert _accepts_schedule(factory)
     assert _accepts_schedule(optax.adamw)  # the check itself works on Optax's optimizers
     assert not _accepts_schedule(optax.scale_by_adam)
+
+
+# AlgoPerf's NAdamW baseline: 200 steps of a least-squares problem, the whole step budget.
+ALGOPERF_STEPS = 200
+
+
+def algoperf_schedule(point: dict, step_hint: int):
+    """AlgoPerf's warmup-cosine learning rate written with Optax's schedules, as a port would."""
+    warmup = int(point["warmup_factor"] * step_hint)
+    peak = point["learning_rate"]
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, peak, warmup),
+            optax.cosine_decay_schedule(peak, max(step_hint - warmup, 1)),
+        ],
+        [warmup],
+    )
+
+
+def algoperf_port(point: dict, **overrides) -> optax.GradientTransformation:
+    """``adamw_jax.adamw`` set up as AlgoPerf's NAdamW at one search-space point."""
+    kwargs = dict(
+        b1=1 - point["one_minus_beta1"],
+        b2=point["beta2"],
+        eps=1e-8,
+        weight_decay=point["weight_decay"],
+        nesterov=True,
+        nesterov_bias_correction="algoperf",
+    )
+    return adamw_jax.adamw(algoperf_schedule(point, ALGOPERF_STEPS), **{**kwargs, **overrides})
+
+
+def run_least_squares(tx, problem, dtype) -> dict:
+    """Final params (NumPy) of ``tx`` after ``ALGOPERF_STEPS`` steps on ``problem``."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), problem.params)
+    with jax.numpy_dtype_promotion("standard"):  # Optax's schedules need it
+        run = run_scan(tx, params, problem.jax_grads, ALGOPERF_STEPS)
+    return jax.tree.map(np.asarray, run.params)
+
+
+# Point 2 (beta2 = 0.63) makes this problem chaotic: in the reference itself, initial params
+# moved by 1e-14 (relatively) end 4e-6 away. Rounding differences grow the same way, so that
+# point is compared on a fixed gradient sequence (below), where errors do not feed back.
+CLOSED_LOOP_POINTS = (0, 1, 3)
+
+
+@functools.cache
+def algoperf_reference(index: int) -> dict:
+    problem = least_squares()
+    return algoperf_nadamw_trajectory(
+        problem.params,
+        problem.numpy_grads,
+        ALGOPERF_STEPS,
+        hyperparameters=ALGOPERF_SEARCH_SPACE[index],
+        step_hint=ALGOPERF_STEPS,
+    )
+
+
+def check_port_against_reference(run, want, initial, bound, dtype, label):
+    """The port's error, and the default look-ahead's, asserted around ``bound``."""
+    with jax.enable_x64(dtype == jnp.float64):
+        got = run(algoperf_port)
+        default = run(functools.partial(algoperf_port, nesterov_bias_correction="optax"))
+    err, default_err = norm_rel_err(got, want), norm_rel_err(default, want)
+    name = np.dtype(dtype).name
+    print(f"\nAlgoPerf {label} {name}: {err:.1e} (optax form {default_err:.1e})")
+    assert err < bound
+    # The default look-ahead is another optimizer here: outside the bound, and 100 times
+    # farther than the port.
+    assert default_err > max(bound, 100 * err)
+    assert norm_rel_err(want, initial) > 0.03  # the params did move
+
+
+@pytest.mark.parametrize("index", CLOSED_LOOP_POINTS)
+@pytest.mark.parametrize("dtype, bound", [(jnp.float64, 1e-6), (jnp.float32, 1e-4)])
+def test_algoperf_nesterov_bias_correction_reproduces_algoperfs_nadamw(index, dtype, bound):
+    point, problem = ALGOPERF_SEARCH_SPACE[index], least_squares()
+
+    def run(port):
+        return run_least_squares(port(point), problem, dtype)
+
+    want = algoperf_reference(index)
+    check_port_against_reference(run, want, problem.params, bound, dtype, f"point {index}")
+
+
+@pytest.mark.parametrize("dtype, bound", [(jnp.float64, 1e-6), (jnp.float32, 1e-4)])
+def test_algoperf_chaotic_point_on_a_fixed_gradient_sequence(dtype, bound):
+    index = 2  # the point not in CLOSED_LOOP_POINTS
+    point, problem = ALGOPERF_SEARCH_SPACE[index], least_squares()
+    rng = np.random.default_rng(index)
+    scale = 10.0 ** rng.uniform(-2, 1, ALGOPERF_STEPS)
+    # Gradients with a steady part (0.5), so that the params travel, and scales over 3 decades.
+    sequence = {
+        k: (0.5 + rng.standard_normal((ALGOPERF_STEPS, *x.shape)))
+        * scale.reshape(-1, *[1] * x.ndim)
+        for k, x in problem.params.items()
+    }
+    want = algoperf_nadamw_trajectory(
+        problem.params,
+        lambda w, t: {k: g[t - 1] for k, g in sequence.items()},
+        ALGOPERF_STEPS,
+        hyperparameters=point,
+        step_hint=ALGOPERF_STEPS,
+    )
+
+    def run(port):
+        cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)  # noqa: E731
+        with jax.numpy_dtype_promotion("standard"):  # Optax's schedules need it
+            out = run_scan(port(point), cast(problem.params), lambda p, g: g, cast(sequence))
+        return jax.tree.map(np.asarray, out.params)
+
+    check_port_against_reference(run, want, problem.params, bound, dtype, f"point {index} fixed")
+
+
+def test_nesterov_bias_correction_is_checked_by_name():
+    with pytest.raises(ValueError, match=r"nesterov_bias_correction.*'optax', 'algoperf'"):
+        adamw_jax.adamw(1e-3, nesterov=True, nesterov_bias_correction="AlgoPerf")
+    with pytest.raises(ValueError, match=r"nesterov_bias_correction='algoperf'.*nesterov=True"):
+        adamw_jax.adamw(1e-3, nesterov_bias_correction="algoperf")
+    with pytest.raises(ValueError, match="nesterov_bias_correction"):
+        adamw_jax.adam(1e-3, nesterov_bias_correction="algoperf")

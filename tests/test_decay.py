@@ -86,10 +86,15 @@ def test_add_decayed_weights_follows_a_schedule():
 
 @pytest.mark.parametrize(
     "coupling, expected_decay",
-    [("lr", 0.1 * 0.2), ("schedule", (0.1 / 0.4) * 0.2), ("none", 0.2)],
+    [
+        ("lr", 0.1 * 0.2),
+        ("schedule", (0.1 / 0.4) * 0.2),
+        ("none", 0.2),
+        ("adamc", 0.1 * 0.1 / 0.4 * 0.2),
+    ],
 )
 def test_decoupled_step_per_coupling(coupling, expected_decay):
-    peak = 0.4 if coupling == "schedule" else None
+    peak = 0.4 if coupling in ("schedule", "adamc") else None
     tx = adamw_jax.decoupled_weight_decay(
         0.1, 0.2, decay_coupling=coupling, peak_learning_rate=peak
     )
@@ -226,3 +231,118 @@ def test_decay_target_state_checkpoints(tmp_path):
     state = tx.init(SIGNED)
     _, state = tx.update(DIRECTION, state, SIGNED)
     checkpoint_round_trip(state, tmp_path / "ckpt")
+
+
+# AdamC: the decay of normalized layers scaled by lr_t / lr_peak (per step lr_t^2 / peak * wd).
+
+ADAMC_STEPS = 300
+
+
+def adamc_problem():
+    """Params of a small normalized network (matrices, a norm scale, a bias) and gradients."""
+    rng = np.random.default_rng(7)
+    shapes = {"dense": (6, 4), "out": (4, 3), "norm_scale": (4,), "bias": (3,)}
+    params = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    noise = {k: rng.standard_normal((ADAMC_STEPS, *s)) for k, s in shapes.items()}
+    return params, noise
+
+
+def warmup_cosine(peak, warmup=30):
+    """Linear warmup to ``peak`` over ``warmup`` steps, then a cosine to 0 at ADAMC_STEPS.
+
+    Computed in JAX's default float (float64 under x64), unlike Optax's float32 schedules.
+    """
+
+    def schedule(count):
+        s = jnp.asarray(count, float)
+        frac = jnp.clip((s - warmup) / (ADAMC_STEPS - warmup), 0.0, 1.0)
+        return jnp.where(s < warmup, peak * s / warmup, peak * 0.5 * (1 + jnp.cos(jnp.pi * frac)))
+
+    return schedule
+
+
+def run_adamc(tx, params, noise, dtype):
+    """Final params after ADAMC_STEPS steps of ``tx`` on gradients 0.5 w + noise_t."""
+    from _helpers import run_scan
+
+    cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)  # noqa: E731
+
+    def grads(w, n_t):
+        return jax.tree.map(lambda x, n: 0.5 * x + n, w, n_t)
+
+    with jax.numpy_dtype_promotion("standard"):  # Optax's inject_hyperparams needs it
+        run = run_scan(tx, cast(params), grads, cast(noise))
+    return {k: np.asarray(v) for k, v in run.params.items()}
+
+
+def adamc_reference(params, noise, **kwargs):
+    from reference import adamw_trajectory
+
+    def grad_fn(w, t):
+        return {k: 0.5 * w[k] + noise[k][t - 1] for k in w}
+
+    return adamw_trajectory(params, grad_fn, ADAMC_STEPS, **kwargs)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float64, 1e-9), (jnp.float32, 1e-4)])
+def test_adamc_coupling_matches_the_numpy_reference_with_a_mask(dtype, rtol):
+    from reference import max_rel_err
+
+    params, noise = adamc_problem()
+    peak, wd = 3e-2, 0.5
+    mask = adamw_jax.masks.by_ndim(2)  # the matrices: the layers a normalization follows
+    tx = adamw_jax.adamw(
+        warmup_cosine(peak), weight_decay=wd, mask=mask, decay_coupling="adamc",
+        peak_learning_rate=peak,
+    )  # fmt: skip
+    with jax.enable_x64(dtype == jnp.float64):
+        got = run_adamc(tx, params, noise, dtype)
+    explicit = {k: np.ndim(v) >= 2 for k, v in params.items()}
+    hp = dict(weight_decay=wd, mask=explicit, peak_learning_rate=peak, b2=0.999)
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+        schedule = warmup_cosine(peak)  # evaluated by the reference at each step
+        want = adamc_reference(params, noise, learning_rate=schedule, decay_coupling="adamc", **hp)
+        lr_coupled = adamc_reference(params, noise, learning_rate=schedule, **hp)
+    assert max_rel_err(got, want) < rtol
+    # The coupling matters on the matrices only: "lr" decays them far more as lr anneals.
+    assert max_rel_err({"dense": lr_coupled["dense"]}, {"dense": want["dense"]}) > 1e-2
+    for k in ("norm_scale", "bias"):
+        np.testing.assert_allclose(want[k], lr_coupled[k], rtol=1e-12)
+
+
+def test_adamc_matches_levanters_construction():
+    # Levanter's AdamC: weight decay wd * lr_t / lr_max added to Adam's direction before the
+    # learning rate, lr_t injected per step.
+    params, noise = adamc_problem()
+    peak, wd = 3e-2, 0.5
+    mask = {k: np.ndim(v) >= 2 for k, v in params.items()}
+
+    def levanter_style(learning_rate):
+        return optax.chain(
+            optax.scale_by_adam(jnp.float64(0.9), jnp.float64(0.999)),
+            optax.add_decayed_weights(wd * learning_rate / peak, mask),
+            optax.scale(-learning_rate),
+        )
+
+    anchor = optax.inject_hyperparams(levanter_style)(learning_rate=warmup_cosine(peak))
+    ours = adamw_jax.adamw(
+        warmup_cosine(peak), weight_decay=wd, mask=mask, decay_coupling="adamc",
+        peak_learning_rate=peak,
+    )  # fmt: skip
+    with jax.enable_x64(True):
+        got = run_adamc(ours, params, noise, jnp.float64)
+        want = run_adamc(anchor, params, noise, jnp.float64)
+    for k in params:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-10, atol=1e-12)
+
+
+def test_adamc_needs_the_peak_with_a_schedule_and_is_lr_without_one():
+    with pytest.raises(ValueError, match=r"peak_learning_rate must be given.*'adamc'"):
+        adamw_jax.adamw(warmup_cosine(1e-2), decay_coupling="adamc")
+    with pytest.raises(ValueError, match="only with decay_coupling='schedule' or 'adamc'"):
+        adamw_jax.adamw(1e-2, decay_coupling="lr", peak_learning_rate=1e-2)
+    adamc = adamw_jax.decoupled_weight_decay(0.1, 0.2, decay_coupling="adamc")
+    lr = adamw_jax.decoupled_weight_decay(0.1, 0.2, decay_coupling="lr")
+    got, _ = adamc.update(GRADS, adamc.init(PARAMS), PARAMS)
+    want, _ = lr.update(GRADS, lr.init(PARAMS), PARAMS)
+    chex.assert_trees_all_equal(got, want)

@@ -58,12 +58,24 @@ CONFIGS = {
     "default": {},
     "amsgrad": {"amsgrad": True, "weight_decay": 1e-2},
     "nesterov": {"nesterov": True, "weight_decay": 0.3},
+    "nesterov_algoperf": {
+        "nesterov": True,
+        "nesterov_bias_correction": "algoperf",
+        "b1": 0.8,
+        "weight_decay": 0.3,
+    },
     "none": {"decay_coupling": "none", "weight_decay": 1e-3},
     "schedule": {
         "learning_rate": optax.linear_schedule(3e-2, 1e-3, 150),
         "decay_coupling": "schedule",
         "peak_learning_rate": 3e-2,
         "weight_decay": 0.1,
+    },
+    "adamc": {
+        "learning_rate": optax.linear_schedule(3e-2, 1e-3, 150),
+        "decay_coupling": "adamc",
+        "peak_learning_rate": 3e-2,
+        "weight_decay": 0.5,
     },
     "bf16_moments": {
         "mu_dtype": jnp.bfloat16,

@@ -50,6 +50,57 @@ def test_first_step_is_exactly_bias_corrected():
     np.testing.assert_allclose(np.asarray(u), np.sign(np.asarray(g)), rtol=2e-7)
 
 
+@pytest.mark.parametrize("correction", ["optax", "algoperf"])
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_nesterov_bias_corrections_match_numpy(correction, bias_correction):
+    rng = np.random.default_rng(4)
+    grads = [rng.normal(size=(3, 2)) * 10.0 ** rng.uniform(-2, 1) for _ in range(30)]
+    b1, b2, eps = 0.7, 0.95, 1e-6
+    m, v, want = np.zeros((3, 2)), np.zeros((3, 2)), []
+    for t, g in enumerate(grads, start=1):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        c1, c2 = (1 - b1**t, 1 - b2**t) if bias_correction else (1.0, 1.0)
+        if correction == "algoperf":  # one more moment update, corrected once
+            m_hat = (b1 * m + (1 - b1) * g) / c1
+        else:
+            c1_next = 1 - b1 ** (t + 1) if bias_correction else 1.0
+            m_hat = b1 * m / c1_next + (1 - b1) * g / c1
+        want.append(m_hat / (np.sqrt(v / c2) + eps))
+    tx = adamw_jax.scale_by_adam(
+        b1,
+        b2,
+        eps,
+        nesterov=True,
+        nesterov_bias_correction=correction,
+        bias_correction=bias_correction,
+    )
+    with jax.enable_x64(True):
+        got = run_steps(
+            tx, jnp.zeros((3, 2)), lambda _, t: jnp.asarray(grads[t]), len(grads), jit=True
+        )
+    for a, b in zip(got.per_step, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-12, atol=1e-14)
+
+
+def test_algoperf_first_nesterov_step_is_one_plus_b1_times_the_sign():
+    # At t = 1: m_1 = (1 - b1) g, so AlgoPerf's look-ahead is (1 + b1) g; Optax's is
+    # (1 + b1 / (1 + b1)) g.
+    g = jnp.array([3.0, -0.5, 2e-3])
+    for correction, factor in [("algoperf", 1.8), ("optax", 1 + 0.8 / 1.8)]:
+        tx = adamw_jax.scale_by_adam(
+            0.8, eps=0.0, nesterov=True, nesterov_bias_correction=correction
+        )
+        u, _ = tx.update(g, tx.init(jnp.zeros(3)))
+        np.testing.assert_allclose(np.asarray(u), factor * np.sign(np.asarray(g)), rtol=2e-6)
+
+
+def test_nesterov_bias_correction_is_refused_by_name():
+    with pytest.raises(ValueError, match="nesterov_bias_correction"):
+        adamw_jax.scale_by_adam(nesterov=True, nesterov_bias_correction="dozat")
+    with pytest.raises(ValueError, match="needs nesterov=True"):
+        adamw_jax.scale_by_adam(nesterov_bias_correction="algoperf")
+
+
 def test_complex_params_use_squared_magnitude():
     rng = np.random.default_rng(1)
     grads = [rng.normal(size=5) + 1j * rng.normal(size=5) for _ in range(20)]
