@@ -17,6 +17,7 @@ NOTEBOOKS = [
     "03_why_l2_is_not_weight_decay.ipynb",
     "04_pytorch_parity.ipynb",
     "05_oscillation_and_nonconvergence.ipynb",
+    "06_weight_decay_across_scale.ipynb",
 ]
 
 
