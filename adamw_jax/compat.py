@@ -82,9 +82,7 @@ def _one_minus(beta: Any, dtype: jnp.dtype) -> jax.Array:
 
 def _check_update_inputs(name: str, updates: Any, params: Any) -> None:
     """Refuses a ported step without updates, without params, or with mismatched trees."""
-    _validate.check_updates_given(name, updates)
-    _validate.check_params_given(name, params)
-    _validate.check_same_structure("updates", updates, params, "the params")
+    _validate.check_update_call(name, updates, params)
     _validate.check_inexact_leaves("updates", updates)
 
 
@@ -353,7 +351,7 @@ def torch_adamw(
 
     def update_fn(updates, state, params=None):
         _check_update_inputs("torch_adamw", updates, params)
-        count = _numerics.safe_increment(state.count)
+        count = optax.safe_increment(state.count)
         scalars = _torch_scalars(state.count, count, lr, weight_decay, beta1, beta2, eps)
         leaf_step = functools.partial(
             _torch_leaf_step, scalars=scalars, beta1=beta1, maximize=maximize
@@ -532,7 +530,7 @@ def keras_adamw(
 
     def update_fn(updates, state, params=None):
         _check_update_inputs("keras_adamw", updates, params)
-        count = _numerics.safe_increment(state.count)
+        count = optax.safe_increment(state.count)
         # Keras stores the learning rate in a float32 variable.
         eta32 = jnp.asarray(_numerics.value_at(learning_rate, state.count)).astype(jnp.float32)
         scalars = _KerasScalars(

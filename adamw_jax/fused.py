@@ -28,7 +28,7 @@ import optax
 from adamw_jax import _moment_storage, _numerics, _validate, masks
 from adamw_jax._base import Mask, MomentDtype, ScalarOrArray, ScalarOrSchedule
 from adamw_jax.alias import adamw
-from adamw_jax.decay import DecoupledWeightDecayState, decay_scalars, effective_coupling
+from adamw_jax.decay import DecoupledWeightDecayState, _decay_scalars, _effective_coupling
 from adamw_jax.moments import ScaleByAdamState
 from adamw_jax.quantize import QuantizedArray, QuantizedArray4
 
@@ -201,7 +201,7 @@ def fused_adamw(
         moment_layout=moment_layout,
     )
     _validate.check_choice("backend", backend, BACKENDS)
-    coupling = effective_coupling(decay_coupling, peak_learning_rate)
+    coupling = _effective_coupling(decay_coupling, peak_learning_rate)
     storage = _moment_storage.moment_storage(
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
@@ -412,12 +412,12 @@ def _kernel_hyper(
     adam_state, decay_state = state
     r = jnp.float32
     beta1, beta2 = jnp.asarray(b1, r), jnp.asarray(b2, r)
-    count = _numerics.safe_increment(adam_state.count)
+    count = optax.safe_increment(adam_state.count)
     t = count.astype(r)
     c1, c2 = 1 - beta1**t, 1 - beta2**t
     lr = _numerics.value_at(learning_rate, decay_state.count)
     wd = _numerics.value_at(weight_decay, decay_state.count)
-    scalars = decay_scalars(lr, wd, coupling, peak_learning_rate, r)
+    scalars = _decay_scalars(lr, wd, coupling, peak_learning_rate, r)
     return _KernelHyper(
         b1=beta1,
         one_minus_b1=1 - beta1,
@@ -458,12 +458,12 @@ def _kernel_step(options: _KernelOptions, params, state, hyper, how: _KernelPlan
             column.append(_rebuild(moment, out))
     new_params, mu, nu, *nu_max = (jax.tree.unflatten(treedef, c) for c in columns)
     new_adam = ScaleByAdamState(
-        _numerics.safe_increment(adam_state.count),
+        optax.safe_increment(adam_state.count),
         mu,
         nu,
         nu_max[0] if options.amsgrad else adam_state.nu_max,
     )
-    new_decay = DecoupledWeightDecayState(_numerics.safe_increment(decay_state.count))
+    new_decay = DecoupledWeightDecayState(optax.safe_increment(decay_state.count))
     return new_params, (new_adam, new_decay)
 
 

@@ -256,10 +256,7 @@ def check_block_size(block_size: Any) -> None:
       TypeError: for anything but an integer (a bool included).
       ValueError: for an integer below 1.
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise TypeError(f"block_size must be an int in [1, inf); got {block_size!r}.")
-    if block_size < 1:
-        raise ValueError(f"block_size must be in [1, inf); got {block_size!r}.")
+    _validate.check_int("block_size", block_size, low=1, static=True)
 
 
 _ROUNDINGS = ("nearest", "stochastic")
@@ -706,8 +703,7 @@ def check_int4_block_size(block_size: Any, name: str = "block_size") -> None:
       TypeError: for anything but an integer (a bool included).
       ValueError: for an odd integer or one below 2.
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise TypeError(f"{name} must be an even int in [2, inf); got {block_size!r}.")
+    _validate.check_int(name, block_size, low=None, static=True)
     if block_size < 2 or block_size % 2:
         raise ValueError(
             f"{name} must be an even int in [2, inf) for 4-bit codes (two per byte, a block "

@@ -19,12 +19,7 @@ _SNAP = decimal.Decimal("1e-30")
 
 
 def _check_period(first_period: Any) -> int:
-    if isinstance(first_period, bool) or not isinstance(first_period, (int, np.integer)):
-        raise TypeError(
-            f"first_period must be an int in [1, {_INT32_MAX}] (steps); got {first_period!r}."
-        )
-    if not 1 <= first_period <= _INT32_MAX:
-        raise ValueError(f"first_period must be in [1, {_INT32_MAX}]; got {first_period!r}.")
+    _validate.check_int("first_period", first_period, low=1, high=_INT32_MAX, static=True)
     return int(first_period)
 
 
