@@ -27,6 +27,13 @@ from adamw_jax import _numerics, _trees, _validate
 from adamw_jax._base import ScalarOrSchedule
 from adamw_jax.masks import leaf_path
 
+__all__ = [
+    "KerasAdamWState",
+    "TorchAdamWState",
+    "keras_adamw",
+    "torch_adamw",
+]
+
 
 class TorchAdamWState(NamedTuple):
     """State of :func:`torch_adamw`, field for field PyTorch's per-parameter state.

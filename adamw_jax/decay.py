@@ -11,6 +11,13 @@ import optax
 from adamw_jax import _numerics, _validate, masks
 from adamw_jax._base import Mask, ScalarOrSchedule
 
+__all__ = [
+    "AddDecayedWeightsState",
+    "DecoupledWeightDecayState",
+    "add_decayed_weights",
+    "decoupled_weight_decay",
+]
+
 DECAY_COUPLINGS = ("lr", "schedule", "none")
 DECAY_TARGETS = ("zero", "init")
 

@@ -32,6 +32,8 @@ from adamw_jax.decay import DecoupledWeightDecayState, _decay_scalars, _effectiv
 from adamw_jax.moments import ScaleByAdamState
 from adamw_jax.quantize import QuantizedArray, QuantizedArray4
 
+__all__ = ["FusedAdamW", "fused_adamw"]
+
 BACKENDS = ("auto", "kernel", "xla")
 _TARGET = "adamw_jax_fused_adamw"
 _EXTENSION = "adamw_jax._fused_adamw_kernel"

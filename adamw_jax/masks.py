@@ -12,6 +12,16 @@ import optax
 from adamw_jax import _validate
 from adamw_jax._base import Mask
 
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "by_name",
+    "by_ndim",
+    "describe",
+    "leaf_path",
+    "map_masked",
+    "resolve_mask",
+]
+
 #: Paths excluded from decay by default: biases, normalization scales and embeddings, as
 #: Flax (Linen and NNX) names them.
 DEFAULT_EXCLUDE: tuple[str, ...] = (r"\bbias\b", r"\bscale\b", r"\bembedding\b")

@@ -28,6 +28,8 @@ import optax
 
 from adamw_jax import _numerics, _trees, _validate
 
+__all__ = ["LowPrecisionUpdateState", "low_precision_update"]
+
 METHODS = ("compensated", "stochastic_rounding")
 
 

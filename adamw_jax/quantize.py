@@ -88,6 +88,41 @@ import numpy as np
 
 from adamw_jax import _numerics, _validate
 
+__all__ = [
+    "INT4_DEFAULT_BLOCK_SIZE",
+    "INT4_SIGNED_CODE_BOOK",
+    "INT4_SIGNED_FORMAT",
+    "INT4_UNSIGNED_CODE_BOOK",
+    "INT4_UNSIGNED_FORMAT",
+    "CodeFormat",
+    "QuantizedArray",
+    "QuantizedArray4",
+    "block_absmax",
+    "check_block_size",
+    "check_int4_block_size",
+    "code_book",
+    "code_book_max",
+    "decode_magnitudes",
+    "dequantize",
+    "dequantize_int4",
+    "encode_magnitudes",
+    "int4_format",
+    "pack_int4",
+    "packed_shape",
+    "quantize",
+    "quantize_int4",
+    "quantize_int4_with_absmax",
+    "quantize_with_absmax",
+    "scales_shape",
+    "stored_absmax",
+    "stored_absmax_int4",
+    "unpack_int4",
+    "zeros",
+    "zeros_int4",
+    "zeros_like",
+    "zeros_like_int4",
+]
+
 
 class QuantizedArray(NamedTuple):
     """A float32 array stored as one byte per element plus one float32 scale per block.

@@ -11,6 +11,13 @@ import numpy as np
 
 from adamw_jax import _validate
 
+__all__ = [
+    "cosine_warm_restarts",
+    "ema_timescale",
+    "normalized_weight_decay",
+    "weight_decay_for_timescale",
+]
+
 _INT32_MAX = int(np.iinfo(np.int32).max)
 # Restart boundaries are computed in decimal arithmetic with this many significant digits,
 # and a boundary closer than _SNAP to an integer step is taken to be that step.

@@ -8,6 +8,8 @@ import optax
 
 from adamw_jax import _numerics, _validate
 
+__all__ = ["SkipSpikesState", "cautious", "skip_spikes"]
+
 METRICS = ("grad_norm", "loss")
 # The std is floored at this fraction of |mean|: a metric that has not varied (variance 0)
 # does not make the next step's float32 rounding a spike.
