@@ -83,11 +83,13 @@ def test_guides_are_found_and_hold_code():
     assert sum(langs.count("pycon") for langs in blocks.values()) >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", [p for p in GUIDES if p.name not in DEVICES], ids=lambda p: p.name)
 def test_guide_code_runs(page):
     run_page(page)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", [DOCS / name for name in DEVICES], ids=lambda p: p.name)
 def test_multi_device_guide_code_runs(page):
     env = dict(os.environ)
@@ -160,6 +162,7 @@ def _entries(page: str) -> set[str]:
     return {i for i in ids if i.rsplit(".", 1)[0] not in ids}
 
 
+@pytest.mark.slow
 def test_each_api_page_lists_exactly_its_modules_all(site):
     """A module's page holds an entry for each name of its ``__all__``, and for nothing else.
 
@@ -187,6 +190,7 @@ def test_each_api_page_lists_exactly_its_modules_all(site):
         )
 
 
+@pytest.mark.slow
 def test_every_guide_and_notebook_is_a_page(site):
     for page in DOCS.glob("*.md"):
         assert (site / f"{page.stem}.html").is_file(), page.name
@@ -202,6 +206,7 @@ def test_every_guide_and_notebook_is_a_page(site):
     assert total >= 4  # the committed notebooks' plots, not an empty check
 
 
+@pytest.mark.slow
 def test_math_and_assets_are_served_from_the_site_itself(site):
     assert (site / "_static" / "mathjax" / "tex-chtml.js").is_file()
     concepts = (site / "concepts.html").read_text()

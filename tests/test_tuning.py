@@ -136,6 +136,7 @@ def test_chunked_equals_one_call_and_padding_is_dropped():
     assert chunked.configs == configs
 
 
+@pytest.mark.slow
 def test_member_axis_split_over_eight_devices_equals_unsharded(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(TESTS / "_tuning_sharding_worker.py"), str(tmp_path)],
