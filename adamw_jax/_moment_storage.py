@@ -139,12 +139,6 @@ def _check_moment_dtype(name: str, dtype: MomentDtype) -> None:
             f"for a schedule: pass static_args=({name!r},), or the dtype's name as a string "
             '(e.g. "bfloat16").'
         )
-    if isinstance(dtype, (int, float)) and not isinstance(dtype, bool):
-        raise ValueError(
-            f"{name} must be {_ACCEPTED}; got the number {dtype!r}. (In "
-            "Optax's positional order mu_dtype comes sixth, before weight_decay: pass "
-            "weight_decay by name.)"
-        )
     if is_lowbit(dtype):
         return
     try:
@@ -156,10 +150,7 @@ def _check_moment_dtype(name: str, dtype: MomentDtype) -> None:
 
 
 def _check_min_quantize_size(min_quantize_size: Any) -> None:
-    if isinstance(min_quantize_size, bool) or not isinstance(min_quantize_size, (int, np.integer)):
-        raise TypeError(f"min_quantize_size must be an int in [0, inf); got {min_quantize_size!r}.")
-    if min_quantize_size < 0:
-        raise ValueError(f"min_quantize_size must be in [0, inf); got {min_quantize_size!r}.")
+    _validate.check_int("min_quantize_size", min_quantize_size, low=0, static=True)
 
 
 def is_int8(requested: Any) -> bool:

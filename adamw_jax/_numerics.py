@@ -1,4 +1,4 @@
-"""Numerical helpers shared by the library: dtype rules, counters, schedules, rounding.
+"""Numerical helpers shared by the library: dtype rules, schedules, rounding.
 
 The bottom of the library's imports: modules at every level use these, and this module
 imports none of them.
@@ -12,17 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-_INT32_MAX = np.iinfo(np.int32).max
 # 2**32 / golden ratio: the odd multiplier of the hash whose bits drive stochastic rounding.
 HASH_MULTIPLIER = 0x9E3779B1
 # An odd multiplier that spreads a salt (the step count) over all 32 bits before it is mixed
 # into the hashed bits.
 SALT_MULTIPLIER = 0x85EBCA6B
-
-
-def safe_increment(count: jax.Array) -> jax.Array:
-    """Adds one to an int32 counter, staying at ``2**31 - 1`` instead of wrapping."""
-    return jnp.where(count < _INT32_MAX, count + 1, jnp.int32(_INT32_MAX)).astype(jnp.int32)
 
 
 def compute_dtype(*dtypes: Any) -> jnp.dtype:

@@ -163,25 +163,34 @@ def check_static_int(name: str, value: Any) -> Any:
     return value
 
 
-def check_int(name: str, value: Any, *, low: int) -> None:
-    """Raises if a concrete ``value`` is not an int (or integer 0-d array) in [low, inf).
+def check_int(
+    name: str, value: Any, *, low: int | None, high: int | None = None, static: bool = False
+) -> None:
+    """Raises if a concrete ``value`` is not an int (bools refused) in [low, high].
 
-    A traced integer scalar (a hyperparameter under ``optax.inject_hyperparams``) passes;
-    bools, floats and arrays of other dtypes or shapes are refused.
+    Args:
+      name: the argument's name, quoted in the message.
+      value: the value to check.
+      low: the smallest accepted value, or None for no lower bound.
+      high: the largest accepted value, or None for no upper bound.
+      static: the value sets shapes or a Python-level count, so only a Python or NumPy
+        integer is accepted. Otherwise an integer 0-d array is accepted too, and a traced
+        integer scalar (a hyperparameter under ``optax.inject_hyperparams``) passes.
     """
-    accepted = f"an int in [{low}, inf)"
-    if isinstance(value, jax.core.Tracer):
+    bounds = f"[{'-inf' if low is None else low}, {'inf)' if high is None else f'{high}]'}"
+    accepted = "an int" if low is None and high is None else f"an int in {bounds}"
+    if not static and isinstance(value, jax.core.Tracer):
         if np.ndim(value) != 0 or not np.issubdtype(value.dtype, np.integer):
             raise TypeError(f"{name} must be {accepted}; got a traced {value.dtype}{value.shape}.")
         return
-    if isinstance(value, (jax.Array, np.ndarray)):
+    if not static and isinstance(value, (jax.Array, np.ndarray)):
         if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer):
             raise TypeError(f"{name} must be {accepted}; got an array {value!r}.")
         value = int(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be {accepted}; got {value!r} of type {type(value).__name__}.")
-    if value < low:
-        raise ValueError(f"{name} must be in [{low}, inf); got {value!r}.")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be in {bounds}; got {value!r}.")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -240,6 +249,17 @@ def check_updates_given(name: str, updates: Any) -> None:
             f"{name} got updates=None: pass the gradients (or the previous "
             "transformation's updates), a pytree with the params' structure."
         )
+
+
+def check_update_call(name: str, updates: Any, params: Any) -> None:
+    """Refuses an ``update`` call without updates, without params, or with mismatched trees.
+
+    For transformations whose step needs the params: ``updates`` and ``params`` must both be
+    given, with the same tree structure and leaf shapes.
+    """
+    check_updates_given(name, updates)
+    check_params_given(name, params)
+    check_same_structure("updates", updates, params, "the params")
 
 
 def check_same_structure(what: str, tree: Any, reference: Any, reference_name: str) -> None:

@@ -10,6 +10,8 @@ from adamw_jax.decay import add_decayed_weights, decoupled_weight_decay
 from adamw_jax.moments import scale_by_adam
 from adamw_jax.stability import cautious as cautious_updates
 
+__all__ = ["adam", "adamw"]
+
 
 def adamw(
     learning_rate: ScalarOrSchedule,

@@ -27,6 +27,13 @@ from adamw_jax import _numerics, _trees, _validate
 from adamw_jax._base import ScalarOrSchedule
 from adamw_jax.masks import leaf_path, named_leaves
 
+__all__ = [
+    "KerasAdamWState",
+    "TorchAdamWState",
+    "keras_adamw",
+    "torch_adamw",
+]
+
 
 class TorchAdamWState(NamedTuple):
     """State of :func:`torch_adamw`, field for field PyTorch's per-parameter state.
@@ -82,9 +89,7 @@ def _one_minus(beta: Any, dtype: jnp.dtype) -> jax.Array:
 
 def _check_update_inputs(name: str, updates: Any, params: Any) -> None:
     """Refuses a ported step without updates, without params, or with mismatched trees."""
-    _validate.check_updates_given(name, updates)
-    _validate.check_params_given(name, params)
-    _validate.check_same_structure("updates", updates, params, "the params")
+    _validate.check_update_call(name, updates, params)
     _validate.check_inexact_leaves("updates", updates)
 
 
@@ -353,7 +358,7 @@ def torch_adamw(
 
     def update_fn(updates, state, params=None):
         _check_update_inputs("torch_adamw", updates, params)
-        count = _numerics.safe_increment(state.count)
+        count = optax.safe_increment(state.count)
         scalars = _torch_scalars(state.count, count, lr, weight_decay, beta1, beta2, eps)
         leaf_step = functools.partial(
             _torch_leaf_step, scalars=scalars, beta1=beta1, maximize=maximize
@@ -529,7 +534,7 @@ def keras_adamw(
 
     def update_fn(updates, state, params=None):
         _check_update_inputs("keras_adamw", updates, params)
-        count = _numerics.safe_increment(state.count)
+        count = optax.safe_increment(state.count)
         # Keras stores the learning rate in a float32 variable.
         eta32 = jnp.asarray(_numerics.value_at(learning_rate, state.count)).astype(jnp.float32)
         scalars = _KerasScalars(

@@ -12,6 +12,13 @@ import optax
 from adamw_jax import _numerics, _validate, masks
 from adamw_jax._base import Mask, ScalarOrSchedule
 
+__all__ = [
+    "AddDecayedWeightsState",
+    "DecoupledWeightDecayState",
+    "add_decayed_weights",
+    "decoupled_weight_decay",
+]
+
 DECAY_COUPLINGS = ("lr", "schedule", "none", "adamc")
 # The couplings whose decay follows learning_rate(t) / peak_learning_rate.
 _PEAK_COUPLINGS = ("schedule", "adamc")
@@ -89,11 +96,11 @@ def add_decayed_weights(
     needs_params = not _is_zero(weight_decay)
 
     def update_fn(updates, state, params=None):
-        count = _numerics.safe_increment(state.count)
+        count = optax.safe_increment(state.count)
         if params is None and not needs_params:  # adding 0 * params needs no params
             _validate.check_updates_given("add_decayed_weights", updates)
             return updates, AddDecayedWeightsState(count)
-        _check_update_args("add_decayed_weights", updates, params)
+        _validate.check_update_call("add_decayed_weights", updates, params)
         wd = _numerics.value_at(weight_decay, state.count)
         decay = functools.partial(_add_decayed_weight, wd)
         new = masks.map_masked(masks.resolve_mask(mask, params), decay, _unchanged, updates, params)
@@ -107,13 +114,6 @@ def _is_zero(value: Any) -> bool:
     if _numerics.is_schedule(value) or isinstance(value, jax.core.Tracer):
         return False
     return float(value) == 0.0
-
-
-def _check_update_args(name: str, updates: Any, params: Any) -> None:
-    """Refuses missing updates or params, and updates that do not fit the params."""
-    _validate.check_updates_given(name, updates)
-    _validate.check_params_given(name, params)
-    _validate.check_same_structure("updates", updates, params, "the params")
 
 
 def _add_decayed_weight(wd: Any, u: jax.Array, p: jax.Array) -> jax.Array:
@@ -241,7 +241,7 @@ def decoupled_weight_decay(
     _validate.check_bool("cautious", cautious)
     _check_decay_target(decay_target)
     _check_peak_learning_rate(peak_learning_rate, decay_coupling, learning_rate)
-    coupling = effective_coupling(decay_coupling, peak_learning_rate)
+    coupling = _effective_coupling(decay_coupling, peak_learning_rate)
 
     def init_fn(params):
         masks.resolve_mask(mask, params)  # a mask that does not fit fails here, not later
@@ -250,19 +250,19 @@ def decoupled_weight_decay(
         )
 
     def update_fn(updates, state, params=None):
-        _check_update_args("decoupled_weight_decay", updates, params)
+        _validate.check_update_call("decoupled_weight_decay", updates, params)
         target = _state_target(decay_target, state, params)
         lr = _numerics.value_at(learning_rate, state.count)
         wd = _numerics.value_at(weight_decay, state.count)
         # Made once per compute dtype, for all the leaves computed in it.
         scalars = functools.cache(
-            functools.partial(decay_scalars, lr, wd, coupling, peak_learning_rate)
+            functools.partial(_decay_scalars, lr, wd, coupling, peak_learning_rate)
         )
         decayed = functools.partial(_decayed_step, coupling, cautious, scalars)
         plain = functools.partial(_plain_step, scalars)
         trees = (updates, params) if target is None else (updates, params, target)
         new = masks.map_masked(masks.resolve_mask(mask, params), decayed, plain, *trees)
-        return new, DecoupledWeightDecayState(_numerics.safe_increment(state.count), target)
+        return new, DecoupledWeightDecayState(optax.safe_increment(state.count), target)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -325,7 +325,7 @@ def _check_peak_learning_rate(
         )
 
 
-def effective_coupling(decay_coupling: str, peak_learning_rate: Any) -> str:
+def _effective_coupling(decay_coupling: str, peak_learning_rate: Any) -> str:
     """The coupling the step applies: without a peak, ``"schedule"`` is ``"none"``, and
     ``"adamc"`` is ``"lr"``.
 
@@ -337,7 +337,7 @@ def effective_coupling(decay_coupling: str, peak_learning_rate: Any) -> str:
     return decay_coupling
 
 
-class DecayScalars(NamedTuple):
+class _DecayScalars(NamedTuple):
     """One step's scalars in one compute dtype."""
 
     lr: jax.Array  # the learning rate, eta_t
@@ -345,22 +345,22 @@ class DecayScalars(NamedTuple):
     decay: jax.Array
 
 
-def decay_scalars(
+def _decay_scalars(
     lr: Any, wd: Any, coupling: str, peak_learning_rate: Any, dtype: Any
-) -> DecayScalars:
+) -> _DecayScalars:
     """The learning rate and decay factor of a step (values at its count) in ``dtype``."""
     decay = jnp.asarray(wd, dtype)
     if coupling == "schedule":
         decay = decay / jnp.asarray(peak_learning_rate, dtype)
     elif coupling == "adamc":
         decay = decay * (jnp.asarray(lr, dtype) / jnp.asarray(peak_learning_rate, dtype))
-    return DecayScalars(jnp.asarray(lr, dtype), decay)
+    return _DecayScalars(jnp.asarray(lr, dtype), decay)
 
 
 def _decayed_step(
     coupling: str,
     cautious: bool,
-    scalars: Callable[[Any], DecayScalars],
+    scalars: Callable[[Any], _DecayScalars],
     u: jax.Array,
     p: jax.Array,
     ref: jax.Array | None = None,
@@ -380,7 +380,7 @@ def _decayed_step(
 
 
 def _plain_step(
-    scalars: Callable[[Any], DecayScalars], u: jax.Array, p: jax.Array, ref: Any = None
+    scalars: Callable[[Any], _DecayScalars], u: jax.Array, p: jax.Array, ref: Any = None
 ) -> jax.Array:
     """``-eta u`` in the param's dtype: a leaf that does not decay."""
     del ref

@@ -28,9 +28,11 @@ import optax
 from adamw_jax import _moment_storage, _numerics, _validate, masks
 from adamw_jax._base import Mask, MomentDtype, ScalarOrArray, ScalarOrSchedule
 from adamw_jax.alias import adamw
-from adamw_jax.decay import DecoupledWeightDecayState, decay_scalars, effective_coupling
+from adamw_jax.decay import DecoupledWeightDecayState, _decay_scalars, _effective_coupling
 from adamw_jax.moments import ScaleByAdamState, nesterov_weights
 from adamw_jax.quantize import QuantizedArray, QuantizedArray4
+
+__all__ = ["FusedAdamW", "fused_adamw"]
 
 BACKENDS = ("auto", "kernel", "xla")
 _TARGET = "adamw_jax_fused_adamw"
@@ -48,7 +50,7 @@ _INT8_CODES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
 _QUANTIZED = (_INT8, _INT4)
 # The kernel's `coupling` attribute (enum Decay in csrc/fused_adamw.cc) for each coupling
 # the step applies: "schedule" and "adamc" are "lr" with the decay factor already scaled by
-# the peak (decay_scalars).
+# the peak (_decay_scalars).
 _LR_COUPLED, _INDEPENDENT = 1, 2
 _KERNEL_COUPLING = {
     "lr": _LR_COUPLED,
@@ -212,7 +214,7 @@ def fused_adamw(
         moment_layout=moment_layout,
     )
     _validate.check_choice("backend", backend, BACKENDS)
-    coupling = effective_coupling(decay_coupling, peak_learning_rate)
+    coupling = _effective_coupling(decay_coupling, peak_learning_rate)
     storage = _moment_storage.moment_storage(
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
@@ -435,12 +437,12 @@ def _kernel_hyper(
     adam_state, decay_state = state
     r = jnp.float32
     beta1, beta2 = jnp.asarray(b1, r), jnp.asarray(b2, r)
-    count = _numerics.safe_increment(adam_state.count)
+    count = optax.safe_increment(adam_state.count)
     t = count.astype(r)
     c1, c2 = 1 - beta1**t, 1 - beta2**t
     lr = _numerics.value_at(learning_rate, decay_state.count)
     wd = _numerics.value_at(weight_decay, decay_state.count)
-    scalars = decay_scalars(lr, wd, coupling, peak_learning_rate, r)
+    scalars = _decay_scalars(lr, wd, coupling, peak_learning_rate, r)
     nesterov_m, nesterov_g = nesterov_weights(
         beta1, c1, 1 - beta1 ** (t + 1), nesterov_bias_correction
     )
@@ -484,12 +486,12 @@ def _kernel_step(options: _KernelOptions, params, state, hyper, how: _KernelPlan
             column.append(_rebuild(moment, out))
     new_params, mu, nu, *nu_max = (jax.tree.unflatten(treedef, c) for c in columns)
     new_adam = ScaleByAdamState(
-        _numerics.safe_increment(adam_state.count),
+        optax.safe_increment(adam_state.count),
         mu,
         nu,
         nu_max[0] if options.amsgrad else adam_state.nu_max,
     )
-    new_decay = DecoupledWeightDecayState(_numerics.safe_increment(decay_state.count))
+    new_decay = DecoupledWeightDecayState(optax.safe_increment(decay_state.count))
     return new_params, (new_adam, new_decay)
 
 

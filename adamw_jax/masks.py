@@ -38,7 +38,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adamw_jax import _validate
 from adamw_jax._base import Mask
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "by_name",
+    "by_ndim",
+    "describe",
+    "leaf_path",
+    "map_masked",
+    "resolve_mask",
+]
 
 #: Paths excluded from decay by default: biases, normalization scales and embeddings, as
 #: Flax (Linen and NNX) names them. A model may lack some of them (no biases): the default
@@ -288,10 +299,7 @@ def by_ndim(min_ndim: int = 2) -> Callable[[Any], Any]:
       >>> masks.by_ndim()({"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)})
       {'bias': False, 'kernel': True}
     """
-    if isinstance(min_ndim, bool) or not isinstance(min_ndim, (int, np.integer)):
-        raise TypeError(f"min_ndim must be an int in [0, inf); got {min_ndim!r}.")
-    if min_ndim < 0:
-        raise ValueError(f"min_ndim must be in [0, inf); got {min_ndim!r}.")
+    _validate.check_int("min_ndim", min_ndim, low=0, static=True)
 
     def mask_fn(params):
         return jax.tree.map(lambda p: bool(np.ndim(p) >= min_ndim), params)

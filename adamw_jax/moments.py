@@ -1,14 +1,10 @@
 """Adam's first and second moment scaling, with bias correction, AMSGrad and Nesterov.
 
-Read top-down: :func:`scale_by_adam` checks its storage keywords into one
-:class:`~adamw_jax._moment_storage.MomentStorage` and builds the transformation with
-:func:`_scale_by_adam`, which carries it as one value. Each step makes the step's
-scalars once per compute dtype (:class:`AdamScalars`) and runs :func:`_adam_step`, the
-whole of Adam's arithmetic for one leaf, on every leaf (``"tree"`` layout,
-:func:`_update_tree`) or every buffer (``"packed"``, :func:`_update_packed`). How moments
-are stored (floating dtypes, the square root of a float16 second moment, blockwise
-``"int8"``) is :mod:`adamw_jax._moment_storage`'s business; the step only loads and
-stores through it.
+:func:`scale_by_adam` is the Adam half of AdamW as an Optax transformation, with the state
+:class:`ScaleByAdamState`. Its moments are stored in any floating dtype (float16's second
+moment as its square root), as blockwise ``"int8"`` or ``"int4"`` codes, and laid out as
+trees like the params or packed into shared buffers (``moment_layout``); every storage
+computes the step in float32 or wider.
 """
 
 import functools
@@ -22,13 +18,9 @@ import optax
 from adamw_jax import _moment_storage as _storage
 from adamw_jax import _numerics, _packing, _trees, _validate
 from adamw_jax._base import MomentDtype, ScalarOrArray
-
-# Re-exported: names this module defined before the storage keywords' checks moved out.
-from adamw_jax._moment_storage import DEFAULT_BLOCK_SIZE as DEFAULT_BLOCK_SIZE
-from adamw_jax._moment_storage import DEFAULT_MIN_QUANTIZE_SIZE as DEFAULT_MIN_QUANTIZE_SIZE
-from adamw_jax._moment_storage import MOMENT_LAYOUTS as MOMENT_LAYOUTS
 from adamw_jax._moment_storage import MomentStorage
 
+__all__ = ["ScaleByAdamState", "scale_by_adam"]
 # How the Nesterov look-ahead is bias-corrected (``nesterov_bias_correction``).
 NESTEROV_BIAS_CORRECTIONS = ("optax", "algoperf")
 
@@ -173,37 +165,6 @@ def scale_by_adam(
         min_quantize_size=min_quantize_size,
         moment_layout=moment_layout,
     )
-    return _scale_by_adam(
-        b1,
-        b2,
-        eps,
-        eps_root,
-        storage=storage,
-        nesterov=nesterov,
-        amsgrad=amsgrad,
-        bias_correction=bias_correction,
-        nesterov_bias_correction=nesterov_bias_correction,
-    )
-
-
-def _scale_by_adam(
-    b1: ScalarOrArray,
-    b2: ScalarOrArray,
-    eps: ScalarOrArray,
-    eps_root: ScalarOrArray,
-    *,
-    storage: MomentStorage,
-    nesterov: bool,
-    amsgrad: bool,
-    bias_correction: bool,
-    nesterov_bias_correction: str = "optax",
-) -> optax.GradientTransformation:
-    """:func:`scale_by_adam` with its five storage keywords given as one checked value.
-
-    ``storage`` comes from :func:`adamw_jax._moment_storage.moment_storage` (which checks
-    the keywords); the other arguments are :func:`scale_by_adam`'s, without defaults, and
-    are checked here.
-    """
     _validate.check_scalar("b1", b1, low=0.0, high=1.0)
     _validate.check_scalar("b2", b2, low=0.0, high=1.0)
     _validate.check_scalar("eps", eps, low=0.0)
@@ -227,7 +188,7 @@ def _scale_by_adam(
     ) -> tuple[optax.Updates, ScaleByAdamState]:
         del params
         _validate.check_updates_given("scale_by_adam", updates)
-        count = _numerics.safe_increment(state.count)
+        count = optax.safe_increment(state.count)
         scalars_for = functools.cache(
             functools.partial(
                 _adam_scalars,
@@ -287,7 +248,7 @@ def nesterov_weights(
     return beta1 / momentum_correction, (1 - beta1) / correction1
 
 
-class AdamScalars(NamedTuple):
+class _AdamScalars(NamedTuple):
     r"""One step's scalar factors of :func:`_adam_step`, for one compute dtype.
 
     The first moment is computed in the compute dtype (complex for complex params), the
@@ -338,8 +299,8 @@ def _adam_scalars(
     eps_root: ScalarOrArray,
     bias_correction: bool,
     nesterov_bias_correction: str = "optax",
-) -> AdamScalars:
-    """The :class:`AdamScalars` of step ``count`` (1 for the first step) in ``compute_dtype``."""
+) -> _AdamScalars:
+    """The :class:`_AdamScalars` of step ``count`` (1 for the first step) in ``compute_dtype``."""
     real_dtype = jnp.finfo(compute_dtype).dtype
     beta1, beta2 = jnp.asarray(b1, real_dtype), jnp.asarray(b2, real_dtype)
     t = count.astype(real_dtype)
@@ -351,7 +312,7 @@ def _adam_scalars(
     nesterov_momentum, nesterov_gradient = nesterov_weights(
         beta1, correction1, next_correction1, nesterov_bias_correction
     )
-    return AdamScalars(
+    return _AdamScalars(
         real_dtype=real_dtype,
         b1=beta1.astype(compute_dtype),
         one_minus_b1=(1 - beta1).astype(compute_dtype),
@@ -373,7 +334,7 @@ def _adam_step(
     nu: Any,
     nu_max: Any,
     *,
-    scalars_for: Callable[[jnp.dtype], AdamScalars],
+    scalars_for: Callable[[jnp.dtype], _AdamScalars],
     nesterov: bool,
     guard_zero_denominator: bool,
     block_size: int,
@@ -405,7 +366,7 @@ def _adam_step(
       grad: the leaf's gradient.
       mu, nu, nu_max: its stored moments, as :mod:`adamw_jax._moment_storage` keeps them
         (``nu_max`` None without AMSGrad); they are loaded and stored through it.
-      scalars_for: the step's :class:`AdamScalars` for a compute dtype (made once per dtype).
+      scalars_for: the step's :class:`_AdamScalars` for a compute dtype (made once per dtype).
       nesterov: use Nesterov's look-ahead for :math:`\hat m_t`.
       guard_zero_denominator: map a zero denominator to a zero direction.
       block_size: the ``"int8"``/``"int4"`` moments' block size.

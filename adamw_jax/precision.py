@@ -24,10 +24,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from adamw_jax import _numerics, _trees, _validate
+
+__all__ = ["LowPrecisionUpdateState", "low_precision_update"]
 
 METHODS = ("compensated", "stochastic_rounding")
 
@@ -135,8 +136,7 @@ def low_precision_update(
       Gupta et al., "Deep Learning with Limited Numerical Precision", ICML 2015.
     """
     _validate.check_choice("method", method, METHODS)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int; got {seed!r}.")
+    _validate.check_int("seed", seed, low=None, static=True)
 
     def init_fn(params):
         _validate.check_inexact_leaves("params", params)
@@ -147,9 +147,7 @@ def low_precision_update(
         return LowPrecisionUpdateState(jnp.zeros([], jnp.int32), compensation)
 
     def update_fn(updates, state, params=None):
-        _validate.check_updates_given("low_precision_update", updates)
-        _validate.check_params_given("low_precision_update", params)
-        _validate.check_same_structure("updates", updates, params, "the params")
+        _validate.check_update_call("low_precision_update", updates, params)
         treedef = jax.tree.structure(params)
         u_leaves, p_leaves = treedef.flatten_up_to(updates), jax.tree.leaves(params)
         # The step's key (unused, and dropped under jit, when compensated).
@@ -167,7 +165,7 @@ def low_precision_update(
                 for i, (u, p) in enumerate(zip(u_leaves, p_leaves, strict=True))
             ]
             new_updates, compensation = jax.tree.unflatten(treedef, new_u), optax.EmptyState()
-        count = _numerics.safe_increment(state.count)
+        count = optax.safe_increment(state.count)
         return new_updates, LowPrecisionUpdateState(count, compensation)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -88,6 +88,41 @@ import numpy as np
 
 from adamw_jax import _numerics, _validate
 
+__all__ = [
+    "INT4_DEFAULT_BLOCK_SIZE",
+    "INT4_SIGNED_CODE_BOOK",
+    "INT4_SIGNED_FORMAT",
+    "INT4_UNSIGNED_CODE_BOOK",
+    "INT4_UNSIGNED_FORMAT",
+    "CodeFormat",
+    "QuantizedArray",
+    "QuantizedArray4",
+    "block_absmax",
+    "check_block_size",
+    "check_int4_block_size",
+    "code_book",
+    "code_book_max",
+    "decode_magnitudes",
+    "dequantize",
+    "dequantize_int4",
+    "encode_magnitudes",
+    "int4_format",
+    "pack_int4",
+    "packed_shape",
+    "quantize",
+    "quantize_int4",
+    "quantize_int4_with_absmax",
+    "quantize_with_absmax",
+    "scales_shape",
+    "stored_absmax",
+    "stored_absmax_int4",
+    "unpack_int4",
+    "zeros",
+    "zeros_int4",
+    "zeros_like",
+    "zeros_like_int4",
+]
+
 
 class QuantizedArray(NamedTuple):
     """A float32 array stored as one byte per element plus one float32 scale per block.
@@ -256,10 +291,7 @@ def check_block_size(block_size: Any) -> None:
       TypeError: for anything but an integer (a bool included).
       ValueError: for an integer below 1.
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise TypeError(f"block_size must be an int in [1, inf); got {block_size!r}.")
-    if block_size < 1:
-        raise ValueError(f"block_size must be in [1, inf); got {block_size!r}.")
+    _validate.check_int("block_size", block_size, low=1, static=True)
 
 
 _ROUNDINGS = ("nearest", "stochastic")
@@ -706,8 +738,7 @@ def check_int4_block_size(block_size: Any, name: str = "block_size") -> None:
       TypeError: for anything but an integer (a bool included).
       ValueError: for an odd integer or one below 2.
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise TypeError(f"{name} must be an even int in [2, inf); got {block_size!r}.")
+    _validate.check_int(name, block_size, low=None, static=True)
     if block_size < 2 or block_size % 2:
         raise ValueError(
             f"{name} must be an even int in [2, inf) for 4-bit codes (two per byte, a block "

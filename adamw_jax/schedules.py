@@ -13,6 +13,13 @@ import numpy as np
 
 from adamw_jax import _validate
 
+__all__ = [
+    "cosine_warm_restarts",
+    "ema_timescale",
+    "normalized_weight_decay",
+    "weight_decay_for_timescale",
+]
+
 _INT32_MAX = int(np.iinfo(np.int32).max)
 # Restart boundaries are computed in decimal arithmetic with this many significant digits,
 # and a boundary closer than _SNAP to an integer step is taken to be that step.
@@ -21,12 +28,7 @@ _SNAP = decimal.Decimal("1e-30")
 
 
 def _check_period(first_period: Any) -> int:
-    if isinstance(first_period, bool) or not isinstance(first_period, (int, np.integer)):
-        raise TypeError(
-            f"first_period must be an int in [1, {_INT32_MAX}] (steps); got {first_period!r}."
-        )
-    if not 1 <= first_period <= _INT32_MAX:
-        raise ValueError(f"first_period must be in [1, {_INT32_MAX}]; got {first_period!r}.")
+    _validate.check_int("first_period", first_period, low=1, high=_INT32_MAX, static=True)
     return int(first_period)
 
 

@@ -17,6 +17,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDev
 from adamw_jax._packing import PackedMoments
 from adamw_jax.quantize import QuantizedArray, QuantizedArray4
 
+__all__ = ["init", "state_shardings"]
+
 
 def _sharding_of(leaf: Any) -> Sharding | None:
     """The sharding a param leaf carries (a ``jax.Array`` or a ``ShapeDtypeStruct``), if any."""

@@ -8,6 +8,8 @@ import optax
 
 from adamw_jax import _numerics, _validate
 
+__all__ = ["SkipSpikesState", "cautious", "skip_spikes"]
+
 METRICS = ("grad_norm", "loss")
 # The std is floored at this fraction of |mean|: a metric that has not varied (variance 0)
 # does not make the next step's float32 rounding a spike.
@@ -243,7 +245,7 @@ def _updated_statistics(
     x: jax.Array, state: SkipSpikesState, window: Any
 ) -> tuple[jax.Array, jax.Array]:
     """The mean and variance once ``x`` is accepted (weight 1 / min(n + 1, window))."""
-    n = jnp.minimum(_numerics.safe_increment(state.accepted), jnp.asarray(window, jnp.int32))
+    n = jnp.minimum(optax.safe_increment(state.accepted), jnp.asarray(window, jnp.int32))
     a = 1 / n.astype(x.dtype)
     delta = x - state.mean
     return state.mean + a * delta, (1 - a) * (state.var + a * delta * delta)
@@ -265,19 +267,19 @@ def _next_state(
     """
     mean, var = _updated_statistics(x, state, window)
     one = jnp.ones([], jnp.int32)
-    accepted = jnp.where(restart, one, _numerics.safe_increment(state.accepted))
+    accepted = jnp.where(restart, one, optax.safe_increment(state.accepted))
     spike_skip = skip & jnp.isfinite(x)  # non-finite metrics leave the run count alone
     consecutive = jnp.where(skip, state.consecutive, jnp.zeros_like(state.consecutive))
-    steps = _numerics.safe_increment(state.steps)
+    steps = optax.safe_increment(state.steps)
     return SkipSpikesState(
         inner_state,
         jnp.where(skip, state.mean, jnp.where(restart, x, mean)),
         jnp.where(skip, state.var, jnp.where(restart, jnp.zeros_like(var), var)),
         jnp.where(skip, state.accepted, accepted),
-        jnp.where(skip, _numerics.safe_increment(state.skipped), state.skipped),
+        jnp.where(skip, optax.safe_increment(state.skipped), state.skipped),
         z,
-        jnp.where(spike_skip, _numerics.safe_increment(state.consecutive), consecutive),
-        jnp.where(restart, _numerics.safe_increment(state.restarts), state.restarts),
+        jnp.where(spike_skip, optax.safe_increment(state.consecutive), consecutive),
+        jnp.where(restart, optax.safe_increment(state.restarts), state.restarts),
         steps,
         jnp.where(skip, steps, state.last_skipped_step),
     )

@@ -6,8 +6,11 @@ executed), MathJax is copied into the output from the ``sphinx-mathjax-offline``
 there is no intersphinx (Optax and JAX are named in plain text, not linked).
 """
 
+import importlib
 import pathlib
+import re
 import shutil
+import types
 
 import chex
 import optax
@@ -114,7 +117,64 @@ def _shorten_aliases(app, what, name, obj, options, signature, return_annotation
     return signature, return_annotation
 
 
+_AUTOMODULE = re.compile(r"^\.\. automodule:: (\S+)\n((?:   .*\n|\n(?=   ))*)", re.MULTILINE)
+
+
+def _exported_entries(module_name: str) -> list[str]:
+    """The directives of a module's names that are documented as ``adamw_jax.<name>``.
+
+    For a submodule, the names of its ``__all__`` that the package re-exports; for the
+    package, the names of its ``__all__`` that no public submodule's ``__all__`` holds.
+    """
+    module = importlib.import_module(module_name)
+    if module is adamw_jax:
+        elsewhere = {
+            id(getattr(sub, n))
+            for sub in vars(adamw_jax).values()
+            if isinstance(sub, types.ModuleType) and hasattr(sub, "__all__")
+            for n in sub.__all__
+        }
+        names = [
+            n
+            for n in adamw_jax.__all__
+            if not isinstance(getattr(adamw_jax, n), types.ModuleType)
+            and id(getattr(adamw_jax, n)) not in elsewhere
+        ]
+    else:
+        names = [
+            n
+            for n in module.__all__
+            if n in adamw_jax.__all__ and getattr(adamw_jax, n) is getattr(module, n)
+        ]
+    kinds = {True: "autoclass", False: "autofunction"}
+    return [
+        f".. {kinds[isinstance(getattr(module, n), type)]}:: adamw_jax.{n}"
+        if callable(getattr(module, n))
+        else f".. autodata:: adamw_jax.{n}"
+        for n in names
+    ]
+
+
+def _add_exported_entries(app, docname, source):
+    """On an API page, adds the entries of its modules' names used as ``adamw_jax.<name>``.
+
+    Each page holds ``.. automodule:: adamw_jax.<module>`` with ``:members:``: autodoc
+    documents the module's ``__all__`` (and nothing else), less the names skipped by
+    :func:`_skip_reexported`, which are added here, under the name users write, so that
+    the page lists exactly the module's ``__all__``.
+    """
+    if not docname.startswith("api/"):
+        return
+
+    def expand(match: re.Match) -> str:
+        entries = "".join(f"   {entry}\n\n" for entry in _exported_entries(match.group(1)))
+        return f"{match.group(0).rstrip()}\n\n{entries}"
+
+    source[0] = _AUTOMODULE.sub(expand, source[0])
+
+
 def setup(app):
+    app.connect("source-read", _add_exported_entries)
     app.connect("autodoc-skip-member", _skip_reexported)
     app.connect("autodoc-process-signature", _shorten_aliases)
 

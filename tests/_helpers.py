@@ -7,6 +7,8 @@ Runs (each returns a :class:`Run`):
 - :func:`run_scan`: N updates inside one jitted ``lax.scan`` over per-step inputs.
 - :func:`run_side_by_side`: two transformations fed the same gradients in one scan.
 
+Examples: :func:`load_example` imports ``examples/<name>.py`` as a module.
+
 Comparisons: closeness and value equality use chex directly, as Optax's tests do
 (``chex.assert_trees_all_close(a, b, rtol=..., atol=...)``,
 ``chex.assert_trees_all_equal(a, b)``). Two checks chex has no assertion for live here:
@@ -16,7 +18,10 @@ Comparisons: closeness and value equality use chex directly, as Optax's tests do
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import chex
@@ -283,3 +288,15 @@ def least_squares(seed: int = 0, n: int = 64, d: int = 16, k: int = 4) -> LeastS
     y = x @ rng.standard_normal((d, k)) + 0.1 * rng.standard_normal((n, k))
     params = {"kernel": 0.5 * rng.standard_normal((d, k)), "bias": rng.standard_normal(k)}
     return LeastSquares(params, x, y)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str):
+    """Imports ``examples/<name>.py`` as a module (once), without putting examples/ on sys.path."""
+    module_name = f"_example_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up while building
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]

@@ -82,6 +82,7 @@ def test_bad_arguments_are_refused(benchmark, capsys):
     assert "--scale" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_runs_as_a_script():
     """From the command line, where the contenders come from the script's own folder."""
     root = str(BENCHMARKS.parent)  # adamw_jax importable even when not installed

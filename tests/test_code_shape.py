@@ -4,12 +4,7 @@ Every function fits on a screen (at most 80 lines of code, docstring excluded), 
 import within the package points to a lower level, so the code reads top-down.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import code_shape
+import _code_shape as code_shape
 
 MAX_FUNCTION_LINES = 80
 LEVELS = {

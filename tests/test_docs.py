@@ -4,8 +4,8 @@ Each guide in ``docs/`` (and the README) is run top to bottom as one script: its
 blocks are executed in order in one namespace, its ```` ```pycon ```` blocks checked as
 doctests in that namespace, so no example in the docs can rot. The site is built once per
 session with ``sphinx-build -W`` (warnings are errors) into a temporary directory, and the
-built pages are checked for what a reader needs: an API entry for every public name, the
-notebooks' figures, math served from the build itself (the site is read offline).
+built pages are checked for what a reader needs: each API page lists exactly its modules'
+``__all__``, the notebooks' figures, math served from the build itself (the site is read offline).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import html
 import importlib
 import json
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -82,11 +83,13 @@ def test_guides_are_found_and_hold_code():
     assert sum(langs.count("pycon") for langs in blocks.values()) >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", [p for p in GUIDES if p.name not in DEVICES], ids=lambda p: p.name)
 def test_guide_code_runs(page):
     run_page(page)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", [DOCS / name for name in DEVICES], ids=lambda p: p.name)
 def test_multi_device_guide_code_runs(page):
     env = dict(os.environ)
@@ -124,55 +127,70 @@ def site(tmp_path_factory) -> Path:
 
 
 def _public_modules() -> list[str]:
-    """The package's public modules and subpackages (``tuning``)."""
-    package = ROOT / "adamw_jax"
-    names = [p.stem for p in package.glob("*.py")] + [
-        p.parent.name for p in package.glob("*/__init__.py")
-    ]
-    return sorted(name for name in names if not name.startswith("_"))
+    """The names of the package's public modules: no part of the name starts with ``_``."""
+    found = pkgutil.walk_packages(adamw_jax.__path__, "adamw_jax.")
+    return sorted(m.name for m in found if not any(p.startswith("_") for p in m.name.split(".")))
 
 
-def _public_names(module) -> list[str]:
-    """A module's ``__all__``, or else the functions and classes it defines without a ``_``."""
-    if hasattr(module, "__all__"):
-        return list(module.__all__)
-    return [
-        name
-        for name, obj in vars(module).items()
-        if not name.startswith("_")
-        and isinstance(obj, (type, types.FunctionType))
-        and obj.__module__ == module.__name__
-    ]
+def test_every_public_module_defines_its_public_names():
+    modules = ["adamw_jax", *_public_modules()]
+    assert len(modules) >= 12  # the package and its modules, not an empty list
+    for name in modules:
+        module = importlib.import_module(name)
+        assert hasattr(module, "__all__"), f"{name} has no __all__"
+        assert len(set(module.__all__)) == len(module.__all__), f"{name}.__all__ repeats a name"
+        for public in module.__all__:
+            assert not public.startswith("_"), f"{name}.__all__ lists the private {public}"
+            assert hasattr(module, public), f"{name}.__all__ lists {public}, which it lacks"
 
 
-def _expected_anchors() -> set[str]:
-    """The HTML ids of every public name's entry: top-level names under ``adamw_jax.``."""
-    anchors = set()
-    for name in adamw_jax.__all__:
-        obj = getattr(adamw_jax, name)
-        is_module = isinstance(obj, types.ModuleType)
-        anchors.add(f"module-{obj.__name__}" if is_module else f"adamw_jax.{name}")
-    for stem in _public_modules():
-        module = importlib.import_module(f"adamw_jax.{stem}")
-        anchors.add(f"module-adamw_jax.{stem}")
-        for name in _public_names(module):
-            exported = name in adamw_jax.__all__ and getattr(adamw_jax, name) is getattr(
-                module, name
-            )
-            anchors.add(f"adamw_jax.{name}" if exported else f"adamw_jax.{stem}.{name}")
-    return anchors
+def _anchor(module, name: str) -> str:
+    """The HTML id of a public name's entry: ``adamw_jax.<name>`` where the package exports it."""
+    obj = getattr(module, name)
+    if isinstance(obj, types.ModuleType):
+        return f"module-{obj.__name__}"
+    if name in adamw_jax.__all__ and getattr(adamw_jax, name) is obj:
+        return f"adamw_jax.{name}"
+    return f"{module.__name__}.{name}"
 
 
-def test_every_public_name_has_an_api_entry(site):
-    found = set()
-    for page in (site / "api").glob("*.html"):
-        found |= {html.unescape(a) for a in re.findall(r'\bid="([^"]+)"', page.read_text())}
-    expected = _expected_anchors()
-    assert len(expected) > 60  # the package and its modules, not an empty list
-    missing = sorted(expected - found)
-    assert not missing, f"no API entry for {missing} (add them to docs/api/)"
+def _entries(page: str) -> set[str]:
+    """The ids of a built page's object entries, less the members nested in a documented class."""
+    ids = {
+        html.unescape(i) for i in re.findall(r'<dt class="sig sig-object py" id="([^"]+)"', page)
+    }
+    return {i for i in ids if i.rsplit(".", 1)[0] not in ids}
 
 
+@pytest.mark.slow
+def test_each_api_page_lists_exactly_its_modules_all(site):
+    """A module's page holds an entry for each name of its ``__all__``, and for nothing else.
+
+    The package's own ``__all__`` is documented with the modules that define its names:
+    a name the package re-exports from a public module is on that module's page (under
+    ``adamw_jax.<name>``), the others on the package's page.
+    """
+    pages = {page.stem: page.read_text() for page in (site / "api").glob("*.html")}
+    expected: dict[str, set[str]] = {stem: set() for stem in pages}
+    elsewhere = set()
+    for name in _public_modules():
+        module = importlib.import_module(name)
+        stem = next((s for s, text in pages.items() if f'id="module-{name}"' in text), None)
+        assert stem is not None, f"no API page documents {name} (add it to docs/api/)"
+        expected[stem] |= {_anchor(module, n) for n in module.__all__}
+        elsewhere |= {_anchor(module, n) for n in module.__all__}
+    package = next(s for s, text in pages.items() if 'id="module-adamw_jax"' in text)
+    expected[package] |= {_anchor(adamw_jax, n) for n in adamw_jax.__all__} - elsewhere
+    assert sum(map(len, expected.values())) > 60  # every public name, not an empty list
+    for stem, text in pages.items():
+        expected[stem] = {a for a in expected[stem] if not a.startswith("module-")}
+        assert _entries(text) == expected[stem], (
+            f"api/{stem}: entries not in __all__: {sorted(_entries(text) - expected[stem])}; "
+            f"names of __all__ without an entry: {sorted(expected[stem] - _entries(text))}"
+        )
+
+
+@pytest.mark.slow
 def test_every_guide_and_notebook_is_a_page(site):
     for page in DOCS.glob("*.md"):
         assert (site / f"{page.stem}.html").is_file(), page.name
@@ -188,6 +206,7 @@ def test_every_guide_and_notebook_is_a_page(site):
     assert total >= 4  # the committed notebooks' plots, not an empty check
 
 
+@pytest.mark.slow
 def test_math_and_assets_are_served_from_the_site_itself(site):
     assert (site / "_static" / "mathjax" / "tex-chtml.js").is_file()
     concepts = (site / "concepts.html").read_text()

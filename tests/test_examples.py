@@ -3,39 +3,25 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import struct
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import assert_trees_bitwise_equal
+from _helpers import assert_trees_bitwise_equal, load_example
 
 import adamw_jax
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+pytestmark = pytest.mark.slow  # the examples end to end
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _load(name: str):
-    """Imports ``examples/<name>.py`` as a module, without putting examples/ on sys.path."""
-    module_name = f"_example_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses look their module up while building
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------------- digits
 def test_digits_split_is_fixed_disjoint_and_complete():
-    digits = _load("train_digits")
+    digits = load_example("train_digits")
     a, b = digits.load_splits(0), digits.load_splits(0)
     sizes = {k: len(v[1]) for k, v in a.items()}
     assert sum(sizes.values()) == 1797  # every image of load_digits, once
@@ -47,7 +33,7 @@ def test_digits_split_is_fixed_disjoint_and_complete():
 
 
 def test_digits_quick_run_beats_chance_and_writes_png(tmp_path):
-    digits = _load("train_digits")
+    digits = load_example("train_digits")
     out = tmp_path / "curves.png"
     result = digits.main(["--quick", "--out", str(out), "--no-progress"])
     assert set(result) == {"AdamW", "Adam+L2", "out"}
@@ -71,7 +57,7 @@ def test_digits_quick_run_beats_chance_and_writes_png(tmp_path):
 
 def test_digits_out_directory_gets_the_png_inside(tmp_path):
     """``--out DIR`` (existing, or ending in a slash) writes DIR/digits_adamw.png."""
-    digits = _load("train_digits")
+    digits = load_example("train_digits")
     tiny = ["--steps", "2", "--eval-every", "1", "--hidden", "8", "--no-progress"]
     result = digits.main([*tiny, "--out", str(tmp_path)])
     png = tmp_path / digits.PLOT_NAME
@@ -83,7 +69,7 @@ def test_digits_out_directory_gets_the_png_inside(tmp_path):
 
 @pytest.mark.parametrize("out", ["curves.jpg", "curves"])
 def test_digits_out_that_is_neither_png_nor_directory_is_refused(out, tmp_path, capsys):
-    digits = _load("train_digits")
+    digits = load_example("train_digits")
     with pytest.raises(SystemExit):
         digits.parse_args(["--out", str(tmp_path / out)])
     assert "--out must be a .png file or a directory" in capsys.readouterr().err
@@ -93,7 +79,7 @@ def test_digits_out_that_is_neither_png_nor_directory_is_refused(out, tmp_path, 
 @pytest.fixture(scope="module")
 def lm_runs(tmp_path_factory):
     """An uninterrupted run, and one interrupted at step 6 and resumed (checkpoints every 4)."""
-    lm = _load("char_transformer")
+    lm = load_example("char_transformer")
     base = ["--small", "--steps", "12", "--save-every", "4", "--no-progress"]
     full_dir = tmp_path_factory.mktemp("full")
     cut_dir = tmp_path_factory.mktemp("cut")
@@ -107,7 +93,7 @@ def lm_runs(tmp_path_factory):
 
 
 def test_char_transformer_loss_falls(lm_runs):
-    lm = _load("char_transformer")
+    lm = load_example("char_transformer")
     full = lm_runs["full"]
     vocab = lm.CharData(lm.load_text()).vocab_size
     losses = full["losses"]
@@ -138,7 +124,7 @@ def test_char_transformer_resume_is_bitwise_identical(lm_runs):
 
 
 def test_char_transformer_resume_with_other_optimizer_structure_raises(lm_runs):
-    lm = _load("char_transformer")
+    lm = load_example("char_transformer")
     argv = [*lm_runs["base"], "--ckpt-dir", str(lm_runs["cut_dir"]), "--resume", "--amsgrad"]
     expected = r"in the target but not in checkpoint \d+ .*nu_max\.\* \(\d+ leaves\)"
     with jax.numpy_dtype_promotion("standard"), pytest.raises(ValueError, match=expected):
@@ -146,7 +132,7 @@ def test_char_transformer_resume_with_other_optimizer_structure_raises(lm_runs):
 
 
 def test_char_transformer_int8_moments_train_and_track_fp32(lm_runs):
-    lm = _load("char_transformer")
+    lm = load_example("char_transformer")
     with jax.numpy_dtype_promotion("standard"):
         int8 = lm.main(
             ["--small", "--steps", "12", "--save-every", "0", "--moments", "int8", "--no-progress"]
@@ -177,7 +163,7 @@ def test_char_transformer_int8_moments_train_and_track_fp32(lm_runs):
 
 
 def test_char_transformer_mixes_8_bit_first_and_4_bit_second_moments():
-    lm = _load("char_transformer")
+    lm = load_example("char_transformer")
     tx = lm.make_optimizer(lm.Config(moments="int8-int4"))
     params = {"dense": {"kernel": jnp.zeros((64, 128)), "bias": jnp.zeros(128)}}
     opt_state = jax.eval_shape(tx.init, params)
@@ -196,7 +182,7 @@ def _opt_tree(tx, params):
 
 
 def test_restore_helper_checks_structure_shapes_and_dtypes(tmp_path):
-    lm = _load("char_transformer")
+    lm = load_example("char_transformer")
     params = {"dense": {"kernel": jnp.arange(6.0).reshape(3, 2), "bias": jnp.ones(2)}}
     saved = _opt_tree(adamw_jax.adamw(1e-3), params)
     saved["opt_state"][0].mu["dense"]["kernel"] += 0.25  # something non-trivial to restore
@@ -244,7 +230,7 @@ def test_restore_helper_checks_structure_shapes_and_dtypes(tmp_path):
     ],
 )
 def test_char_transformer_refuses_bad_flags_early(argv, message, capsys):
-    lm = _load("char_transformer")
+    lm = load_example("char_transformer")
     with pytest.raises(SystemExit):
         lm.parse_args(argv)
     assert message in capsys.readouterr().err
@@ -252,7 +238,7 @@ def test_char_transformer_refuses_bad_flags_early(argv, message, capsys):
 
 # ---------------------------------------------------------------- tuning lr and decay
 def test_tune_weight_decay_quick_run_is_consistent(tmp_path):
-    tune = _load("tune_weight_decay")
+    tune = load_example("tune_weight_decay")
     out = tmp_path / "tune.png"
     result = tune.main(["--quick", "--out", str(out), "--no-progress"])
     assert out.read_bytes()[:8] == PNG_SIGNATURE

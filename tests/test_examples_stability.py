@@ -6,36 +6,25 @@ spike runs, the pre-training, the AdamW runs of ``cautious``) is compiled once.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import struct
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from _helpers import load_example
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+pytestmark = pytest.mark.slow  # the stability demos end to end
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEMOS = ("spikes", "finetune", "cautious")
 
 
-def _load():
-    """Imports ``examples/stability_demos.py`` without putting examples/ on sys.path."""
-    name = "_example_stability_demos"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLES / "stability_demos.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while building
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    demos = _load()
+    demos = load_example("stability_demos")
     out = tmp_path_factory.mktemp("stability")
     # optax's schedules mix int32 steps with Python floats: refused under strict promotion.
     with jax.numpy_dtype_promotion("standard"):
@@ -100,7 +89,7 @@ def test_finetune_decay_toward_init_keeps_part_a_and_decay_toward_zero_does_not(
 
 
 def test_cautious_variants_train_two_seeds_each_and_differ(results):
-    demos = _load()
+    demos = load_example("stability_demos")
     runs = results["cautious"]["runs"].values()
     assert sorted((r["variant"], r["seed"]) for r in runs) == sorted(
         (v, s) for v in demos.CAUTIOUS_VARIANTS for s in (0, 1)
@@ -119,5 +108,5 @@ def test_cautious_variants_train_two_seeds_each_and_differ(results):
 
 def test_unknown_demo_is_refused(capsys):
     with pytest.raises(SystemExit):
-        _load().parse_args(["spike"])
+        load_example("stability_demos").parse_args(["spike"])
     assert "invalid choice: 'spike'" in capsys.readouterr().err

@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from _helpers import assert_trees_bitwise_equal
+
+pytestmark = pytest.mark.slow  # SIGKILLed training processes
 
 SCRIPT = Path(__file__).with_name("_killable_train.py")
 STEPS = 20

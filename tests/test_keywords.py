@@ -3,18 +3,17 @@ features of the documented shape, and a quick run that recognizes unseen speaker
 
 from __future__ import annotations
 
-import importlib.util
 import struct
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import load_example
 from flax import nnx
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+pytestmark = pytest.mark.slow  # the speech data set and a training run
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The quick run's bar on the test speakers: 10x chance (1 in 20 words). The quick run
 # reaches 79.7-80.3% with either method on espeak-ng 1.52.0 (2 of its 15 test speakers
@@ -24,21 +23,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUICK_TEST_ACCURACY = 0.5
 
 
-def _load(name: str):
-    """Imports ``examples/<name>.py`` as a module, without putting examples/ on sys.path."""
-    module_name = f"_example_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tk():
-    return _load("train_keywords")
+    return load_example("train_keywords")
 
 
 @pytest.fixture(scope="module")

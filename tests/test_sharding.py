@@ -68,11 +68,13 @@ def eight_devices(tmp_path_factory) -> tuple[dict, Path]:
     return json.loads((out / "results.json").read_text()), out
 
 
+@pytest.mark.slow
 def test_worker_sees_eight_devices(eight_devices):
     results, _ = eight_devices
     assert results["device_count"] == 8
 
 
+@pytest.mark.slow
 def test_sharded_steps_match_unsharded(eight_devices):
     results, _ = eight_devices
     dtypes = ["float32", "bfloat16", "int8"]
@@ -83,6 +85,7 @@ def test_sharded_steps_match_unsharded(eight_devices):
     assert not bad, f"sharded and unsharded AdamW differ after 50 steps: {bad}"
 
 
+@pytest.mark.slow
 def test_moments_are_sharded_like_their_params(eight_devices):
     results, _ = eight_devices
     quantized = 0
@@ -98,6 +101,7 @@ def test_moments_are_sharded_like_their_params(eight_devices):
     assert results["propagated_moment_sharding_kept"]
 
 
+@pytest.mark.slow
 def test_optimizer_step_has_no_collectives(eight_devices):
     results, _ = eight_devices
     found = results["collectives"]
@@ -109,6 +113,7 @@ def test_optimizer_step_has_no_collectives(eight_devices):
     assert controls and all("all-gather" in v for v in controls.values()), controls
 
 
+@pytest.mark.slow
 def test_zero1_holds_one_eighth_of_the_moments_per_device(eight_devices):
     results, _ = eight_devices
     z = results["zero1"]
@@ -140,6 +145,7 @@ def test_zero1_holds_one_eighth_of_the_moments_per_device(eight_devices):
         assert set(zd["moment_bytes_per_device"].values()) == {expected}, (dtype, zd)
 
 
+@pytest.mark.slow
 def test_int8_scales_follow_whole_blocks(eight_devices):
     """Scales are split like the codes only where every shard holds whole blocks of 8."""
     results, _ = eight_devices
@@ -152,6 +158,7 @@ def test_int8_scales_follow_whole_blocks(eight_devices):
     }
 
 
+@pytest.mark.slow
 def test_int4_moments_shard_like_their_params(eight_devices):
     """4-bit codes (last axis halved) split like their params where every shard holds whole
     bytes and blocks of 8; the same trajectory sharded, and split 8 ways under ZeRO-1."""
@@ -172,12 +179,14 @@ def test_int4_moments_shard_like_their_params(eight_devices):
     assert r["zero_last_dim_ragged"] == ["P()", "P(None, None)", [3, 16]]
 
 
+@pytest.mark.slow
 def test_abstract_init_matches_concrete(eight_devices):
     results, _ = eight_devices
     for zero_axis, checks in results["abstract"].items():
         assert all(checks.values()), (zero_axis, checks)
 
 
+@pytest.mark.slow
 def test_single_device_params_get_their_device_not_the_default(eight_devices):
     """Params on device 5 without a mesh: every state leaf, step counts included, goes there.
 
@@ -196,6 +205,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(eight_devices, tmp_path):
     _, out = eight_devices
     single = np.load(out / "single_process.npz")
@@ -348,6 +358,7 @@ def test_bad_arguments(params, mesh):
         sharding.state_shardings(tx, single, zero_axis="data")
 
 
+@pytest.mark.slow
 def test_sharded_training_example_runs():
     """examples/sharded_training.py --quick on 8 CPU devices: state bytes shrink, loss drops."""
     proc = subprocess.run(
@@ -397,6 +408,7 @@ EXPLICIT_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
 @pytest.mark.parametrize("case", EXPLICIT_CASES)
 def test_moments_are_born_with_their_params_sharding_type(explicit_runs, case, axis_type):
@@ -412,6 +424,7 @@ def test_moments_are_born_with_their_params_sharding_type(explicit_runs, case, a
         assert expected in run["moment_type"], run["moment_type"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_blocks_that_would_span_explicit_shards_are_refused(explicit_runs, dtype):
     refused = explicit_runs[f"{dtype}_blocks_span_shards/Explicit"]

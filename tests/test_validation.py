@@ -263,16 +263,6 @@ def test_a_dtype_for_a_non_schedule_argument_is_refused_by_name():
         adamw_jax.adamw(1e-3, b1=jnp.bfloat16)
 
 
-def test_the_old_positional_order_is_refused():
-    """Before, weight_decay came sixth; now that place is Optax's mu_dtype."""
-    with pytest.raises(ValueError, match=r'^mu_dtype must be None, a floating dtype or "int8"'):
-        adamw_jax.adamw(1e-3, 0.9, 0.999, 1e-8, 0.0, 1e-2)
-    with pytest.raises(ValueError, match=r"^mu_dtype must be"):
-        adamw_jax.adam(1e-3, 0.9, 0.999, 1e-8, 0.0, 1e-2)
-    with pytest.raises(TypeError, match="positional"):
-        adamw_jax.adam(1e-3, 0.9, 0.999, 1e-8, 0.0, None, 1e-2)  # l2 is keyword-only
-
-
 # Structural arguments under optax.inject_hyperparams.
 
 INJECT_PARAMS = {"big": jnp.linspace(-1.0, 1.0, 2048).reshape(32, 64), "small": jnp.ones(512)}

@@ -58,12 +58,7 @@ def _check_configs(configs: Any) -> list[Config]:
 def _check_members_per_call(members_per_call: Any, mesh: Mesh | None) -> None:
     if members_per_call is None:
         return
-    if isinstance(members_per_call, bool) or not isinstance(members_per_call, (int, np.integer)):
-        raise TypeError(
-            f"members_per_call must be a positive int or None; got {members_per_call!r}."
-        )
-    if members_per_call < 1:
-        raise ValueError(f"members_per_call must be in [1, inf) or None; got {members_per_call}.")
+    _validate.check_int("members_per_call", members_per_call, low=1, static=True)
     if mesh is not None and members_per_call % mesh.size:
         raise ValueError(
             f"members_per_call must be a multiple of the mesh's {mesh.size} devices; got "

@@ -1,6 +1,8 @@
 """Prints the package's longest functions and which of its modules import which.
 
-    python benchmarks/code_shape.py [--top N]
+    python tests/_code_shape.py [--top N]
+
+A development tool: ``tests/test_code_shape.py`` holds the package to what it measures.
 
 Lines of code per function leave out the docstring, blank lines and comment lines. An
 import edge ``X -> Y`` means module X imports from module Y of the package; the package
