@@ -10,7 +10,9 @@ XLA's intra-op threads. Moments stored as blockwise ``"int8"`` or ``"int4"`` cod
 decoded, updated and re-encoded in the same pass, to the same codes and scales as the XLA
 code. Elsewhere (GPU, TPU, the kernel not built, a dtype it does not take) it runs the same
 step as ``adamw``'s XLA code. Its state *is* ``adamw(...)``'s state, so the two can be
-swapped mid-training and checkpoints are interchangeable.
+swapped mid-training and checkpoints are interchangeable. The optimizer is also an Optax
+transformation (``init``/``update``), for ``optax.chain``, ``flax.nnx.Optimizer`` and
+Flax's ``TrainState``, whose ``update`` takes the same fused step.
 """
 
 import ctypes
@@ -26,7 +28,14 @@ import numpy as np
 import optax
 
 from adamw_jax import _moment_storage, _numerics, _validate, masks
-from adamw_jax._base import Mask, MomentDtype, ScalarOrArray, ScalarOrSchedule
+from adamw_jax._base import (
+    DecayTarget,
+    Hyperparameter,
+    Mask,
+    MomentDtype,
+    ScalarOrArray,
+    ScalarOrSchedule,
+)
 from adamw_jax.alias import adamw
 from adamw_jax.decay import DecoupledWeightDecayState, decay_scalars, effective_coupling
 from adamw_jax.moments import ScaleByAdamState
@@ -53,18 +62,31 @@ _KERNEL_COUPLING = {"lr": _LR_COUPLED, "schedule": _LR_COUPLED, "none": _INDEPEN
 
 
 class FusedAdamW(NamedTuple):
-    """The two functions of :func:`fused_adamw`.
+    """The optimizer :func:`fused_adamw` builds: an Optax transformation with a fused step.
+
+    Its first two fields are an ``optax.GradientTransformation``'s, so it goes wherever
+    one is expected: ``optax.chain``, ``flax.nnx.Optimizer``, Flax Linen's
+    ``TrainState.apply_gradients``. ``step`` is the fast path: one call that returns the
+    new params, written in place of the donated ones.
 
     Attributes:
       init: ``params -> state``, the same state as ``adamw(...).init(params)``.
+      update: ``(grads, state, params) -> (updates, state)``, Optax's protocol (``params``
+        required). Where the kernel takes the step it returns ``new_params - params`` as
+        the updates, so that ``optax.apply_updates`` lands on the kernel's params: bit for
+        bit where the step is smaller than the weight (``new`` within a factor 2 of
+        ``params``, where float subtraction is exact), else within an ulp of the weight.
+        Elsewhere it is ``adamw(...).update``, bit for bit. It reads the params once more
+        and writes the updates, so it costs more than ``step`` (``docs/performance.md``).
       step: ``(params, grads, state) -> (params, state)``: one AdamW step. Jit it with the
         params and state donated (``jax.jit(step, donate_argnums=(0, 2))``) so that it runs
         in place.
-      kernel_used: ``(params, grads, state) -> bool``: whether ``step`` takes the C++
-        kernel for these arguments (False means the XLA path).
+      kernel_used: ``(params, grads, state) -> bool``: whether ``step`` and ``update`` take
+        the C++ kernel for these arguments (False means the XLA path).
     """
 
     init: Callable[[optax.Params], optax.OptState]
+    update: Callable[[optax.Updates, optax.OptState, optax.Params | None], tuple[Any, Any]]
     step: Callable[[optax.Params, optax.Updates, optax.OptState], tuple[Any, Any]]
     kernel_used: Callable[[optax.Params, optax.Updates, optax.OptState], bool]
 
@@ -85,6 +107,7 @@ def kernel_available() -> bool:
     return True
 
 
+@_validate.refuses_pytorch_keywords
 def fused_adamw(
     learning_rate: ScalarOrSchedule,
     b1: ScalarOrArray = 0.9,
@@ -92,7 +115,7 @@ def fused_adamw(
     eps: ScalarOrArray = 1e-8,
     eps_root: ScalarOrArray = 0.0,
     mu_dtype: MomentDtype = None,
-    weight_decay: ScalarOrSchedule = 1e-4,
+    weight_decay: Hyperparameter = 1e-4,
     mask: Mask = None,
     *,
     nesterov: bool = False,
@@ -103,68 +126,48 @@ def fused_adamw(
     block_size: int | None = None,
     min_quantize_size: int | None = None,
     param_update: str | None = None,
-    backend: str = "auto",
     moment_layout: str = "tree",
+    cautious: bool = False,
+    cautious_weight_decay: bool = False,
+    decay_target: DecayTarget = "zero",
+    backend: str = "auto",
 ) -> FusedAdamW:
-    r"""AdamW as one fused step ``(params, grads, state) -> (params, state)``.
+    r"""AdamW with a fused step ``(params, grads, state) -> (params, state)``.
 
-    The step of :func:`adamw_jax.adamw` followed by ``optax.apply_updates``:
+    The step of :func:`adamw_jax.adamw` followed by ``optax.apply_updates``, with the same
+    arguments, state and numbers (to a few ulps). On CPU, float32 params and gradients with
+    float32, bfloat16, ``"int8"`` or ``"int4"`` moments, and a mask of one bool per leaf,
+    run through a C++ kernel that reads and writes each leaf's params and moments once: 28
+    bytes per parameter with float32 moments, against about 40 for the XLA code of the
+    two-part Optax step. ``"int8"`` (16 bytes per parameter, plus the scales) and
+    ``"int4"`` moments (about 14) it decodes, updates and re-encodes block by block in the
+    same pass, to the XLA code's codes and scales bit for bit (the same code books, block
+    bounds and hashed stochastic rounding); that arithmetic, not memory, bounds this step
+    on CPU. Everything else runs ``adamw``'s XLA code: other platforms or dtypes, a
+    quantized moment stored unlike the other one, element-wise masks, the kernel not
+    built, and the options the kernel does not implement (``param_update``,
+    ``moment_layout="packed"``, ``cautious``, ``cautious_weight_decay``, a
+    ``decay_target`` other than ``"zero"``).
 
-    .. math::
-
-      m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
-      v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \\
-      w_t = w_{t-1} - \eta_t \frac{m_t / (1 - \beta_1^t)}
-            {\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon} - d_t w_{t-1},
-
-    with the same arguments, state and numbers (to a few ulps). On CPU, float32 params and
-    gradients with float32, bfloat16, ``"int8"`` or ``"int4"`` moments, and a mask of one
-    bool per leaf, run through a C++ kernel that reads and writes each leaf's params and
-    moments once: 28 bytes per parameter with float32 moments, against about 40 for the XLA
-    code of the two-part Optax step. ``"int8"`` (16 bytes per parameter, plus the scales)
-    and ``"int4"`` moments (about 14) it decodes, updates and re-encodes block by block in
-    the same pass, to the XLA code's codes and scales bit for bit (the same code books,
-    block bounds and hashed stochastic rounding); that arithmetic, not memory, bounds this
-    step on CPU. Everything else (other platforms or dtypes, a quantized moment stored
-    unlike the other one, ``param_update``, ``moment_layout="packed"``, element-wise masks,
-    the kernel not built) runs ``adamw``'s XLA code.
-
-    The arguments are :func:`adamw_jax.adamw`'s, in the same order: positionally
-    ``optax.adamw``'s, with its defaults (``learning_rate`` required, ``weight_decay``
-    1e-4); the rest keyword-only.
+    The result is also an ``optax.GradientTransformation`` (``init``/``update``), for
+    ``optax.chain``, ``flax.nnx.Optimizer`` or Flax's ``TrainState``; there ``update``
+    returns ``new_params - params``, at the cost of one more pass over the params
+    (:class:`FusedAdamW`).
 
     Args:
-      learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule
-        (a callable of the step count).
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      eps: added to the denominator outside the square root, in [0, inf).
-      eps_root: added to the second moment inside the square root, in [0, inf).
-      mu_dtype: storage dtype of the first moment: None (the params' dtype), a floating
-        dtype, ``"int8"`` or ``"int4"`` (the kernel takes float32, bfloat16, and
-        ``"int8"`` or ``"int4"`` when ``nu_dtype`` is the same).
-      weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a
-        schedule; 1e-4 by default.
-      mask: which leaves decay, as in :func:`adamw_jax.adamw`.
-      nesterov: Nesterov look-ahead on the first moment.
-      decay_coupling: ``"lr"``, ``"schedule"`` or ``"none"``, as in :func:`adamw_jax.adamw`.
-      peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"``.
-      amsgrad: use the running maximum of the bias-corrected second moment.
-      nu_dtype: storage dtype of the second moment: None (the params' real dtype), a
-        floating dtype, ``"int8"`` or ``"int4"``.
-      block_size: with ``"int8"``/``"int4"`` moments, elements per quantization block, an
-        int in [1, inf) (even with ``"int4"``); None means 128 with ``"int4"``, else 256.
-      min_quantize_size: with ``"int8"``/``"int4"`` moments, leaves smaller than this, an
-        int in [0, inf), stay float32; None means 4096.
-      param_update: None, or how updates land on low-precision params (as in
-        :func:`adamw_jax.adamw`; runs the XLA code).
-      backend: ``"auto"`` (the kernel when it applies, else XLA), ``"kernel"`` (raise a
-        ValueError when it does not apply) or ``"xla"`` (always the XLA code).
-      moment_layout: ``"tree"`` or ``"packed"``, as in :func:`adamw_jax.adamw` (the
-        packed layout runs the XLA code).
+      learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov,
+        decay_coupling, peak_learning_rate, amsgrad, nu_dtype, block_size,
+        min_quantize_size, param_update, moment_layout, cautious, cautious_weight_decay,
+        decay_target: :func:`adamw_jax.adamw`'s arguments, in its order, with its
+        defaults and meaning (described there; the storage keywords in
+        :func:`adamw_jax.scale_by_adam`).
+      backend: ``"auto"`` (the kernel when it applies, else XLA), ``"kernel"`` (a
+        ValueError naming the reason when it does not apply: at once for an option the
+        kernel does not implement, at the step for the arguments) or ``"xla"`` (always the
+        XLA code).
 
     Returns:
-      A :class:`FusedAdamW` of ``init``, ``step`` and ``kernel_used``.
+      A :class:`FusedAdamW` of ``init``, ``update``, ``step`` and ``kernel_used``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -199,8 +202,16 @@ def fused_adamw(
         min_quantize_size=min_quantize_size,
         param_update=param_update,
         moment_layout=moment_layout,
+        cautious=cautious,
+        cautious_weight_decay=cautious_weight_decay,
+        decay_target=decay_target,
     )
     _validate.check_choice("backend", backend, BACKENDS)
+    xla_only = _xla_only_options(
+        param_update, moment_layout, cautious, cautious_weight_decay, decay_target
+    )
+    if backend == "kernel" and xla_only:
+        raise _kernel_refused(xla_only)
     coupling = effective_coupling(decay_coupling, peak_learning_rate)
     storage = _moment_storage.moment_storage(
         mu_dtype=mu_dtype,
@@ -210,35 +221,64 @@ def fused_adamw(
         moment_layout=moment_layout,
     )
     options = _KernelOptions(amsgrad, nesterov, _KERNEL_COUPLING[coupling], storage.block_size)
-    # Settings the kernel does not implement: with them, every step takes the XLA code.
-    needs_xla = param_update is not None or moment_layout != "tree"
 
     def plan(params, grads, state):
         """How the kernel takes this step (a _KernelPlan), or None for the XLA code."""
-        if backend == "xla" or jax.default_backend() != "cpu" or not kernel_available():
+        if backend == "xla" or xla_only or jax.default_backend() != "cpu":
             return None
-        if needs_xla:
+        if not kernel_available():
             return None
         return _kernel_plan(mask, params, grads, state, options, storage)
 
     def kernel_used(params, grads, state) -> bool:
         return plan(params, grads, state) is not None
 
-    def step(params, grads, state):
-        _validate.check_updates_given("fused_adamw's step", grads)
+    def fused_step(params, grads, state):
+        """The kernel's ``(params, state)``, or None where the XLA code takes the step."""
         how = plan(params, grads, state)
         if how is None and backend == "kernel":
             raise _kernel_refused()
-        if how is None:
-            return _xla_step(tx, params, grads, state)
+        if how is None or not jax.tree.leaves(params):  # an empty tree: no call to make
+            return None
         hyper = _kernel_hyper(
             b1, b2, eps, eps_root, learning_rate, weight_decay, coupling, peak_learning_rate, state
         )
-        if not jax.tree.leaves(params):  # an empty tree: no kernel call to make
-            return _xla_step(tx, params, grads, state)
         return _kernel_step(options, params, state, hyper, how)
 
-    return FusedAdamW(tx.init, step, kernel_used)
+    def step(params, grads, state):
+        _validate.check_updates_given("fused_adamw's step", grads)
+        fused = fused_step(params, grads, state)
+        return _xla_step(tx, params, grads, state) if fused is None else fused
+
+    def update(updates, state, params=None):
+        _validate.check_updates_given("fused_adamw's update", updates)
+        _validate.check_params_given("fused_adamw's update", params)
+        fused = fused_step(params, updates, state)
+        if fused is None:
+            return tx.update(updates, state, params)
+        new_params, new_state = fused
+        return jax.tree.map(jnp.subtract, new_params, params), new_state
+
+    return FusedAdamW(tx.init, update, step, kernel_used)
+
+
+def _xla_only_options(
+    param_update: str | None,
+    moment_layout: str,
+    cautious: bool,
+    cautious_weight_decay: bool,
+    decay_target: Any,
+) -> tuple[str, ...]:
+    """The names of the given options that the kernel does not implement."""
+    pulls_to_zero = isinstance(decay_target, str) and decay_target == "zero"
+    given = (
+        ("param_update", param_update is not None),
+        ("moment_layout", moment_layout != "tree"),
+        ("cautious", bool(cautious)),
+        ("cautious_weight_decay", bool(cautious_weight_decay)),
+        ("decay_target", not pulls_to_zero),
+    )
+    return tuple(name for name, on in given if on)
 
 
 def _xla_step(tx: optax.GradientTransformation, params, grads, state):
@@ -365,14 +405,23 @@ def _decay_flags(mask, params, num_leaves: int):
     return jnp.stack([jnp.asarray(m).astype(jnp.uint8) for m in flags])
 
 
-def _kernel_refused() -> ValueError:
-    """The error of ``backend="kernel"`` where the kernel does not apply."""
+def _kernel_refused(options: tuple[str, ...] = ()) -> ValueError:
+    """The error of ``backend="kernel"`` where the kernel does not apply.
+
+    ``options`` names the given options the kernel does not implement, if any.
+    """
+    if options:
+        return ValueError(
+            'backend="kernel" but the fused kernel does not apply here: it does not '
+            f"implement {', '.join(options)} as given (they run on the XLA code: use "
+            'backend="auto" or "xla", or leave them at their defaults).'
+        )
     return ValueError(
         'backend="kernel" but the fused kernel does not apply here: it needs the '
         "CPU backend, the built kernel (kernel_available() is "
         f"{kernel_available()}), float32 params and grads, float32 or bfloat16 moments, "
-        'or "int8" or "int4" ones (mu_dtype and nu_dtype the same), in the "tree" layout, '
-        "no param_update and a mask of one bool per leaf."
+        'or "int8" or "int4" ones (mu_dtype and nu_dtype the same), and a mask of one '
+        "bool per leaf."
     )
 
 
