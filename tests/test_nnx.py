@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import assert_trees_close_to_leaf_scale
 from flax import nnx
 
 import adamw_jax
@@ -124,6 +125,37 @@ def test_other_optimizers_train_in_nnx_optimizer_under_jit(make_tx):
     tx = make_tx()
     params, _ = _train(tx, "jit", steps=2)
     chex.assert_trees_all_equal(params, _reference(tx, steps=2, jit=True))
+
+
+@pytest.mark.parametrize("mode", ["jit", "tree_mode"])
+def test_fused_adamw_trains_in_nnx_optimizer_over_30_steps(mode):
+    """The fused optimizer in ``nnx.Optimizer``: the fused step's params, and adamw's.
+
+    Its ``update`` returns ``new - params`` from the kernel, which ``apply_updates`` adds
+    back: exact where ``new`` is within a factor 2 of ``params``, else within an ulp of
+    the weight; through the loss the gradients then carry that ulp on, so the runs are
+    compared to a few ulps of each leaf's scale, not bit for bit.
+    """
+    kwargs = {"learning_rate": 1e-2, "weight_decay": 0.1}
+    opt = adamw_jax.fused_adamw(**kwargs, backend="kernel")
+    params, optimizer = _train(opt, mode, steps=30)
+    assert int(optimizer.step[...]) == 30
+    graphdef, p, rest = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
+    p = nnx.to_pure_dict(p)
+    state = opt.init(p)
+    assert opt.kernel_used(p, p, state)
+
+    @jax.jit
+    def step(p, state):
+        grads = jax.grad(lambda q: _loss(nnx.merge(graphdef, q, rest)))(p)
+        return opt.step(p, grads, state)
+
+    for _ in range(30):
+        p, state = step(p, state)
+    assert_trees_close_to_leaf_scale(params, p, ulps=16)
+    assert_trees_close_to_leaf_scale(params, _reference(adamw_jax.adamw(**kwargs), 30), ulps=16)
+    moved = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), params, _reference(opt, steps=0))
+    assert min(jax.tree.leaves(moved)) > 1e-2
 
 
 def test_fused_adamw_on_pure_params_matches_nnx_optimizer():
