@@ -12,7 +12,7 @@ code. Elsewhere (GPU, TPU, the kernel not built, a dtype it does not take) it ru
 step as ``adamw``'s XLA code. Its state *is* ``adamw(...)``'s state, so the two can be
 swapped mid-training and checkpoints are interchangeable. The optimizer is also an Optax
 transformation (``init``/``update``), for ``optax.chain``, ``flax.nnx.Optimizer`` and
-Flax's ``TrainState``, whose ``update`` takes the same fused step.
+Flax's ``TrainState``, whose ``update`` is ``adamw``'s.
 """
 
 import ctypes
@@ -71,18 +71,17 @@ class FusedAdamW(NamedTuple):
 
     Attributes:
       init: ``params -> state``, the same state as ``adamw(...).init(params)``.
-      update: ``(grads, state, params) -> (updates, state)``, Optax's protocol (``params``
-        required). Where the kernel takes the step it returns ``new_params - params`` as
-        the updates, so that ``optax.apply_updates`` lands on the kernel's params: bit for
-        bit where the step is smaller than the weight (``new`` within a factor 2 of
-        ``params``, where float subtraction is exact), else within an ulp of the weight.
-        Elsewhere it is ``adamw(...).update``, bit for bit. It reads the params once more
-        and writes the updates, so it costs more than ``step`` (``docs/performance.md``).
+      update: ``(grads, state, params) -> (updates, state)``, Optax's protocol:
+        ``adamw(...).update``, bit for bit (``params`` required). It runs ``adamw``'s XLA
+        code, not the kernel: the protocol needs the updates as a tree of their own, and
+        deriving them from the kernel's in-place params (``new - params``) costs a copy of
+        the params and two more passes, 3.6-4.8x the fused step's time on large leaves
+        against 1.35-1.8x for the XLA update (``docs/performance.md``).
       step: ``(params, grads, state) -> (params, state)``: one AdamW step. Jit it with the
         params and state donated (``jax.jit(step, donate_argnums=(0, 2))``) so that it runs
         in place.
-      kernel_used: ``(params, grads, state) -> bool``: whether ``step`` and ``update`` take
-        the C++ kernel for these arguments (False means the XLA path).
+      kernel_used: ``(params, grads, state) -> bool``: whether ``step`` takes the C++
+        kernel for these arguments (False means the XLA path).
     """
 
     init: Callable[[optax.Params], optax.OptState]
@@ -150,9 +149,9 @@ def fused_adamw(
     ``decay_target`` other than ``"zero"``).
 
     The result is also an ``optax.GradientTransformation`` (``init``/``update``), for
-    ``optax.chain``, ``flax.nnx.Optimizer`` or Flax's ``TrainState``; there ``update``
-    returns ``new_params - params``, at the cost of one more pass over the params
-    (:class:`FusedAdamW`).
+    ``optax.chain``, ``flax.nnx.Optimizer`` or Flax's ``TrainState``; there ``update`` is
+    ``adamw``'s, since the kernel cannot pay in that protocol (:class:`FusedAdamW`). The
+    fused speed is ``step``'s.
 
     Args:
       learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov,
@@ -233,33 +232,19 @@ def fused_adamw(
     def kernel_used(params, grads, state) -> bool:
         return plan(params, grads, state) is not None
 
-    def fused_step(params, grads, state):
-        """The kernel's ``(params, state)``, or None where the XLA code takes the step."""
+    def step(params, grads, state):
+        _validate.check_updates_given("fused_adamw's step", grads)
         how = plan(params, grads, state)
         if how is None and backend == "kernel":
             raise _kernel_refused()
         if how is None or not jax.tree.leaves(params):  # an empty tree: no call to make
-            return None
+            return _xla_step(tx, params, grads, state)
         hyper = _kernel_hyper(
             b1, b2, eps, eps_root, learning_rate, weight_decay, coupling, peak_learning_rate, state
         )
         return _kernel_step(options, params, state, hyper, how)
 
-    def step(params, grads, state):
-        _validate.check_updates_given("fused_adamw's step", grads)
-        fused = fused_step(params, grads, state)
-        return _xla_step(tx, params, grads, state) if fused is None else fused
-
-    def update(updates, state, params=None):
-        _validate.check_updates_given("fused_adamw's update", updates)
-        _validate.check_params_given("fused_adamw's update", params)
-        fused = fused_step(params, updates, state)
-        if fused is None:
-            return tx.update(updates, state, params)
-        new_params, new_state = fused
-        return jax.tree.map(jnp.subtract, new_params, params), new_state
-
-    return FusedAdamW(tx.init, update, step, kernel_used)
+    return FusedAdamW(tx.init, tx.update, step, kernel_used)
 
 
 def _xla_only_options(

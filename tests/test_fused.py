@@ -342,48 +342,35 @@ def _run_update(tx, steps, params=None):
 
 @needs_kernel
 @pytest.mark.parametrize("name", ["default", "amsgrad", "mask_callable", "int8"])
-def test_update_lands_on_the_fused_steps_params_over_100_steps(name):
-    """``update`` + ``apply_updates`` reaches the params of ``step``; the state bit for bit.
+def test_update_is_adamws_and_lands_near_the_fused_step_over_100_steps(name):
+    """``update`` + ``apply_updates`` is adamw's, bit for bit, and near ``step``'s params.
 
-    The updates are ``new - params``: exact, and so ``params + updates == new`` exactly,
-    where ``new`` is within a factor 2 of ``params`` (Sterbenz), so only weights that
-    cross or leave zero round, by at most an ulp of the weight per step. The moments do not
-    see the params (the gradients here do not depend on them): the states are equal bits.
+    ``update`` runs adamw's XLA code (the kernel cannot pay in the Optax protocol); ``step``
+    runs the kernel, which agrees with that code to a few ulps
+    (test_kernel_matches_xla_over_200_steps).
     """
-    extra = {"mu_dtype": "int8", "nu_dtype": "int8", "min_quantize_size": 16}
+    extra = {"mu_dtype": "int8", "nu_dtype": "int8", "min_quantize_size": 64}
     kwargs = {"learning_rate": 1e-2, "weight_decay": 0.1, **CONFIGS.get(name, extra)}
     opt = fused.fused_adamw(**kwargs, backend="kernel")
-    via_update, update_state = _run_update(opt, 100)
-    via_step, step_state = _run(opt, 100)
-    assert_trees_bitwise_equal(update_state, step_state)
-    assert_trees_close_to_leaf_scale(via_update, via_step, ulps=4)
-    exact = [
-        np.mean(np.asarray(a) == np.asarray(b))
-        for a, b in zip(jax.tree.leaves(via_update), jax.tree.leaves(via_step), strict=True)
-        if a.size > 1
-    ]
-    assert min(exact) > 0.9  # the rounding is the exception, not the rule
-
-
-def test_update_on_the_xla_path_is_adamws_update_bit_for_bit():
-    kwargs = {"learning_rate": 1e-2, "weight_decay": 0.1, "amsgrad": True}
-    got = _run_update(fused.fused_adamw(**kwargs, backend="xla"), 50)
-    want = _run_update(adamw_jax.adamw(**kwargs), 50)
-    assert_trees_bitwise_equal(got, want)
+    via_update = _run_update(opt, 100)
+    assert_trees_bitwise_equal(via_update, _run_update(adamw_jax.adamw(**kwargs), 100))
+    via_step = _run(opt, 100)
+    assert_trees_close_to_leaf_scale(via_update, via_step, ulps=8)
+    assert float(jnp.max(jnp.abs(via_step[0]["w"] - _params()["w"]))) > 0.1
 
 
 def test_update_needs_the_params_and_the_updates():
     opt = fused.fused_adamw(1e-2)
     params = _params()
-    with pytest.raises(ValueError, match="fused_adamw's update needs the params"):
+    with pytest.raises(ValueError, match="needs the params"):
         opt.update(params, opt.init(params))
-    with pytest.raises(ValueError, match="fused_adamw's update got updates=None"):
+    with pytest.raises(ValueError, match="got updates=None"):
         opt.update(None, opt.init(params), params)
 
 
 @needs_kernel
 def test_in_optax_chain_over_100_steps():
-    """Clipping, then the fused optimizer: the params of the same chain with ``adamw``."""
+    """Clipping, then the fused optimizer: the same chain with ``adamw``, bit for bit."""
     kwargs = {"learning_rate": 1e-2, "weight_decay": 0.1, "mask": masks.by_ndim(2)}
     opt = fused.fused_adamw(**kwargs, backend="kernel")
     params = _params()
@@ -392,16 +379,14 @@ def test_in_optax_chain_over_100_steps():
     want, want_state = _run_update(
         optax.chain(optax.clip_by_global_norm(50.0), adamw_jax.adamw(**kwargs)), 100
     )
-    # the kernel and adamw's XLA code agree to a few ulps (test_kernel_matches_xla_...),
-    # and the updates' subtraction adds at most an ulp of the weight per step
-    assert_trees_close_to_leaf_scale(got, want, ulps=8)
-    assert_trees_close_to_leaf_scale(got_state, want_state, ulps=8)
+    assert_trees_bitwise_equal((got, got_state), (want, want_state))  # update is adamw's
     assert float(jnp.max(jnp.abs(got["w"] - _params()["w"]))) > 0.1
 
 
 @needs_kernel
 def test_in_linen_train_state_over_100_steps():
-    """``TrainState.apply_gradients`` with the fused optimizer: the fused step's params."""
+    """``TrainState.apply_gradients`` with the fused optimizer: adamw's run, bit for bit,
+    and the fused step's to a few ulps."""
     from flax.training import train_state
 
     opt = fused.fused_adamw(1e-2, weight_decay=0.1, backend="kernel")
@@ -415,14 +400,13 @@ def test_in_linen_train_state_over_100_steps():
         ts = train_step(ts, _grads(ts.params, t))
     via_step, step_state = _run(opt, 100)
     assert int(ts.step) == 100
-    assert_trees_bitwise_equal(ts.opt_state, step_state)
-    assert_trees_close_to_leaf_scale(ts.params, via_step, ulps=4)
+    assert_trees_close_to_leaf_scale((ts.params, ts.opt_state), (via_step, step_state), ulps=8)
     adamw_ts = train_state.TrainState.create(
         apply_fn=None, params=_params(), tx=adamw_jax.adamw(1e-2, weight_decay=0.1)
     )
     for t in range(100):
         adamw_ts = train_step(adamw_ts, _grads(adamw_ts.params, t))
-    assert_trees_close_to_leaf_scale(ts.params, adamw_ts.params, ulps=8)
+    assert_trees_bitwise_equal((ts.params, ts.opt_state), (adamw_ts.params, adamw_ts.opt_state))
 
 
 # --------------------------------------------------------------------------------------
