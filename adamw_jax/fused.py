@@ -205,12 +205,9 @@ def fused_adamw(
         cautious_weight_decay=cautious_weight_decay,
         decay_target=decay_target,
     )
-    _validate.check_choice("backend", backend, BACKENDS)
     xla_only = _xla_only_options(
-        param_update, moment_layout, cautious, cautious_weight_decay, decay_target
+        backend, param_update, moment_layout, cautious, cautious_weight_decay, decay_target
     )
-    if backend == "kernel" and xla_only:
-        raise _kernel_refused(xla_only)
     coupling = effective_coupling(decay_coupling, peak_learning_rate)
     storage = _moment_storage.moment_storage(
         mu_dtype=mu_dtype,
@@ -248,13 +245,18 @@ def fused_adamw(
 
 
 def _xla_only_options(
+    backend: str,
     param_update: str | None,
     moment_layout: str,
     cautious: bool,
     cautious_weight_decay: bool,
     decay_target: Any,
 ) -> tuple[str, ...]:
-    """The names of the given options that the kernel does not implement."""
+    """The names of the given options that the kernel does not implement.
+
+    Checks ``backend``, and refuses those options by name with ``backend="kernel"``.
+    """
+    _validate.check_choice("backend", backend, BACKENDS)
     pulls_to_zero = isinstance(decay_target, str) and decay_target == "zero"
     given = (
         ("param_update", param_update is not None),
@@ -263,7 +265,10 @@ def _xla_only_options(
         ("cautious_weight_decay", bool(cautious_weight_decay)),
         ("decay_target", not pulls_to_zero),
     )
-    return tuple(name for name, on in given if on)
+    names = tuple(name for name, on in given if on)
+    if backend == "kernel" and names:
+        raise _kernel_refused(names)
+    return names
 
 
 def _xla_step(tx: optax.GradientTransformation, params, grads, state):
