@@ -153,13 +153,11 @@ def fused_adamw(
     ``adamw``'s, since the kernel cannot pay in that protocol (:class:`FusedAdamW`). The
     fused speed is ``step``'s.
 
+    The arguments are :func:`adamw_jax.adamw`'s, every one, in its order, with its
+    defaults and meaning (described there; the storage keywords in
+    :func:`adamw_jax.scale_by_adam`), and one more.
+
     Args:
-      learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov,
-        decay_coupling, peak_learning_rate, amsgrad, nu_dtype, block_size,
-        min_quantize_size, param_update, moment_layout, cautious, cautious_weight_decay,
-        decay_target: :func:`adamw_jax.adamw`'s arguments, in its order, with its
-        defaults and meaning (described there; the storage keywords in
-        :func:`adamw_jax.scale_by_adam`).
       backend: ``"auto"`` (the kernel when it applies, else XLA), ``"kernel"`` (a
         ValueError naming the reason when it does not apply: at once for an option the
         kernel does not implement, at the step for the arguments) or ``"xla"`` (always the
