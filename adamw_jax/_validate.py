@@ -7,10 +7,11 @@ their values are not known when the transformation is built.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -289,3 +290,43 @@ def check_inexact_leaves(what: str, tree: Any) -> None:
                 "and complex leaves can be optimized. Exclude it with optax.masked or keep "
                 "it out of the optimized tree."
             )
+
+
+# torch.optim.AdamW's keywords that adamw_jax's optimizers do not take, each with its hint.
+_PYTORCH_KEYWORDS = {
+    "lr": "the learning rate is learning_rate (the first positional argument)",
+    "betas": "the moments' decays are b1 and b2 (two arguments, not a tuple)",
+    "maximize": "negate the loss instead",
+    "foreach": "it picks one of PyTorch's implementations; XLA compiles the step here",
+    "fused": "the fused step is adamw_jax.fused_adamw",
+    "capturable": "it concerns CUDA graphs; every step here is a jitted function",
+    "differentiable": "it concerns autograd through the step; use jax.grad on the update",
+}
+_Factory = TypeVar("_Factory", bound=Callable)
+
+
+def refuses_pytorch_keywords(factory: _Factory) -> _Factory:
+    """``factory``, refusing torch.optim.AdamW's keywords it does not take by name.
+
+    A call with ``lr=``, ``betas=`` and the like raises a TypeError saying how this library
+    spells it and pointing to :func:`adamw_jax.compat.torch_adamw`, instead of Python's
+    bare "unexpected keyword argument". The signature stays ``factory``'s (``inspect`` and
+    ``help`` follow ``__wrapped__``); the check runs before any argument is bound, so that
+    ``lr=`` alone is refused as PyTorch's keyword, not as a missing ``learning_rate``.
+    """
+    own = set(inspect.signature(factory).parameters)
+    refused = {k: v for k, v in _PYTORCH_KEYWORDS.items() if k not in own}
+
+    @functools.wraps(factory)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        for name in kwargs:
+            if name in refused:
+                raise TypeError(
+                    f"{factory.__name__}() got {name}=, a keyword of torch.optim.AdamW: "
+                    f"{refused[name]}. For PyTorch's keywords and defaults use "
+                    "adamw_jax.compat.torch_adamw(lr=..., betas=..., weight_decay=..., "
+                    "amsgrad=..., maximize=...)."
+                )
+        return factory(*args, **kwargs)
+
+    return checked

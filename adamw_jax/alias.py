@@ -1,11 +1,16 @@
 """Ready-made optimizers: AdamW (decoupled decay) and Adam with an L2 penalty."""
 
-from typing import Any
-
 import optax
 
 from adamw_jax import _validate, precision
-from adamw_jax._base import Mask, MomentDtype, ScalarOrArray, ScalarOrSchedule
+from adamw_jax._base import (
+    DecayTarget,
+    Hyperparameter,
+    Mask,
+    MomentDtype,
+    ScalarOrArray,
+    ScalarOrSchedule,
+)
 from adamw_jax.decay import add_decayed_weights, decoupled_weight_decay
 from adamw_jax.moments import scale_by_adam
 from adamw_jax.stability import cautious as cautious_updates
@@ -13,6 +18,7 @@ from adamw_jax.stability import cautious as cautious_updates
 __all__ = ["adam", "adamw"]
 
 
+@_validate.refuses_pytorch_keywords
 def adamw(
     learning_rate: ScalarOrSchedule,
     b1: ScalarOrArray = 0.9,
@@ -20,7 +26,7 @@ def adamw(
     eps: ScalarOrArray = 1e-8,
     eps_root: ScalarOrArray = 0.0,
     mu_dtype: MomentDtype = None,
-    weight_decay: ScalarOrSchedule = 1e-4,
+    weight_decay: Hyperparameter = 1e-4,
     mask: Mask = None,
     *,
     nesterov: bool = False,
@@ -35,7 +41,7 @@ def adamw(
     moment_layout: str = "tree",
     cautious: bool = False,
     cautious_weight_decay: bool = False,
-    decay_target: str | Any = "zero",
+    decay_target: DecayTarget = "zero",
 ) -> optax.GradientTransformation:
     r"""Adam with decoupled weight decay (AdamW).
 
@@ -66,9 +72,10 @@ def adamw(
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, in [0, inf).
       eps_root: added to the second moment inside the square root, in [0, inf).
-      mu_dtype: storage dtype of the first moment: None (the params' dtype), a floating
-        dtype such as ``jnp.bfloat16``, ``"int8"`` or ``"int4"`` (blockwise 8-bit or
-        4-bit codes, see :func:`adamw_jax.scale_by_adam`).
+      mu_dtype: storage of the first moment: None (the params' dtype), a floating dtype,
+        ``"int8"`` or ``"int4"``. This and the other storage keywords (``nu_dtype``,
+        ``block_size``, ``min_quantize_size``, ``moment_layout``) are described once, in
+        :func:`adamw_jax.scale_by_adam`.
       weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a
         schedule; 1e-4 by default.
       mask: which leaves decay: None (all), a bool pytree like the params, or a callable
@@ -83,15 +90,8 @@ def adamw(
       peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"`` or
         ``"adamc"`` with a learning-rate schedule.
       amsgrad: use the running maximum of the bias-corrected second moment.
-      nu_dtype: storage dtype of the second moment (None: the params' real dtype), a
-        floating dtype, ``"int8"`` or ``"int4"``.
-      block_size: with ``"int8"``/``"int4"`` moments, elements per quantization block, an
-        int in [1, inf) (even with ``"int4"``); None means 128 with ``"int4"``, else 256.
-      min_quantize_size: with ``"int8"``/``"int4"`` moments, leaves smaller than this, an
-        int in [0, inf), stay float32; None means 4096.
-      moment_layout: ``"tree"`` (one moment array per leaf, shardable like the params) or
-        ``"packed"`` (small leaves' moments share flat buffers: faster steps and compiles
-        on trees of many small leaves; see :func:`adamw_jax.scale_by_adam`).
+      nu_dtype, block_size, min_quantize_size, moment_layout: the moments' storage, as
+        :func:`adamw_jax.scale_by_adam` describes them.
       param_update: None, or how updates land on bfloat16/float16 params so that small
         steps and the decay are not rounded away: ``"compensated"`` (Kahan buffer in the
         state) or ``"stochastic_rounding"`` (see :func:`adamw_jax.low_precision_update`).
@@ -104,9 +104,13 @@ def adamw(
         params given to ``init``, stored in the state: one more copy of the params) or a
         pytree like the params (see :func:`adamw_jax.decoupled_weight_decay`).
 
-    Under ``optax.inject_hyperparams``, name ``mu_dtype``/``nu_dtype`` given as dtype
-    classes (``jnp.bfloat16``), ``block_size``, ``min_quantize_size`` and a callable
-    ``mask`` in ``static_args``: they set the state's structure and cannot be traced.
+    Under ``optax.inject_hyperparams``, name a callable ``mask`` in ``static_args``, and
+    the storage keywords as :func:`adamw_jax.scale_by_adam` says: they set the state's
+    structure and cannot be traced.
+
+    PyTorch's keywords ``lr``, ``betas`` and ``maximize`` are refused with a TypeError that
+    names this function's spelling and :func:`adamw_jax.compat.torch_adamw`, the port with
+    PyTorch's signature and defaults.
 
     Returns:
       An ``optax.GradientTransformation``; its ``update`` requires ``params``.
@@ -165,6 +169,7 @@ def adamw(
     return optax.chain(*steps)
 
 
+@_validate.refuses_pytorch_keywords
 def adam(
     learning_rate: ScalarOrSchedule,
     b1: ScalarOrArray = 0.9,
@@ -175,7 +180,7 @@ def adam(
     *,
     nesterov: bool = False,
     nesterov_bias_correction: str = "optax",
-    l2: ScalarOrSchedule = 0.0,
+    l2: Hyperparameter = 0.0,
     mask: Mask = None,
     amsgrad: bool = False,
     nu_dtype: MomentDtype = None,
@@ -194,7 +199,8 @@ def adam(
     :math:`1/\sqrt{\hat v}` like the gradient: leaves with large gradients decay less.
     The chain ``add_decayed_weights(l2) -> scale_by_adam -> scale_by_learning_rate``.
     The positional arguments, their order and their defaults are ``optax.adam``'s
-    (``learning_rate`` is required); ``l2`` and the rest are keyword-only.
+    (``learning_rate`` is required); ``l2`` and the rest are keyword-only. PyTorch's
+    ``lr``, ``betas`` and ``maximize`` are refused as in :func:`adamw`.
 
     Args:
       learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule
@@ -203,9 +209,10 @@ def adam(
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, in [0, inf).
       eps_root: added to the second moment inside the square root, in [0, inf).
-      mu_dtype: storage dtype of the first moment: None (the params' dtype), a floating
-        dtype, ``"int8"`` or ``"int4"`` (blockwise 8-bit or 4-bit codes, see
-        :func:`adamw_jax.scale_by_adam`).
+      mu_dtype: storage of the first moment: None (the params' dtype), a floating dtype,
+        ``"int8"`` or ``"int4"``. This and the other storage keywords (``nu_dtype``,
+        ``block_size``, ``min_quantize_size``, ``moment_layout``) are described once, in
+        :func:`adamw_jax.scale_by_adam`.
       nesterov: Nesterov look-ahead on the first moment.
       nesterov_bias_correction: ``"optax"`` or ``"algoperf"``, with ``nesterov`` (as in
         :func:`adamw`).
@@ -213,13 +220,8 @@ def adam(
         :math:`\tfrac{\lambda}{2}\lVert w \rVert^2`): a number, a scalar array or a schedule.
       mask: which leaves are penalized (as in :func:`adamw`).
       amsgrad: use the running maximum of the bias-corrected second moment.
-      nu_dtype: storage dtype of the second moment (None: the params' real dtype), a
-        floating dtype, ``"int8"`` or ``"int4"``.
-      block_size: with ``"int8"``/``"int4"`` moments, elements per quantization block, an
-        int in [1, inf) (even with ``"int4"``); None means 128 with ``"int4"``, else 256.
-      min_quantize_size: with ``"int8"``/``"int4"`` moments, leaves smaller than this, an
-        int in [0, inf), stay float32; None means 4096.
-      moment_layout: ``"tree"`` or ``"packed"`` (as in :func:`adamw`).
+      nu_dtype, block_size, min_quantize_size, moment_layout: the moments' storage, as
+        :func:`adamw_jax.scale_by_adam` describes them.
 
     Returns:
       An ``optax.GradientTransformation``; its ``update`` requires ``params``.

@@ -10,7 +10,9 @@ XLA's intra-op threads. Moments stored as blockwise ``"int8"`` or ``"int4"`` cod
 decoded, updated and re-encoded in the same pass, to the same codes and scales as the XLA
 code. Elsewhere (GPU, TPU, the kernel not built, a dtype it does not take) it runs the same
 step as ``adamw``'s XLA code. Its state *is* ``adamw(...)``'s state, so the two can be
-swapped mid-training and checkpoints are interchangeable.
+swapped mid-training and checkpoints are interchangeable. The optimizer is also an Optax
+transformation (``init``/``update``), for ``optax.chain``, ``flax.nnx.Optimizer`` and
+Flax's ``TrainState``, whose ``update`` is ``adamw``'s.
 """
 
 import ctypes
@@ -26,7 +28,14 @@ import numpy as np
 import optax
 
 from adamw_jax import _moment_storage, _numerics, _validate, masks
-from adamw_jax._base import Mask, MomentDtype, ScalarOrArray, ScalarOrSchedule
+from adamw_jax._base import (
+    DecayTarget,
+    Hyperparameter,
+    Mask,
+    MomentDtype,
+    ScalarOrArray,
+    ScalarOrSchedule,
+)
 from adamw_jax.alias import adamw
 from adamw_jax.decay import DecoupledWeightDecayState, _decay_scalars, _effective_coupling
 from adamw_jax.moments import ScaleByAdamState, nesterov_weights
@@ -61,10 +70,21 @@ _KERNEL_COUPLING = {
 
 
 class FusedAdamW(NamedTuple):
-    """The two functions of :func:`fused_adamw`.
+    """The optimizer :func:`fused_adamw` builds: an Optax transformation with a fused step.
+
+    Its first two fields are an ``optax.GradientTransformation``'s, so it goes wherever
+    one is expected: ``optax.chain``, ``flax.nnx.Optimizer``, Flax Linen's
+    ``TrainState.apply_gradients``. ``step`` is the fast path: one call that returns the
+    new params, written in place of the donated ones.
 
     Attributes:
       init: ``params -> state``, the same state as ``adamw(...).init(params)``.
+      update: ``(grads, state, params) -> (updates, state)``, Optax's protocol:
+        ``adamw(...).update``, bit for bit (``params`` required). It runs ``adamw``'s XLA
+        code, not the kernel: the protocol needs the updates as a tree of their own, and
+        deriving them from the kernel's in-place params (``new - params``) costs a copy of
+        the params and two more passes, 3.6-4.8x the fused step's time on large leaves
+        against 1.35-1.8x for the XLA update (``docs/performance.md``).
       step: ``(params, grads, state) -> (params, state)``: one AdamW step. Jit it with the
         params and state donated (``jax.jit(step, donate_argnums=(0, 2))``) so that it runs
         in place.
@@ -73,6 +93,7 @@ class FusedAdamW(NamedTuple):
     """
 
     init: Callable[[optax.Params], optax.OptState]
+    update: Callable[[optax.Updates, optax.OptState, optax.Params | None], tuple[Any, Any]]
     step: Callable[[optax.Params, optax.Updates, optax.OptState], tuple[Any, Any]]
     kernel_used: Callable[[optax.Params, optax.Updates, optax.OptState], bool]
 
@@ -93,6 +114,7 @@ def kernel_available() -> bool:
     return True
 
 
+@_validate.refuses_pytorch_keywords
 def fused_adamw(
     learning_rate: ScalarOrSchedule,
     b1: ScalarOrArray = 0.9,
@@ -100,7 +122,7 @@ def fused_adamw(
     eps: ScalarOrArray = 1e-8,
     eps_root: ScalarOrArray = 0.0,
     mu_dtype: MomentDtype = None,
-    weight_decay: ScalarOrSchedule = 1e-4,
+    weight_decay: Hyperparameter = 1e-4,
     mask: Mask = None,
     *,
     nesterov: bool = False,
@@ -112,71 +134,46 @@ def fused_adamw(
     block_size: int | None = None,
     min_quantize_size: int | None = None,
     param_update: str | None = None,
-    backend: str = "auto",
     moment_layout: str = "tree",
+    cautious: bool = False,
+    cautious_weight_decay: bool = False,
+    decay_target: DecayTarget = "zero",
+    backend: str = "auto",
 ) -> FusedAdamW:
-    r"""AdamW as one fused step ``(params, grads, state) -> (params, state)``.
+    r"""AdamW with a fused step ``(params, grads, state) -> (params, state)``.
 
-    The step of :func:`adamw_jax.adamw` followed by ``optax.apply_updates``:
+    The step of :func:`adamw_jax.adamw` followed by ``optax.apply_updates``, with the same
+    arguments, state and numbers (to a few ulps). On CPU, float32 params and gradients with
+    float32, bfloat16, ``"int8"`` or ``"int4"`` moments, and a mask of one bool per leaf,
+    run through a C++ kernel that reads and writes each leaf's params and moments once: 28
+    bytes per parameter with float32 moments, against about 40 for the XLA code of the
+    two-part Optax step. ``"int8"`` (16 bytes per parameter, plus the scales) and
+    ``"int4"`` moments (about 14) it decodes, updates and re-encodes block by block in the
+    same pass, to the XLA code's codes and scales bit for bit (the same code books, block
+    bounds and hashed stochastic rounding); that arithmetic, not memory, bounds this step
+    on CPU. Everything else runs ``adamw``'s XLA code: other platforms or dtypes, a
+    quantized moment stored unlike the other one, element-wise masks, the kernel not
+    built, and the options the kernel does not implement (``param_update``,
+    ``moment_layout="packed"``, ``cautious``, ``cautious_weight_decay``, a
+    ``decay_target`` other than ``"zero"``).
 
-    .. math::
+    The result is also an ``optax.GradientTransformation`` (``init``/``update``), for
+    ``optax.chain``, ``flax.nnx.Optimizer`` or Flax's ``TrainState``; there ``update`` is
+    ``adamw``'s, since the kernel cannot pay in that protocol (:class:`FusedAdamW`). The
+    fused speed is ``step``'s.
 
-      m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
-      v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \\
-      w_t = w_{t-1} - \eta_t \frac{m_t / (1 - \beta_1^t)}
-            {\sqrt{v_t / (1 - \beta_2^t) + \epsilon_{root}} + \epsilon} - d_t w_{t-1},
-
-    with the same arguments, state and numbers (to a few ulps). On CPU, float32 params and
-    gradients with float32, bfloat16, ``"int8"`` or ``"int4"`` moments, and a mask of one
-    bool per leaf, run through a C++ kernel that reads and writes each leaf's params and
-    moments once: 28 bytes per parameter with float32 moments, against about 40 for the XLA
-    code of the two-part Optax step. ``"int8"`` (16 bytes per parameter, plus the scales)
-    and ``"int4"`` moments (about 14) it decodes, updates and re-encodes block by block in
-    the same pass, to the XLA code's codes and scales bit for bit (the same code books,
-    block bounds and hashed stochastic rounding); that arithmetic, not memory, bounds this
-    step on CPU. Everything else (other platforms or dtypes, a quantized moment stored
-    unlike the other one, ``param_update``, ``moment_layout="packed"``, element-wise masks,
-    the kernel not built) runs ``adamw``'s XLA code.
-
-    The arguments are :func:`adamw_jax.adamw`'s, in the same order: positionally
-    ``optax.adamw``'s, with its defaults (``learning_rate`` required, ``weight_decay``
-    1e-4); the rest keyword-only.
+    The arguments are :func:`adamw_jax.adamw`'s, every one, in its order, with its
+    defaults and meaning (described there; the storage keywords in
+    :func:`adamw_jax.scale_by_adam`), and one more.
 
     Args:
-      learning_rate: :math:`\eta_t`, in [0, inf): a number, a scalar array or a schedule
-        (a callable of the step count).
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      eps: added to the denominator outside the square root, in [0, inf).
-      eps_root: added to the second moment inside the square root, in [0, inf).
-      mu_dtype: storage dtype of the first moment: None (the params' dtype), a floating
-        dtype, ``"int8"`` or ``"int4"`` (the kernel takes float32, bfloat16, and
-        ``"int8"`` or ``"int4"`` when ``nu_dtype`` is the same).
-      weight_decay: :math:`\lambda_t`, in [0, inf): a number, a scalar array or a
-        schedule; 1e-4 by default.
-      mask: which leaves decay, as in :func:`adamw_jax.adamw`.
-      nesterov: Nesterov look-ahead on the first moment.
-      nesterov_bias_correction: ``"optax"`` or ``"algoperf"``, with ``nesterov``, as in
-        :func:`adamw_jax.adamw` (the kernel takes both).
-      decay_coupling: ``"lr"``, ``"schedule"``, ``"none"`` or ``"adamc"``, as in
-        :func:`adamw_jax.adamw`.
-      peak_learning_rate: :math:`\eta_{peak}` in (0, inf), for ``"schedule"`` or ``"adamc"``.
-      amsgrad: use the running maximum of the bias-corrected second moment.
-      nu_dtype: storage dtype of the second moment: None (the params' real dtype), a
-        floating dtype, ``"int8"`` or ``"int4"``.
-      block_size: with ``"int8"``/``"int4"`` moments, elements per quantization block, an
-        int in [1, inf) (even with ``"int4"``); None means 128 with ``"int4"``, else 256.
-      min_quantize_size: with ``"int8"``/``"int4"`` moments, leaves smaller than this, an
-        int in [0, inf), stay float32; None means 4096.
-      param_update: None, or how updates land on low-precision params (as in
-        :func:`adamw_jax.adamw`; runs the XLA code).
-      backend: ``"auto"`` (the kernel when it applies, else XLA), ``"kernel"`` (raise a
-        ValueError when it does not apply) or ``"xla"`` (always the XLA code).
-      moment_layout: ``"tree"`` or ``"packed"``, as in :func:`adamw_jax.adamw` (the
-        packed layout runs the XLA code).
+      backend: ``"auto"`` (the kernel when it applies, else XLA), ``"kernel"`` (a
+        ValueError naming the reason when it does not apply: at once for an option the
+        kernel does not implement, at the step for the arguments) or ``"xla"`` (always the
+        XLA code).
 
     Returns:
-      A :class:`FusedAdamW` of ``init``, ``step`` and ``kernel_used``.
+      A :class:`FusedAdamW` of ``init``, ``update``, ``step`` and ``kernel_used``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -212,8 +209,13 @@ def fused_adamw(
         min_quantize_size=min_quantize_size,
         param_update=param_update,
         moment_layout=moment_layout,
+        cautious=cautious,
+        cautious_weight_decay=cautious_weight_decay,
+        decay_target=decay_target,
     )
-    _validate.check_choice("backend", backend, BACKENDS)
+    xla_only = _xla_only_options(
+        backend, param_update, moment_layout, cautious, cautious_weight_decay, decay_target
+    )
     coupling = _effective_coupling(decay_coupling, peak_learning_rate)
     storage = _moment_storage.moment_storage(
         mu_dtype=mu_dtype,
@@ -223,16 +225,14 @@ def fused_adamw(
         moment_layout=moment_layout,
     )
     options = _KernelOptions(amsgrad, nesterov, _KERNEL_COUPLING[coupling], storage.block_size)
-    # Settings the kernel does not implement: with them, every step takes the XLA code.
-    needs_xla = param_update is not None or moment_layout != "tree"
 
     hyper_args = (b1, b2, eps, eps_root, learning_rate, weight_decay, coupling, peak_learning_rate)
 
     def plan(params, grads, state):
         """How the kernel takes this step (a _KernelPlan), or None for the XLA code."""
-        if backend == "xla" or jax.default_backend() != "cpu" or not kernel_available():
+        if backend == "xla" or xla_only or jax.default_backend() != "cpu":
             return None
-        if needs_xla:
+        if not kernel_available():
             return None
         return _kernel_plan(mask, params, grads, state, options, storage)
 
@@ -244,14 +244,39 @@ def fused_adamw(
         how = plan(params, grads, state)
         if how is None and backend == "kernel":
             raise _kernel_refused()
-        if how is None:
+        if how is None or not jax.tree.leaves(params):  # an empty tree: no call to make
             return _xla_step(tx, params, grads, state)
         hyper = _kernel_hyper(*hyper_args, state, nesterov_bias_correction=nesterov_bias_correction)
-        if not jax.tree.leaves(params):  # an empty tree: no kernel call to make
-            return _xla_step(tx, params, grads, state)
         return _kernel_step(options, params, state, hyper, how)
 
-    return FusedAdamW(tx.init, step, kernel_used)
+    return FusedAdamW(tx.init, tx.update, step, kernel_used)
+
+
+def _xla_only_options(
+    backend: str,
+    param_update: str | None,
+    moment_layout: str,
+    cautious: bool,
+    cautious_weight_decay: bool,
+    decay_target: Any,
+) -> tuple[str, ...]:
+    """The names of the given options that the kernel does not implement.
+
+    Checks ``backend``, and refuses those options by name with ``backend="kernel"``.
+    """
+    _validate.check_choice("backend", backend, BACKENDS)
+    pulls_to_zero = isinstance(decay_target, str) and decay_target == "zero"
+    given = (
+        ("param_update", param_update is not None),
+        ("moment_layout", moment_layout != "tree"),
+        ("cautious", bool(cautious)),
+        ("cautious_weight_decay", bool(cautious_weight_decay)),
+        ("decay_target", not pulls_to_zero),
+    )
+    names = tuple(name for name, on in given if on)
+    if backend == "kernel" and names:
+        raise _kernel_refused(names)
+    return names
 
 
 def _xla_step(tx: optax.GradientTransformation, params, grads, state):
@@ -378,14 +403,23 @@ def _decay_flags(mask, params, num_leaves: int):
     return jnp.stack([jnp.asarray(m).astype(jnp.uint8) for m in flags])
 
 
-def _kernel_refused() -> ValueError:
-    """The error of ``backend="kernel"`` where the kernel does not apply."""
+def _kernel_refused(options: tuple[str, ...] = ()) -> ValueError:
+    """The error of ``backend="kernel"`` where the kernel does not apply.
+
+    ``options`` names the given options the kernel does not implement, if any.
+    """
+    if options:
+        return ValueError(
+            'backend="kernel" but the fused kernel does not apply here: it does not '
+            f"implement {', '.join(options)} as given (they run on the XLA code: use "
+            'backend="auto" or "xla", or leave them at their defaults).'
+        )
     return ValueError(
         'backend="kernel" but the fused kernel does not apply here: it needs the '
         "CPU backend, the built kernel (kernel_available() is "
         f"{kernel_available()}), float32 params and grads, float32 or bfloat16 moments, "
-        'or "int8" or "int4" ones (mu_dtype and nu_dtype the same), in the "tree" layout, '
-        "no param_update and a mask of one bool per leaf."
+        'or "int8" or "int4" ones (mu_dtype and nu_dtype the same), and a mask of one '
+        "bool per leaf."
     )
 
 

@@ -10,6 +10,8 @@ tree this script times one training step of
   jitted function, params and state donated);
 * the same with ``moment_layout="packed"`` (small leaves' moments in shared buffers);
 * ``adamw_jax.fused_adamw``'s fused step (the C++ kernel on CPU, XLA elsewhere);
+* the same optimizer in the Optax protocol (its ``update``, then ``optax.apply_updates``),
+  as ``nnx.Optimizer``, Flax's ``TrainState`` and ``optax.chain`` call it;
 * ``optax.adamw``, the same way as ``adamw_jax.adamw``;
 * ``torch.optim.AdamW`` with ``foreach=False``, ``foreach=True`` and ``fused=True`` (on CUDA
   when available), if PyTorch is installed;

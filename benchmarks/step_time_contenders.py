@@ -30,6 +30,8 @@ LEARNING_RATE, WEIGHT_DECAY = 1e-3, 1e-2
 # The contender whose time is the limit, the one every ratio is to, and the fused step
 # that the fused steps on low-bit moments are compared with.
 PROBE, REFERENCE, FUSED = "bandwidth probe", "optax.adamw", "adamw_jax.fused_adamw"
+# The fused optimizer as an Optax transformation (update + apply_updates).
+FUSED_UPDATE = "adamw_jax.fused_adamw (Optax protocol)"
 # The probes' FFI targets, and their handlers' symbols in the kernel's extension.
 PROBE_TARGET, _PROBE_SYMBOL = "adamw_jax_stream_probe", "AdamwJaxStreamProbe"
 BLOCK_PROBE_TARGET, _BLOCK_PROBE_SYMBOL = "adamw_jax_block_probe", "AdamwJaxBlockProbe"
@@ -235,7 +237,11 @@ def jax_contenders(params_np, grads_np, fused_only: bool = False) -> list[Conten
         return jax.tree.map(jnp.array, params_np)
 
     if fused_only:
-        return [_probe_contender(fresh(), grads), _fused_contender(fresh(), grads)]
+        return [
+            _probe_contender(fresh(), grads),
+            _fused_contender(fresh(), grads),
+            _fused_update_contender(fresh(), grads),
+        ]
 
     def optax_protocol(name: str, tx: optax.GradientTransformation, note: str = ""):
         params = fresh()
@@ -252,6 +258,7 @@ def jax_contenders(params_np, grads_np, fused_only: bool = False) -> list[Conten
             'moment_layout="packed"',
         ),
         _fused_contender(fresh(), grads),
+        _fused_update_contender(fresh(), grads),
         optax_protocol(REFERENCE, optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)),
     ]
 
@@ -267,6 +274,13 @@ def _fused_contender(params, grads) -> Contender:
     state = opt.init(params)
     note = "C++ kernel" if opt.kernel_used(params, grads, state) else "XLA fallback"
     return jax_contender(FUSED, opt.step, params, grads, state, note)
+
+
+def _fused_update_contender(params, grads) -> Contender:
+    """The fused optimizer in the Optax protocol: its ``update``, then ``apply_updates``."""
+    opt = fused.fused_adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    state = opt.init(params)
+    return jax_contender(FUSED_UPDATE, optax_step(opt), params, grads, state, "XLA update")
 
 
 def block_probe_available() -> bool:

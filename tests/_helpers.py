@@ -288,6 +288,8 @@ def least_squares(seed: int = 0, n: int = 64, d: int = 16, k: int = 4) -> LeastS
     y = x @ rng.standard_normal((d, k)) + 0.1 * rng.standard_normal((n, k))
     params = {"kernel": 0.5 * rng.standard_normal((d, k)), "bias": rng.standard_normal(k)}
     return LeastSquares(params, x, y)
+
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

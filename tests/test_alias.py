@@ -570,3 +570,72 @@ def test_nesterov_bias_correction_is_checked_by_name():
         adamw_jax.adamw(1e-3, nesterov_bias_correction="algoperf")
     with pytest.raises(ValueError, match="nesterov_bias_correction"):
         adamw_jax.adam(1e-3, nesterov_bias_correction="algoperf")
+
+
+# help() and inspect.signature print named types, not expanded Unions.
+
+FACTORIES = [adamw_jax.adamw, adamw_jax.adam, adamw_jax.fused_adamw, adamw_jax.scale_by_adam]
+
+
+@pytest.mark.parametrize("factory", FACTORIES, ids=lambda f: f.__name__)
+def test_signatures_print_named_types(factory):
+    """Each parameter prints in at most 50 characters, by its type's name.
+
+    ``learning_rate`` keeps ``optax.ScalarOrSchedule`` itself (which prints expanded), as
+    Optax's own tests tell a schedule-capable factory by that annotation
+    (test_learning_rate_is_annotated_as_schedule_capable).
+    """
+    signature = inspect.signature(factory)
+    long = {
+        name: str(p)
+        for name, p in signature.parameters.items()
+        if name != "learning_rate" and len(str(p)) > 50
+    }
+    assert not long, long
+    printed = str(signature)
+    for alias in ("ScalarOrArray", "MomentDtype"):
+        assert f": {alias} = " in printed, alias
+    if "weight_decay" in signature.parameters or "l2" in signature.parameters:
+        assert ": Hyperparameter = " in printed
+    if "mask" in signature.parameters:
+        assert "mask: Mask = None" in printed
+    assert "Union" not in printed.split("b1:")[1]  # every parameter after learning_rate
+
+
+# PyTorch's keywords are refused with a pointer to the port that takes them.
+
+PYTORCH_KEYWORDS = {
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "maximize": False,
+    "foreach": True,
+    "fused": True,
+    "capturable": False,
+    "differentiable": False,
+}
+
+
+@pytest.mark.parametrize("keyword", PYTORCH_KEYWORDS)
+@pytest.mark.parametrize(
+    "factory", [adamw_jax.adamw, adamw_jax.adam, adamw_jax.fused_adamw], ids=lambda f: f.__name__
+)
+def test_pytorch_keywords_point_to_torch_adamw(factory, keyword):
+    value = PYTORCH_KEYWORDS[keyword]
+    with pytest.raises(TypeError, match=rf"{factory.__name__}\(\) got {keyword}=.*torch_adamw"):
+        factory(1e-3, **{keyword: value})
+    if keyword == "lr":  # alone, it is refused as PyTorch's, not as a missing learning_rate
+        with pytest.raises(TypeError, match=r"learning_rate.*compat\.torch_adamw"):
+            factory(lr=1e-3, weight_decay=1e-2)
+
+
+def test_torch_adamw_takes_the_keywords_it_is_pointed_to_for():
+    kwargs = {k: PYTORCH_KEYWORDS[k] for k in ("lr", "betas", "maximize")}
+    params = {"w": jnp.ones(3)}
+    tx = adamw_jax.compat.torch_adamw(**kwargs, weight_decay=1e-2, amsgrad=True)
+    updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+    assert float(jnp.max(jnp.abs(updates["w"]))) > 0
+
+
+def test_unknown_keywords_keep_pythons_error():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'momentum'"):
+        adamw_jax.adamw(1e-3, momentum=0.9)

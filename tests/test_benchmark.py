@@ -19,6 +19,7 @@ JAX_ROWS = (
     "adamw_jax.adamw (Optax protocol)",
     "adamw_jax.adamw packed (Optax protocol)",
     "adamw_jax.fused_adamw",
+    "adamw_jax.fused_adamw (Optax protocol)",
     "optax.adamw",
 )
 TORCH_ROWS = ("torch AdamW foreach=False", "torch AdamW foreach=True", "torch AdamW fused=True")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import jax
@@ -329,3 +330,164 @@ def test_mixed_lowbit_moments_take_the_xla_path():
             )
     both = fused.fused_adamw(1e-2, mu_dtype="int4", nu_dtype="int4", min_quantize_size=16)
     assert both.kernel_used(params, params, both.init(params))
+
+
+# --------------------------------------------------------------------------------------
+# The optimizer as an Optax transformation: optax.chain, flax.nnx.Optimizer (test_nnx.py),
+# Flax Linen's TrainState.
+
+
+def _run_update(tx, steps, params=None):
+    """``steps`` jitted Optax-protocol steps (update, then apply_updates) on ``_grads``."""
+    params = _params() if params is None else params
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, grads, state):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for t in range(steps):  # the gradients of _run's, computed outside the step as there
+        params, state = step(params, _grads(params, t), state)
+    return params, state
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["default", "amsgrad", "mask_callable", "int8"])
+def test_update_is_adamws_and_lands_near_the_fused_step_over_100_steps(name):
+    """``update`` + ``apply_updates`` is adamw's, bit for bit, and near ``step``'s params.
+
+    ``update`` runs adamw's XLA code (the kernel cannot pay in the Optax protocol); ``step``
+    runs the kernel, which agrees with that code to a few ulps
+    (test_kernel_matches_xla_over_200_steps).
+    """
+    extra = {"mu_dtype": "int8", "nu_dtype": "int8", "min_quantize_size": 64}
+    kwargs = {"learning_rate": 1e-2, "weight_decay": 0.1, **CONFIGS.get(name, extra)}
+    opt = fused.fused_adamw(**kwargs, backend="kernel")
+    via_update = _run_update(opt, 100)
+    assert_trees_bitwise_equal(via_update, _run_update(adamw_jax.adamw(**kwargs), 100))
+    via_step = _run(opt, 100)
+    assert_trees_close_to_leaf_scale(via_update, via_step, ulps=8)
+    assert float(jnp.max(jnp.abs(via_step[0]["w"] - _params()["w"]))) > 0.1
+
+
+def test_update_needs_the_params_and_the_updates():
+    opt = fused.fused_adamw(1e-2)
+    params = _params()
+    with pytest.raises(ValueError, match="needs the params"):
+        opt.update(params, opt.init(params))
+    with pytest.raises(ValueError, match="got updates=None"):
+        opt.update(None, opt.init(params), params)
+
+
+@needs_kernel
+def test_in_optax_chain_over_100_steps():
+    """Clipping, then the fused optimizer: the same chain with ``adamw``, bit for bit."""
+    kwargs = {"learning_rate": 1e-2, "weight_decay": 0.1, "mask": masks.by_ndim(2)}
+    opt = fused.fused_adamw(**kwargs, backend="kernel")
+    params = _params()
+    assert opt.kernel_used(params, params, opt.init(params))
+    got, got_state = _run_update(optax.chain(optax.clip_by_global_norm(50.0), opt), 100)
+    want, want_state = _run_update(
+        optax.chain(optax.clip_by_global_norm(50.0), adamw_jax.adamw(**kwargs)), 100
+    )
+    assert_trees_bitwise_equal((got, got_state), (want, want_state))  # update is adamw's
+    assert float(jnp.max(jnp.abs(got["w"] - _params()["w"]))) > 0.1
+
+
+@needs_kernel
+def test_in_linen_train_state_over_100_steps():
+    """``TrainState.apply_gradients`` with the fused optimizer: adamw's run, bit for bit,
+    and the fused step's to a few ulps."""
+    from flax.training import train_state
+
+    opt = fused.fused_adamw(1e-2, weight_decay=0.1, backend="kernel")
+
+    @jax.jit
+    def train_step(ts, grads):
+        return ts.apply_gradients(grads=grads)
+
+    ts = train_state.TrainState.create(apply_fn=None, params=_params(), tx=opt)
+    for t in range(100):
+        ts = train_step(ts, _grads(ts.params, t))
+    via_step, step_state = _run(opt, 100)
+    assert int(ts.step) == 100
+    assert_trees_close_to_leaf_scale((ts.params, ts.opt_state), (via_step, step_state), ulps=8)
+    adamw_ts = train_state.TrainState.create(
+        apply_fn=None, params=_params(), tx=adamw_jax.adamw(1e-2, weight_decay=0.1)
+    )
+    for t in range(100):
+        adamw_ts = train_step(adamw_ts, _grads(adamw_ts.params, t))
+    assert_trees_bitwise_equal((ts.params, ts.opt_state), (adamw_ts.params, adamw_ts.opt_state))
+
+
+# --------------------------------------------------------------------------------------
+# One signature: every option of adamw reaches the fused step, or is refused by name.
+
+# A value other than the default for each of adamw's parameters (learning_rate: another
+# one). A parameter added to adamw fails test_every_adamw_option_... until it has one here.
+NON_DEFAULT = {
+    "learning_rate": optax.linear_schedule(2e-2, 1e-3, 10),
+    "b1": 0.8,
+    "b2": 0.99,
+    "eps": 1e-6,
+    "eps_root": 1e-10,
+    "mu_dtype": jnp.bfloat16,
+    "weight_decay": 0.3,
+    "mask": masks.by_ndim(2),
+    "nesterov": True,
+    "nesterov_bias_correction": "algoperf",
+    "decay_coupling": "none",
+    "peak_learning_rate": 0.5,  # with decay_coupling="schedule", below
+    "amsgrad": True,
+    "nu_dtype": jnp.bfloat16,
+    "block_size": 64,
+    "min_quantize_size": 64,
+    "param_update": "compensated",
+    "moment_layout": "packed",
+    "cautious": True,
+    "cautious_weight_decay": True,
+    "decay_target": "init",
+}
+# Options that only act together with another one.
+PARTNERS = {
+    "peak_learning_rate": {"decay_coupling": "schedule"},
+    "block_size": {"mu_dtype": "int8", "nu_dtype": "int8", "min_quantize_size": 64},
+    "min_quantize_size": {"mu_dtype": "int8", "nu_dtype": "int8"},
+    "nesterov_bias_correction": {"nesterov": True},
+}
+
+
+def test_fused_adamw_takes_adamws_signature_and_backend():
+    ours = inspect.signature(fused.fused_adamw).parameters
+    theirs = inspect.signature(adamw_jax.adamw).parameters
+    assert list(ours) == [*theirs, "backend"]
+    for name, p in theirs.items():
+        assert (ours[name].kind, ours[name].default) == (p.kind, p.default), name
+        assert ours[name].annotation == p.annotation, name
+
+
+@pytest.mark.parametrize("name", list(inspect.signature(adamw_jax.adamw).parameters))
+def test_every_adamw_option_reaches_the_fused_step_or_is_refused_by_name(name):
+    assert set(NON_DEFAULT) == set(inspect.signature(adamw_jax.adamw).parameters)
+    kwargs = {"learning_rate": 1e-2, **PARTNERS.get(name, {}), name: NON_DEFAULT[name]}
+    params = {k: v for k, v in _params().items() if k != "empty"}
+    want, want_state = _run_update(adamw_jax.adamw(**kwargs), 5, params)
+    moved = _run_update(adamw_jax.adamw(**{**kwargs, name: _default(name)}), 5, params)[0]
+    assert jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), want, moved))
+    auto = fused.fused_adamw(**kwargs)
+    got, got_state = _run(auto, 5, jax.tree.map(jnp.array, params))  # _run donates
+    assert_trees_close_to_leaf_scale(got, want, ulps=8)
+    assert_trees_close_to_leaf_scale(got_state, want_state, ulps=8)
+    try:
+        kernel = fused.fused_adamw(**kwargs, backend="kernel")
+        got, _ = _run(kernel, 5, jax.tree.map(jnp.array, params))
+    except ValueError as err:
+        assert name in str(err)
+    else:
+        assert_trees_close_to_leaf_scale(got, want, ulps=8)
+
+
+def _default(name):
+    default = inspect.signature(adamw_jax.adamw).parameters[name].default
+    return 1e-2 if default is inspect.Parameter.empty else default

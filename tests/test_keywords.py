@@ -4,6 +4,8 @@ features of the documented shape, and a quick run that recognizes unseen speaker
 from __future__ import annotations
 
 import struct
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -154,7 +156,7 @@ def test_synthesizer_is_the_pinned_one_with_every_variant(tk):
     library, data_dir = kd.espeak_library()
     variants = Path(data_dir) / "voices" / "!v"
     assert not [v for v in kd.VARIANTS if not (variants / v).is_file()]
-    voice = _load("espeak_voice")
+    voice = load_example("espeak_voice")
     (word,) = voice.speak(library, data_dir, kd.ESPEAK_VERSION, "en+m1", 150, 50, ["go"])
     assert len(word) > 0.1 * kd.ESPEAK_RATE * 2  # int16 bytes: at least 0.1 s spoken
     with pytest.raises(RuntimeError, match=r"espeak-ng 1\.0\.0 expected; .* is 1\.52\.0"):
