@@ -184,7 +184,7 @@ def _second_moment_after(opt, grads, params):
     if isinstance(nu, adamw_jax.PackedMoments):
         (nu,) = nu.buffers  # one leaf: its own buffer
     if isinstance(nu, adamw_jax.QuantizedArray):
-        return np.square(np.asarray(adamw_jax.quantize.dequantize(nu, 256), np.float64))
+        return np.square(np.asarray(adamw_jax.quantize.dequantize(nu), np.float64))
     return np.asarray(nu, np.float64)
 
 
