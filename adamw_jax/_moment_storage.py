@@ -148,10 +148,10 @@ def _check_moment_dtype(name: str, dtype: MomentDtype) -> None:
     except TypeError as err:
         raise ValueError(f"{name} must be {_ACCEPTED}; got {dtype!r}.") from err
     if resolved in (jnp.dtype(jnp.int8), jnp.dtype(jnp.int4)):
+        bits = 8 if resolved == jnp.int8 else 4
         raise ValueError(
             f"{name} must be {_ACCEPTED}; got the integer dtype {resolved}. For blockwise "
-            f"{resolved.itemsize * 8 if resolved == jnp.int8 else 4}-bit codes write the string "
-            f"{name}={str(resolved)!r}."
+            f"{bits}-bit codes write the string {name}={str(resolved)!r}."
         )
     if not jnp.issubdtype(resolved, jnp.inexact):
         raise ValueError(f"{name} must be {_ACCEPTED}; got {dtype!r}.")
@@ -625,7 +625,7 @@ def convert(stored: Any, like: Any, *, second: bool = False) -> Any:
     own block size and code book (to nearest, so each value moves by at most half a step
     of the new book), or cast (a bfloat16 second moment to nearest too).
     """
-    dtype = jnp.promote_types(dtype_of(stored), dtype_of(like))
+    dtype = _numerics.wider(dtype_of(stored), dtype_of(like))
     if second:
         dtype = jnp.finfo(dtype).dtype
         value = load_second(stored, dtype)

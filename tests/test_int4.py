@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import NamedTuple
 
 import chex
 import jax
@@ -19,9 +21,9 @@ from adamw_jax import quantize
 SIGNED_TOP, UNSIGNED_TOP = 1.5, 1.75
 
 
-
 def _is_int4(x) -> bool:
     return isinstance(x, adamw_jax.QuantizedArray) and x.bits == 4
+
 
 def _book_by_code(signed: bool) -> np.ndarray:
     """The book's values in code order: signed codes -7..7 (sign and magnitude), else 0..15."""
@@ -418,3 +420,103 @@ def test_sharding_places_packed_codes_like_their_params():
     assert isinstance(nu, adamw_jax.QuantizedArray) and nu.codes.spec == P("x", "y")
     abstract = adamw_jax.sharding.init(tx, params)
     assert abstract[0].mu["w"].codes.shape == (64, 128)
+
+
+def test_storage_experiments_take_explicit_code_books_and_roundings():
+    """quantize.QuantizedStorage: another rounding or code book, no library global."""
+    params = {"w": jax.random.normal(jax.random.key(4), (16, 256))}
+    grads = jax.tree.map(lambda p: 0.3 * p + 0.05, params)
+    e3m1 = quantize.CodeFormat(3, 1, False)
+    runs = {}
+    for name, (mu, nu) in {
+        "default": ("int4", "int4"),
+        "spelled out": (quantize.QuantizedStorage(4), quantize.QuantizedStorage(4)),
+        "nearest": (quantize.QuantizedStorage(4, rounding="nearest"), "int4"),
+        "e3m1": ("int4", quantize.QuantizedStorage(4, code_format=e3m1)),
+    }.items():
+        tx = adamw_jax.adamw(1e-2, mu_dtype=mu, nu_dtype=nu)
+        state = run_scan(tx, params, lambda p, t: grads, 5).state
+        runs[name] = state[0]
+    chex.assert_trees_all_equal(runs["default"], runs["spelled out"])
+    # rounded to nearest, the first moment's codes differ; the second moment's do not
+    assert not np.array_equal(runs["nearest"].mu["w"].codes, runs["default"].mu["w"].codes)
+    np.testing.assert_array_equal(runs["nearest"].nu["w"].codes, runs["default"].nu["w"].codes)
+    nu = runs["e3m1"].nu["w"]
+    assert nu.code_format == e3m1 and runs["default"].nu["w"].code_format == quantize.CodeFormat(
+        2, 2, False
+    )
+    # the E3M1 codes decode with the E3M1 book: its range is 192, E2M2's 14
+    book = quantize.code_book(signed=False, bits=4, code_format=e3m1)
+    assert book[-1] / book[0] == 1.5 / 2.0**-7
+    root = np.asarray(quantize.dequantize(nu))
+    nibbles = np.asarray(quantize.unpack_int4(nu.codes, 256), np.int32)
+    np.testing.assert_array_equal(root, book[nibbles] * np.repeat(np.asarray(nu.scales), 128, -1))
+    # the fused kernel implements the defaults only: the XLA code, or refused by name
+    opt = adamw_jax.fused_adamw(
+        1e-2, mu_dtype="int4", nu_dtype=quantize.QuantizedStorage(4, code_format=e3m1)
+    )
+    assert not opt.kernel_used(params, grads, opt.init(params))
+    with pytest.raises(ValueError, match=r"does not implement nu_dtype=QuantizedStorage\(bits=4"):
+        adamw_jax.fused_adamw(
+            1e-2, nu_dtype=quantize.QuantizedStorage(4, rounding="nearest"), backend="kernel"
+        )
+    for bad, message in [
+        (quantize.QuantizedStorage(6), r"mu_dtype.bits must be 8 or 4; got 6"),
+        (quantize.QuantizedStorage(4, rounding="up"), r"mu_dtype.rounding"),
+        (
+            quantize.QuantizedStorage(4, code_format=quantize.CodeFormat(2, 1, False)),
+            r"mu_dtype.code_format.*signed code book needs subnormals",
+        ),
+        (
+            quantize.QuantizedStorage(4, code_format=quantize.CodeFormat(3, 2, True)),
+            r"does not fit 4-bit signed codes",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            adamw_jax.adamw(1e-3, mu_dtype=bad)
+
+
+class _Int8ArrayBefore(NamedTuple):
+    """The 8-bit moment's type before QuantizedArray carried its format (a named tuple)."""
+
+    codes: jax.Array
+    scales: jax.Array
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "scales"],
+    meta_fields=["length", "signed", "block_size"],
+)
+@dataclasses.dataclass(frozen=True)
+class _Int4ArrayBefore:
+    """The 4-bit moment's type before (QuantizedArray4), its fields as they were."""
+
+    codes: jax.Array
+    scales: jax.Array
+    length: int
+    signed: bool
+    block_size: int
+
+
+@pytest.mark.parametrize("moments", ["int8", "int4"])
+def test_checkpoints_of_the_earlier_types_restore_into_quantized_array(tmp_path, moments):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    params = {"w": jax.random.normal(jax.random.key(2), (64, 129)), "b": jnp.zeros(129)}
+    tx = adamw_jax.adamw(1e-3, mu_dtype=moments, nu_dtype=moments)
+    state = run_scan(tx, params, lambda p, t: jax.tree.map(lambda x: 0.1 * x + 0.01, p), 3).state
+
+    def as_before(q):
+        if moments == "int8":
+            return _Int8ArrayBefore(q.codes, q.scales)
+        return _Int4ArrayBefore(q.codes, q.scales, q.length, q.signed, q.block_size)
+
+    is_q = lambda x: isinstance(x, adamw_jax.QuantizedArray)  # noqa: E731
+    before = jax.tree.map(lambda x: as_before(x) if is_q(x) else x, state, is_leaf=is_q)
+    assert not any(is_q(x) for x in jax.tree.leaves(before, is_leaf=is_q))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "before", before)
+        ckpt.wait_until_finished()
+        restored = ckpt.restore(tmp_path / "before", jax.eval_shape(lambda: state))
+    chex.assert_trees_all_equal(restored, state)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
