@@ -500,15 +500,13 @@ def _expected(
     :class:`QuantizedArray` (an empty one: its format), a floating dtype, or None (an array
     of float32 or wider, a low-bit moment's small leaf).
 
-    With ``requested`` None the moment has the params' dtype, which the update has too
-    (the real one for the second moment).
+    With ``requested`` None the moment has the params' dtype, which ``update`` does not
+    see (the updates may come in another dtype): any floating array of the shape fits.
     """
     shape = np.shape(grad)
     spec = lowbit(requested)
     if spec is None and requested is None:
-        dtype = jnp.dtype(grad.dtype)
-        is_complex = jnp.issubdtype(dtype, jnp.complexfloating)
-        return jnp.dtype(jnp.finfo(dtype).dtype) if second and is_complex else dtype
+        return None
     if spec is None:
         return jnp.dtype(requested)
     if int(np.prod(shape)) < max(storage.min_quantize_size, 1):
@@ -607,7 +605,7 @@ def check_packed(
     requested = storage.nu_dtype if second else storage.mu_dtype
     for group, buffer in zip(moments.groups, moments.buffers, strict=True):
         expected = _expected(leaves[group[0]], requested, storage, second)
-        if jnp.dtype(buffer.dtype) != expected:
+        if expected is not None and jnp.dtype(buffer.dtype) != expected:
             raise ValueError(
                 f"the state's packed buffer of leaves {list(group)} is stored as "
                 f"{jnp.dtype(buffer.dtype)}, but the optimizer ({name}={requested!r}) stores "
