@@ -267,7 +267,7 @@ MISFITS = [  # (state made with, optimizer configured with, what the message nam
     ),
     (
         {"mu_dtype": jnp.bfloat16},
-        {},
+        {"mu_dtype": jnp.float32},
         r"\['b'\] is stored as an array of dtype bfloat16.*dtype float32",
     ),
     (
@@ -283,7 +283,7 @@ MISFITS = [  # (state made with, optimizer configured with, what the message nam
     ({}, {"moment_layout": "packed"}, r'configured with moment_layout="packed"'),
     (
         {"moment_layout": "packed", "mu_dtype": jnp.bfloat16},
-        {"moment_layout": "packed"},
+        {"moment_layout": "packed", "mu_dtype": jnp.float32},
         r"packed buffer .* bfloat16.*float32",
     ),
 ]
