@@ -350,7 +350,8 @@ def test_convert_state_keeps_values_within_the_target_rounding(target):
         err = np.abs(got - exact)
         assert np.all(err <= bound * (1 + 1e-6)), (name, float(np.max(err - bound)))
         assert np.max(err / np.maximum(bound, 1e-30)) > 0.1  # the format rounded something
-        np.testing.assert_array_equal(np.asarray(stored["b"]), np.asarray(moment["b"]))
+        if isinstance(q, adamw_jax.QuantizedArray):  # the small leaf stays float32, as it was
+            np.testing.assert_array_equal(np.asarray(stored["b"]), np.asarray(moment["b"]))
     # the converted state trains on, and converts back to float32 exactly as it decodes
     _, after = jax.jit(tx.update)(params, converted, params)
     back = adamw_jax.convert_state(converted, fp32, params)
