@@ -24,6 +24,11 @@ def _ffi_include_dir():
     return None
 
 
+# Portable flags only: the AVX2/FMA loop is chosen at run time by CPU detection. The
+# benchmarks' probe and the sanitizer build (tests/sanitize_kernel.py) read them from here.
+COMPILE_ARGS = ["-std=c++17", "-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+
+
 def _extensions():
     include = _ffi_include_dir()
     if include is None or os.environ.get("ADAMW_JAX_NO_KERNEL") == "1":
@@ -34,17 +39,11 @@ def _extensions():
             sources=["adamw_jax/csrc/fused_adamw.cc"],
             include_dirs=[include],
             language="c++",
-            # Portable flags only: the AVX2/FMA loop is chosen at run time by CPU detection.
-            extra_compile_args=[
-                "-std=c++17",
-                "-O3",
-                "-fno-math-errno",
-                "-fno-trapping-math",
-                "-ffp-contract=off",
-            ],
+            extra_compile_args=COMPILE_ARGS,
             optional=True,
         )
     ]
 
 
-setup(ext_modules=_extensions())
+if __name__ == "__main__":  # as setuptools runs it; tools read COMPILE_ARGS without building
+    setup(ext_modules=_extensions())

@@ -11,9 +11,9 @@ from adamw_jax.decay import (
     decoupled_weight_decay,
 )
 from adamw_jax.fused import FusedAdamW, fused_adamw
-from adamw_jax.moments import ScaleByAdamState, scale_by_adam
+from adamw_jax.moments import ScaleByAdamState, convert_state, scale_by_adam
 from adamw_jax.precision import LowPrecisionUpdateState, low_precision_update
-from adamw_jax.quantize import QuantizedArray, QuantizedArray4
+from adamw_jax.quantize import QuantizedArray, QuantizedStorage
 from adamw_jax.stability import SkipSpikesState, cautious, skip_spikes
 
 __version__ = "0.1.0"
@@ -25,7 +25,7 @@ __all__ = [
     "LowPrecisionUpdateState",
     "PackedMoments",
     "QuantizedArray",
-    "QuantizedArray4",
+    "QuantizedStorage",
     "ScaleByAdamState",
     "SkipSpikesState",
     "adam",
@@ -33,6 +33,7 @@ __all__ = [
     "add_decayed_weights",
     "cautious",
     "compat",
+    "convert_state",
     "decoupled_weight_decay",
     "fused",
     "fused_adamw",

@@ -168,3 +168,41 @@ def last_axis_shards(x: jax.Array) -> int:
         return 1
     names = entry if isinstance(entry, tuple) else (entry,)
     return math.prod(sharding.mesh.shape[name] for name in names)
+
+
+def split_blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """The blocks of ``x`` (at least 1-D): its last axis zero-padded to whole blocks, split.
+
+    Returns ``x`` reshaped to ``(*x.shape[:-1], ceil(x.shape[-1] / block_size), block_size)``.
+    """
+    n = x.shape[-1]
+    n_blocks = math.ceil(n / block_size)
+    pad = n_blocks * block_size - n
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    return x.reshape(*x.shape[:-1], n_blocks, block_size)
+
+
+def unblock(xb: jax.Array, n: int) -> jax.Array:
+    """The inverse of :func:`split_blocks` for a last-axis length ``n``."""
+    return xb.reshape(*xb.shape[:-2], -1)[..., :n]
+
+
+def block_max_min(xb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The largest and smallest value along the last axis of ``xb``, in one reduction.
+
+    A two-output reduction: XLA on CPU computes it in one pass fused with whatever
+    elementwise computation produces ``xb``, where a plain ``max`` of ``|xb|`` would first
+    write ``|xb|`` out in full. NaN propagates to both results.
+    """
+    if jnp.issubdtype(xb.dtype, jnp.floating):
+        low, high = -jnp.inf, jnp.inf
+    else:
+        low, high = jnp.iinfo(xb.dtype).min, jnp.iinfo(xb.dtype).max
+    init = (jnp.array(low, xb.dtype), jnp.array(high, xb.dtype))
+
+    def combine(a, b):
+        return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
+
+    largest, smallest = jax.lax.reduce((xb, xb), init, combine, (xb.ndim - 1,))
+    return largest, smallest

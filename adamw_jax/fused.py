@@ -39,7 +39,7 @@ from adamw_jax._base import (
 from adamw_jax.alias import adamw
 from adamw_jax.decay import DecoupledWeightDecayState, _decay_scalars, _effective_coupling
 from adamw_jax.moments import ScaleByAdamState, nesterov_weights
-from adamw_jax.quantize import QuantizedArray, QuantizedArray4
+from adamw_jax.quantize import QuantizedArray
 
 __all__ = ["FusedAdamW", "fused_adamw"]
 
@@ -50,8 +50,6 @@ _LEAVES_PER_CALL = 64
 # How the kernel's `kinds` operand names a moment's storage (enum Kind in csrc/fused_adamw.cc).
 _FLOAT32, _BFLOAT16, _INT8, _INT4 = 0, 1, 2, 3
 _FLOAT_KINDS = {jnp.dtype(jnp.float32): _FLOAT32, jnp.dtype(jnp.bfloat16): _BFLOAT16}
-# The dtype of an "int8" moment's codes: signed for the first moment, unsigned for the second.
-_INT8_CODES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
 # The quantized kinds. The kernel takes a leaf whose moments are both int8, both int4 or
 # both floating: which products XLA's compiled code fuses in a mix of quantized and
 # floating moments varies with the leaf's shape, so the kernel could not promise the XLA
@@ -105,7 +103,7 @@ def kernel_available() -> bool:
     Registers the custom call on first use and runs one tiny step through it, so that a
     kernel built against an incompatible ``jaxlib`` reports False instead of failing later.
     """
-    if not register_cpu_target(_TARGET, "AdamwJaxFusedAdamw"):
+    if not _register_cpu_target(_TARGET, "AdamwJaxFusedAdamw"):
         return False
     try:
         _run_self_test()
@@ -213,9 +211,6 @@ def fused_adamw(
         cautious_weight_decay=cautious_weight_decay,
         decay_target=decay_target,
     )
-    xla_only = _xla_only_options(
-        backend, param_update, moment_layout, cautious, cautious_weight_decay, decay_target
-    )
     coupling = _effective_coupling(decay_coupling, peak_learning_rate)
     storage = _moment_storage.moment_storage(
         mu_dtype=mu_dtype,
@@ -224,8 +219,10 @@ def fused_adamw(
         min_quantize_size=min_quantize_size,
         moment_layout=moment_layout,
     )
+    xla_only = _xla_only_options(
+        backend, storage, param_update, cautious, cautious_weight_decay, decay_target
+    )
     options = _KernelOptions(amsgrad, nesterov, _KERNEL_COUPLING[coupling], storage.block_size)
-
     hyper_args = (b1, b2, eps, eps_root, learning_rate, weight_decay, coupling, peak_learning_rate)
 
     def plan(params, grads, state):
@@ -254,8 +251,8 @@ def fused_adamw(
 
 def _xla_only_options(
     backend: str,
+    storage: _moment_storage.MomentStorage,
     param_update: str | None,
-    moment_layout: str,
     cautious: bool,
     cautious_weight_decay: bool,
     decay_target: Any,
@@ -268,7 +265,7 @@ def _xla_only_options(
     pulls_to_zero = isinstance(decay_target, str) and decay_target == "zero"
     given = (
         ("param_update", param_update is not None),
-        ("moment_layout", moment_layout != "tree"),
+        ("moment_layout", storage.layout != "tree"),
         ("cautious", bool(cautious)),
         ("cautious_weight_decay", bool(cautious_weight_decay)),
         ("decay_target", not pulls_to_zero),
@@ -276,6 +273,8 @@ def _xla_only_options(
     names = tuple(name for name, on in given if on)
     if backend == "kernel" and names:
         raise _kernel_refused(names)
+    if _check_kernel_storage(storage, backend):  # refuses by name with backend="kernel"
+        names += ("mu_dtype/nu_dtype",)
     return names
 
 
@@ -316,14 +315,7 @@ def _kernel_plan(
     try:
         g_leaves = treedef.flatten_up_to(grads)
         moments = [
-            _moment_storage.per_param(
-                grads,
-                m,
-                storage.block_size,
-                requested=storage.mu_dtype if k == 0 else storage.nu_dtype,
-                second=k > 0,
-            )
-            for k, m in enumerate(stored)
+            _moment_storage.per_param(grads, m, storage, second=k > 0) for k, m in enumerate(stored)
         ]
     except (ValueError, TypeError, AttributeError):
         return None
@@ -334,7 +326,7 @@ def _kernel_plan(
             return None
         if jnp.result_type(p) != f32 or jnp.result_type(g) != f32 or jnp.shape(p) != jnp.shape(g):
             return None
-        leaf_kinds = [_kind(m, k > 0, storage.block_size) for k, m in enumerate(leaf_moments)]
+        leaf_kinds = [_kind(m) for m in leaf_moments]
         if None in leaf_kinds or leaf_kinds[2:] not in ([], leaf_kinds[1:2]):
             return None  # a storage the kernel does not take (AMSGrad's maximum: like nu)
         if leaf_kinds[0] != leaf_kinds[1] and {*leaf_kinds[:2]} & {*_QUANTIZED}:
@@ -348,21 +340,39 @@ def _kernel_plan(
     return _KernelPlan(leaves, per_leaf, flags, np.asarray(kinds, np.uint8))
 
 
-def _kind(stored: Any, second: bool, block_size: int) -> int | None:
-    """How the kernel names a leaf's stored moment; None if it does not take it."""
-    if isinstance(stored, QuantizedArray4):
-        fits = (
-            stored.signed != second
-            and stored.block_size == block_size
-            and _arrays(stored.codes, stored.scales)
-            and jnp.result_type(stored.codes) == jnp.uint8
-        )
-        return _INT4 if fits and jnp.result_type(stored.scales) == jnp.float32 else None
+def _kind(stored: Any) -> int | None:
+    """How the kernel names a leaf's stored moment; None if it does not take it.
+
+    ``stored`` has passed :func:`adamw_jax._moment_storage.per_param`: its format (width,
+    signedness, block size, code book) is the configured one, which
+    :func:`_check_kernel_storage` found to be the kernel's.
+    """
     if isinstance(stored, QuantizedArray):
-        codes, scales = stored
-        fits = _arrays(codes, scales) and jnp.result_type(codes) == _INT8_CODES[second]
-        return _INT8 if fits and jnp.result_type(scales) == jnp.float32 else None
+        fits = _arrays(stored.codes, stored.scales)
+        fits = fits and jnp.result_type(stored.scales) == jnp.float32
+        return (_INT8 if stored.bits == 8 else _INT4) if fits else None
     return _FLOAT_KINDS.get(jnp.result_type(stored)) if _arrays(stored) else None
+
+
+def _check_kernel_storage(storage: _moment_storage.MomentStorage, backend: str) -> bool:
+    """Whether ``storage`` holds low-bit moments the kernel does not implement.
+
+    The kernel encodes the default code books and roundings of ``"int8"`` and ``"int4"``
+    only; another :class:`~adamw_jax.quantize.QuantizedStorage` takes the XLA code, and
+    with ``backend="kernel"`` is refused here, by name, rather than encoded otherwise.
+    """
+    for name, requested in (("mu_dtype", storage.mu_dtype), ("nu_dtype", storage.nu_dtype)):
+        if _moment_storage.is_lowbit(requested) and not _moment_storage.is_default_lowbit(
+            requested
+        ):
+            if backend == "kernel":
+                raise ValueError(
+                    f'backend="kernel" but the fused kernel does not implement {name}='
+                    f"{requested!r}: it encodes the default code books and roundings of "
+                    '"int8" and "int4" only. Use backend="auto" or "xla" (the XLA code).'
+                )
+            return True
+    return False
 
 
 def _arrays(*xs: Any) -> bool:
@@ -378,10 +388,8 @@ def _parts(stored: Any) -> tuple[Any, ...]:
 
 def _rebuild(stored: Any, out: Iterator[jax.Array]) -> Any:
     """The kernel's next outputs in the form of the moment ``stored`` it updated."""
-    if isinstance(stored, QuantizedArray4):
-        return dataclasses.replace(stored, codes=next(out), scales=next(out))
     if isinstance(stored, QuantizedArray):
-        return QuantizedArray(next(out), next(out))
+        return dataclasses.replace(stored, codes=next(out), scales=next(out))
     return next(out)
 
 
@@ -537,7 +545,7 @@ def _run_kernel(options: _KernelOptions, how: _KernelPlan, hyper: _KernelHyper):
     """
     vector = hyper.stacked()
     flags = jnp.asarray(how.flags, jnp.uint8)
-    return aliased_call(
+    return _aliased_call(
         _TARGET,
         how.leaves,
         lambda start, stop: [vector, flags[start:stop], how.kinds[2 * start : 2 * stop]],
@@ -548,7 +556,7 @@ def _run_kernel(options: _KernelOptions, how: _KernelPlan, hyper: _KernelHyper):
     )
 
 
-def aliased_call(
+def _aliased_call(
     target: str,
     per_leaf: list[list[jax.Array]],
     leading: Callable[[int, int], list[jax.Array]],
@@ -592,7 +600,7 @@ def _run_self_test() -> None:
     jax.block_until_ready(_run_kernel(options, how, hyper))
 
 
-def register_cpu_target(target: str, symbol: str) -> bool:
+def _register_cpu_target(target: str, symbol: str) -> bool:
     """Registers the built extension's handler ``symbol`` as the CPU FFI target ``target``.
 
     Returns False when the extension was not built, does not load or has no such handler.

@@ -20,7 +20,7 @@ from adamw_jax import _numerics, _packing, _trees, _validate
 from adamw_jax._base import MomentDtype, ScalarOrArray
 from adamw_jax._moment_storage import MomentStorage
 
-__all__ = ["ScaleByAdamState", "scale_by_adam"]
+__all__ = ["ScaleByAdamState", "convert_state", "scale_by_adam"]
 # How the Nesterov look-ahead is bias-corrected (``nesterov_bias_correction``).
 NESTEROV_BIAS_CORRECTIONS = ("optax", "algoperf")
 
@@ -31,8 +31,7 @@ class ScaleByAdamState(NamedTuple):
     Attributes:
       count: number of updates taken, int32, saturating at ``2**31 - 1``.
       mu: first moment, like the params, stored in ``mu_dtype`` (with ``"int8"``, a
-        :class:`~adamw_jax.quantize.QuantizedArray`, with ``"int4"`` a
-        :class:`~adamw_jax.quantize.QuantizedArray4`, per leaf of at least
+        :class:`~adamw_jax.quantize.QuantizedArray` of 8-bit or 4-bit codes per leaf of at least
         ``min_quantize_size`` elements). With ``moment_layout="packed"``, a
         :class:`~adamw_jax.PackedMoments` instead.
       nu: second moment, like the params (real even for complex params), in ``nu_dtype``
@@ -206,10 +205,9 @@ def scale_by_adam(
             scalars_for=scalars_for,
             nesterov=nesterov,
             guard_zero_denominator=guard_zero_denominator,
-            block_size=storage.block_size,
         )
         if packed:
-            directions, mu, nu, nu_max = _update_packed(step, updates, state, amsgrad)
+            directions, mu, nu, nu_max = _update_packed(step, updates, state, amsgrad, storage)
         else:
             directions, mu, nu, nu_max = _update_tree(step, updates, state, amsgrad, storage)
         return directions, ScaleByAdamState(count, mu, nu, nu_max)
@@ -337,7 +335,6 @@ def _adam_step(
     scalars_for: Callable[[jnp.dtype], _AdamScalars],
     nesterov: bool,
     guard_zero_denominator: bool,
-    block_size: int,
 ) -> tuple[jax.Array, Any, Any, Any]:
     r"""Adam's step on one leaf (or one packed buffer): the direction and the new moments.
 
@@ -369,7 +366,6 @@ def _adam_step(
       scalars_for: the step's :class:`_AdamScalars` for a compute dtype (made once per dtype).
       nesterov: use Nesterov's look-ahead for :math:`\hat m_t`.
       guard_zero_denominator: map a zero denominator to a zero direction.
-      block_size: the ``"int8"``/``"int4"`` moments' block size.
 
     Returns:
       ``(u_t, m_t, v_t, new nu_max)``: the direction in the wider of the gradient's and the
@@ -380,13 +376,13 @@ def _adam_step(
     scalars = scalars_for(compute_dtype)
     real_dtype = scalars.real_dtype
     g = grad.astype(compute_dtype)  # g of the math above
-    m = scalars.b1 * _storage.load(mu, compute_dtype, block_size) + scalars.one_minus_b1 * g
+    m = scalars.b1 * _storage.load(mu, compute_dtype) + scalars.one_minus_b1 * g
     g_squared = jnp.real(g * jnp.conj(g)) if jnp.iscomplexobj(g) else g * g
-    old_v = _storage.load_second(nu, real_dtype, block_size)
+    old_v = _storage.load_second(nu, real_dtype)
     v = scalars.b2 * old_v + scalars.one_minus_b2 * g_squared
     v_hat = v / scalars.bias_correction2
     if nu_max is not None:  # AMSGrad
-        v_hat = jnp.maximum(_storage.load_second(nu_max, real_dtype, block_size), v_hat)
+        v_hat = jnp.maximum(_storage.load_second(nu_max, real_dtype), v_hat)
     if nesterov:
         m_hat = scalars.nesterov_momentum * m + scalars.nesterov_gradient * g
     else:
@@ -397,12 +393,10 @@ def _adam_step(
         direction = jnp.where(denominator == 0, jnp.zeros([], compute_dtype), direction)
     new_max = None
     if nu_max is not None:
-        new_max = _storage.store_second(
-            v_hat, nu_max, block_size, average=False, salt=scalars.rounding_salt
-        )
-    new_mu = _storage.store(m, mu, block_size, salt=scalars.rounding_salt)
+        new_max = _storage.store_second(v_hat, nu_max, average=False, salt=scalars.rounding_salt)
+    new_mu = _storage.store(m, mu, salt=scalars.rounding_salt)
     out_dtype = _numerics.wider(grad.dtype, _storage.dtype_of(mu))
-    new_nu = _storage.store_second(v, nu, block_size, salt=scalars.rounding_salt)
+    new_nu = _storage.store_second(v, nu, salt=scalars.rounding_salt)
     return direction.astype(out_dtype), new_mu, new_nu, new_max
 
 
@@ -420,18 +414,15 @@ def _update_tree(
     are encoded in the pass that computes them
     (:func:`~adamw_jax._moment_storage.update_leaf`).
     """
-    block_size = storage.block_size
-    mu = _storage.per_param(updates, state.mu, block_size, requested=storage.mu_dtype)
-    nu = _storage.per_param(updates, state.nu, block_size, requested=storage.nu_dtype, second=True)
+    mu = _storage.per_param(updates, state.mu, storage)
+    nu = _storage.per_param(updates, state.nu, storage, second=True)
     if amsgrad:
-        nu_max = _storage.per_param(
-            updates, state.nu_max, block_size, requested=storage.nu_dtype, second=True
-        )
+        nu_max = _storage.per_param(updates, state.nu_max, storage, second=True)
     else:
         nu_max = [None] * len(mu)
     _validate.check_inexact_leaves("updates", updates)
     rows = [
-        _storage.update_leaf(step, grad, *moments, block_size)
+        _storage.update_leaf(step, grad, *moments, storage)
         for grad, *moments in zip(jax.tree.leaves(updates), mu, nu, nu_max, strict=True)
     ]
     directions, mu, nu, new_max = _trees.unzip(jax.tree.structure(updates), rows, 4)
@@ -443,9 +434,11 @@ def _update_packed(
     updates: optax.Updates,
     state: ScaleByAdamState,
     amsgrad: bool,
+    storage: MomentStorage,
 ) -> tuple[optax.Updates, Any, Any, Any]:
     """The ``"packed"`` layout's step: ``step`` on each buffer; the directions, new moments."""
-    _packing.check_matches(updates, state.mu)
+    _storage.check_packed(updates, state.mu, storage)
+    _storage.check_packed(updates, state.nu, storage, second=True)
     _validate.check_inexact_leaves("updates", updates)
     directions, mu, nu, new_max = _packing.update(
         step, jax.tree.leaves(updates), state.mu, state.nu, state.nu_max if amsgrad else None
@@ -479,3 +472,81 @@ def _is_positive_constant(x: Any) -> bool:
         return float(x) > 0
     except (TypeError, ValueError):
         return False
+
+
+def convert_state(
+    state: optax.OptState, tx: optax.GradientTransformation, params: optax.Params
+) -> optax.OptState:
+    """``state`` with its Adam moments re-stored in the storage ``tx`` keeps them in.
+
+    To change ``mu_dtype``, ``nu_dtype``, ``block_size`` or ``min_quantize_size`` in the
+    middle of a run (or to restore a checkpoint into an optimizer built with other
+    settings, which ``update`` refuses, naming the leaf): every
+    :class:`ScaleByAdamState` in ``state`` gets the moments that ``tx.init(params)`` would
+    have, in format, holding ``state``'s values, each decoded and rounded to nearest in the
+    new format (so a value moves by at most half a step of the new code book, the block's
+    scale times the book's step around it); every other leaf (step counts, other
+    transformations' states) is kept. Only the tree layout (``moment_layout="tree"``) is
+    converted.
+
+    Args:
+      state: the optimizer state to convert (of an optimizer built like ``tx`` except for
+        its storage keywords).
+      tx: the optimizer the state is for, after the change.
+      params: the params (arrays or ``jax.ShapeDtypeStruct``; only shapes and dtypes are
+        read).
+
+    Returns:
+      A state with the structure of ``tx.init(params)``.
+
+    Raises:
+      ValueError: if ``state`` and ``tx.init(params)`` differ other than in how their Adam
+        moments are stored (another chain, AMSGrad on one side only, the packed layout).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import adamw_jax
+      >>> params = {"w": jnp.ones((64, 64))}
+      >>> state = adamw_jax.adamw(1e-3).init(params)  # ... trained in float32, then:
+      >>> int8 = adamw_jax.adamw(1e-3, mu_dtype="int8", nu_dtype="int8")
+      >>> state = adamw_jax.convert_state(state, int8, params)
+      >>> type(state[0].mu["w"]).__name__, state[0].mu["w"].codes.dtype
+      ('QuantizedArray', dtype('int8'))
+    """
+    target = jax.eval_shape(tx.init, params)
+    is_adam = lambda node: isinstance(node, ScaleByAdamState)  # noqa: E731
+    nodes, treedef = jax.tree.flatten(state, is_leaf=is_adam)
+    target_nodes, target_treedef = jax.tree.flatten(target, is_leaf=is_adam)
+    if treedef != target_treedef:
+        raise ValueError(
+            "state and tx.init(params) differ other than in their Adam moments' storage: "
+            f"{treedef} vs {target_treedef}."
+        )
+    out = [
+        _convert_adam_state(node, like, params) if is_adam(node) else node
+        for node, like in zip(nodes, target_nodes, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def _convert_adam_state(
+    state: ScaleByAdamState, like: ScaleByAdamState, params: optax.Params
+) -> ScaleByAdamState:
+    """One :class:`ScaleByAdamState` with its moments re-stored like ``like``'s."""
+    treedef = jax.tree.structure(params)
+    if any(isinstance(x, _packing.PackedMoments) for x in (state.mu, like.mu)):
+        raise ValueError('convert_state converts moment_layout="tree" moments only.')
+    has_max = [not isinstance(s.nu_max, optax.EmptyState) for s in (state, like)]
+    if has_max[0] != has_max[1]:
+        raise ValueError("convert_state cannot add or drop AMSGrad's maximum (amsgrad=...).")
+
+    def convert(moments, target, second):
+        stored = treedef.flatten_up_to(moments)
+        shapes = treedef.flatten_up_to(target)
+        new = [_storage.convert(s, t, second=second) for s, t in zip(stored, shapes, strict=True)]
+        return jax.tree.unflatten(treedef, new)
+
+    mu = convert(state.mu, like.mu, False)
+    nu = convert(state.nu, like.nu, True)
+    nu_max = convert(state.nu_max, like.nu_max, True) if has_max[0] else state.nu_max
+    return ScaleByAdamState(state.count, mu, nu, nu_max)

@@ -3,74 +3,30 @@ r"""Blockwise 8-bit and 4-bit storage of moment states.
 A float32 array is cut into blocks of ``block_size`` consecutive elements along its last
 axis (the last block of each row may be shorter). Each block keeps one float32 scale, its
 largest magnitude divided by the code book's largest value, and one code per element: the
-code of the nearest code-book value to ``x / scale``. :func:`quantize` finds the largest
-magnitudes itself (:func:`block_absmax`); :func:`quantize_with_absmax` takes them, or an
-upper bound of them, from the caller, and is then purely elementwise.
+code of the nearest code-book value to ``x / scale``, in 8 bits (one byte per element) or
+in 4 (two per byte). :func:`quantize` finds the largest magnitudes itself
+(:func:`block_absmax`); :func:`quantize_with_absmax` takes them, or an upper bound of them,
+from the caller, and is then purely elementwise. Both return a :class:`QuantizedArray`,
+which carries its width, code book and block size with it, so that :func:`dequantize`,
+:func:`stored_absmax` and every other function here need nothing else.
 
-The code books are small floating-point formats (:class:`CodeFormat`), so their steps
-grow with the magnitude, as a moment's values spread over orders of magnitude:
+The code books are small floating-point formats (:class:`CodeFormat`), so their steps grow
+with the magnitude, as a moment's values spread over orders of magnitude:
 
-* signed (first moment), ``int8`` codes: 1 sign, 3 exponent and 4 mantissa bits. Codes
-  :math:`-127 \dots 127`; magnitudes from :math:`2^{-10}` to :math:`1.9375`: a block
-  resolves values down to about :math:`5 \cdot 10^{-4}` of its largest one (smaller ones
-  are stored as 0), with a relative rounding error of at most :math:`2^{-5}` above
-  :math:`2^{-6}`.
-* unsigned (second moment, stored as its square root), ``uint8`` codes: 4 exponent and 4
-  mantissa bits. Codes :math:`0 \dots 255`; values from :math:`2^{-18}` to :math:`1.9375`
-  (down to :math:`2 \cdot 10^{-6}` of the block's largest), relative rounding error at most
-  :math:`2^{-5}` above :math:`2^{-14}`.
+* 8 bits, signed (first moment): 1 sign, 3 exponent and 4 mantissa bits, ``int8`` codes
+  :math:`-127 \dots 127`; unsigned (second moment, stored as its square root): 4 exponent
+  and 4 mantissa bits, ``uint8`` codes :math:`0 \dots 255`. Both exact at 0.
+* 4 bits, signed: sign and magnitude, the magnitude FP4 E2M1 (0, 0.125, ..., 1.5,
+  :data:`INT4_SIGNED_CODE_BOOK`); unsigned: 2 exponent and 2 mantissa bits without
+  subnormals, so no code for 0 (0.125 ... 1.75, :data:`INT4_UNSIGNED_CODE_BOOK`): an entry
+  below the block's smallest code is stored as that code, which can only shrink the step
+  it divides.
 
-Both maps are monotone in the code and map code 0 to exactly 0. Values are rounded to the
-nearest code, or stochastically (``rounding="stochastic"``: unbiased, for quantities such as
-a moving average whose per-step changes are smaller than half a step of the code book).
-Encoding and decoding are integer operations on the float32 bit pattern (no table
-look-up), so they fuse into the optimizer step.
-
-**4-bit codes** (:func:`quantize_int4`, :class:`QuantizedArray4`) are stored two per byte
-(``uint8``, the last axis halved, rounded up), with the same float32 scale per block
-(``block_size`` even, 128 by default):
-
-* signed (first moment), :data:`INT4_SIGNED_FORMAT`: sign and magnitude, the magnitude 2
-  exponent and 1 mantissa bits with subnormals (FP4 E2M1): 0, 0.125, 0.25, 0.375, 0.5,
-  0.75, 1, 1.5 (:data:`INT4_SIGNED_CODE_BOOK`). Exact 0; a block resolves values down to
-  1/12 of its largest one.
-* unsigned (second moment's square root), :data:`INT4_UNSIGNED_FORMAT`: 2 exponent and
-  2 mantissa bits and no subnormals, so **no code for 0**: 0.125 ... 1.75
-  (:data:`INT4_UNSIGNED_CODE_BOOK`), 1/14 of the largest to the largest, relative steps
-  of 1/8 to 1/4. A second moment stored as 0 would make :math:`1/\sqrt{v}` a huge step
-  for an entry whose first moment is not 0 (Li et al.'s zero-point problem); here an
-  entry below the block's smallest code is stored as that code, which can only shrink
-  its step.
-
-**Encoding, bit for bit** (:func:`encode_magnitudes`; the same for 8 and 4 bits). For a
-format with :math:`e` exponent and :math:`m` mantissa bits, bias :math:`b = 2^e - 1`,
-top value :math:`q_{\max} = 2 - 2^{-m}` and ``shift`` :math:`= 23 - m`, all in float32
-and 32-bit two's-complement integers:
-
-1. per block: ``absmax`` (largest ``|x|``, or ``max(x, 0)`` for unsigned books),
-   ``scale = absmax / q_max`` (stored), ``inv = q_max / absmax`` (0 if ``absmax == 0``);
-2. per element: ``y = |x| * inv`` (unsigned books: ``max(x, 0) * inv``), one float32
-   multiply; ``bits`` = ``y``'s bit pattern as int32;
-3. ``normal = bits - ((127 - b) << 23)``. With subnormals: ``z = y * 2^(b - 1 + m +
-   shift) + 2^23`` (two float32 operations, round to nearest even), ``sub = bits(z) -
-   (150 << 23)``, ``fixed = sub if y < 2^(1 - b) else normal``. Without subnormals:
-   ``fixed = 0 if y < 2^(-b) else normal``;
-4. to nearest: ``code = (fixed + 2^(shift - 1)) >> shift`` (ties up). Stochastically:
-   ``h = ((bits ^ (salt * 0x85EBCA6B)) * 0x9E3779B1) mod 2^32`` (the salt term only when
-   a salt is given; uint32 arithmetic, :func:`adamw_jax._numerics.hash_bits`), then
-   ``code = (fixed + (h >> (32 - shift))) >> shift``, as unsigned 32-bit integers;
-5. ``code = min(code, 2^(e + m) - 1)``;
-6. signed 8-bit: ``-code`` where ``x``'s sign bit is set. Signed 4-bit: ``code | 8``
-   where ``x``'s sign bit is set and ``code != 0``. The 8-bit unsigned book with
-   ``keep_nonzero`` raises code 0 to 1 for ``y > 0``;
-7. 4-bit: :func:`pack_int4`, element ``2j`` of a row in the low nibble of byte ``j``.
-
-Decoding is the table look-up ``book[code] * scale``. For the second moment the optimizer
-stores :math:`\sqrt{v}` with the unsigned book, rounded stochastically with the step
-count (uint32) as ``salt``. The 8-bit first moment is rounded to nearest (no salt); the
-4-bit first moment stochastically, with the step count as ``salt`` too. In the optimizer
-step ``absmax`` is not the new values' largest magnitude but a bound of it found from the
-gradient and the old codes (``adamw_jax._moment_storage.update_leaf``).
+Values are rounded to the nearest code, or stochastically (``rounding="stochastic"``:
+unbiased, for quantities such as a moving average whose per-step changes are smaller than
+half a step of the code book). Encoding and decoding are integer operations on the float32
+bit pattern (no table look-up), so they fuse into the optimizer step; the exact procedure,
+bit for bit, is in the documentation's memory page ("The code books, bit for bit").
 
 Blocks run along the last axis only, so a leaf sharded along any of its leading axes keeps
 every block inside one shard; a leaf sharded along its last axis does too when each shard's
@@ -89,54 +45,38 @@ import numpy as np
 from adamw_jax import _numerics, _validate
 
 __all__ = [
+    "BITS",
     "INT4_DEFAULT_BLOCK_SIZE",
     "INT4_SIGNED_CODE_BOOK",
     "INT4_SIGNED_FORMAT",
     "INT4_UNSIGNED_CODE_BOOK",
     "INT4_UNSIGNED_FORMAT",
+    "INT8_DEFAULT_BLOCK_SIZE",
+    "INT8_SIGNED_FORMAT",
+    "INT8_UNSIGNED_FORMAT",
     "CodeFormat",
     "QuantizedArray",
-    "QuantizedArray4",
+    "QuantizedStorage",
     "block_absmax",
+    "check_bits",
     "check_block_size",
-    "check_int4_block_size",
+    "check_code_format",
     "code_book",
-    "code_book_max",
     "decode_magnitudes",
+    "default_block_size",
+    "default_format",
     "dequantize",
-    "dequantize_int4",
     "encode_magnitudes",
-    "int4_format",
     "pack_int4",
     "packed_shape",
     "quantize",
-    "quantize_int4",
-    "quantize_int4_with_absmax",
     "quantize_with_absmax",
     "scales_shape",
     "stored_absmax",
-    "stored_absmax_int4",
     "unpack_int4",
     "zeros",
-    "zeros_int4",
     "zeros_like",
-    "zeros_like_int4",
 ]
-
-
-class QuantizedArray(NamedTuple):
-    """A float32 array stored as one byte per element plus one float32 scale per block.
-
-    Attributes:
-      codes: ``int8`` (signed code book) or ``uint8`` (unsigned), with the shape of the
-        stored array.
-      scales: float32, shape ``(*shape[:-1], ceil(shape[-1] / block_size))`` (for a scalar,
-        shape ``()``): the largest magnitude of each block divided by the code book's
-        largest value.
-    """
-
-    codes: jax.Array
-    scales: jax.Array
 
 
 class CodeFormat(NamedTuple):
@@ -180,30 +120,154 @@ class CodeFormat(NamedTuple):
         return 2.0 - 2.0**-self.mantissa_bits
 
 
-# (exponent bits, mantissa bits) of the two 8-bit code books; the exponent bias puts the top
-# binade at [1, 2).
-_SIGNED_FORMAT = (3, 4)
-_UNSIGNED_FORMAT = (4, 4)
+#: The signed 4-bit code book's format: 2 exponent and 1 mantissa bits with subnormals
+#: (FP4 "E2M1", halved): magnitudes 0, 0.125, 0.25, 0.375, 0.5, 0.75, 1, 1.5.
+INT4_SIGNED_FORMAT = CodeFormat(2, 1, True)
+#: The unsigned 4-bit code book's format: 2 exponent and 2 mantissa bits, no subnormals, so
+#: no code for 0: values from 0.125 to 1.75.
+INT4_UNSIGNED_FORMAT = CodeFormat(2, 2, False)
+#: The signed 8-bit code book's format (first moment): 3 exponent and 4 mantissa bits.
+INT8_SIGNED_FORMAT = CodeFormat(3, 4, True)
+#: The unsigned 8-bit code book's format (second moment's root): 4 and 4 bits.
+INT8_UNSIGNED_FORMAT = CodeFormat(4, 4, True)
+#: The signed 4-bit code book, indexed by the stored 4-bit value (the nibble): bit 3 is the
+#: sign, bits 0-2 the magnitude's code. Nibble 8 (a negative zero) is never written.
+INT4_SIGNED_CODE_BOOK = np.array(
+    [
+        *(0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5),
+        *(-0.0, -0.125, -0.25, -0.375, -0.5, -0.75, -1.0, -1.5),
+    ],
+    np.float32,
+)
+#: The unsigned 4-bit code book (the second moment's square root), indexed by the nibble.
+INT4_UNSIGNED_CODE_BOOK = np.array(
+    [
+        *(0.125, 0.15625, 0.1875, 0.21875, 0.25, 0.3125, 0.375, 0.4375),
+        *(0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 1.75),
+    ],
+    np.float32,
+)
+#: The block size of the 4-bit codes when none is given.
+INT4_DEFAULT_BLOCK_SIZE = 128
+#: The block size of the 8-bit codes when none is given.
+INT8_DEFAULT_BLOCK_SIZE = 256
+BITS = (8, 4)
+_SIGN_NIBBLE = 8
+_ROUNDINGS = ("nearest", "stochastic")
 
 
-def _int8_format(signed: bool) -> CodeFormat:
-    return CodeFormat(*(_SIGNED_FORMAT if signed else _UNSIGNED_FORMAT), True)
+def default_format(bits: int, signed: bool) -> CodeFormat:
+    """The code book of ``bits``-bit codes, signed (first moment) or unsigned (second)."""
+    if bits == 8:
+        return INT8_SIGNED_FORMAT if signed else INT8_UNSIGNED_FORMAT
+    return INT4_SIGNED_FORMAT if signed else INT4_UNSIGNED_FORMAT
 
 
-def code_book_max(signed: bool) -> float:
-    """The largest value of the signed or unsigned 8-bit code book (both 1.9375)."""
-    return _int8_format(signed).top
+def default_block_size(bits: int) -> int:
+    """The block size of ``bits``-bit codes when none is given: 256 (8 bits), 128 (4)."""
+    return INT8_DEFAULT_BLOCK_SIZE if bits == 8 else INT4_DEFAULT_BLOCK_SIZE
 
 
-def _encode(
-    y: jax.Array, signed: bool, stochastic: bool = False, salt: jax.Array | None = None
-) -> jax.Array:
-    """Code (int32, >= 0) of magnitudes ``0 <= y`` (float32) in the 8-bit code book.
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "scales"],
+    meta_fields=["bits", "signed", "block_size", "length", "code_format"],
+)
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+    """A float32 array stored as blockwise 8-bit or 4-bit codes and one scale per block.
 
-    The nearest code, or with ``stochastic`` one of the two codes around ``y``: the upper
-    one with probability equal to the fraction of the way from the lower one to ``y``.
+    The codes and scales are the pytree's children (they jit, donate, shard and checkpoint
+    like any array: a checkpoint holds them under ``codes`` and ``scales``); the rest is
+    static metadata, part of the tree's structure.
+
+    Attributes:
+      codes: with ``bits=8``, ``int8`` (signed code book) or ``uint8`` (unsigned), shaped
+        like the stored array; with ``bits=4``, ``uint8`` two codes per byte, shape
+        :func:`packed_shape` of it (element ``2j`` of a row in the low 4 bits of byte
+        ``j``, see :func:`pack_int4`).
+      scales: float32, ``scales_shape(shape, block_size)``: each block's largest magnitude
+        divided by the code book's largest value.
+      bits: static; 8 or 4.
+      signed: static; the signed code book (first moment) or the unsigned one.
+      block_size: static; elements per block along the last axis (even with 4 bits).
+      length: static; the stored array's last-axis length (1 for a 0-d array).
+      code_format: static; the code book (:func:`default_format` unless chosen).
     """
-    return encode_magnitudes(y, _int8_format(signed), stochastic, salt)
+
+    codes: jax.Array
+    scales: jax.Array
+    bits: int
+    signed: bool
+    block_size: int
+    length: int
+    code_format: CodeFormat
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the stored (decoded) array."""
+        codes_shape = tuple(self.codes.shape)
+        if self.bits == 8 or not codes_shape:
+            return codes_shape
+        return (*codes_shape[:-1], self.length)
+
+
+def check_bits(bits: Any, name: str = "bits") -> None:
+    """Raises ValueError unless ``bits`` is 8 or 4."""
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"{name} must be 8 or 4; got {bits!r}.")
+
+
+def check_block_size(block_size: Any, bits: int = 8, name: str = "block_size") -> None:
+    """Raises unless ``block_size`` is an int in [1, inf), even for 4-bit codes.
+
+    Raises:
+      TypeError: for anything but an integer (a Python or NumPy one; a bool is refused).
+      ValueError: for an integer below 1, or an odd one with ``bits=4`` (a 4-bit block is
+        whole bytes).
+    """
+    _validate.check_int(name, block_size, low=1, static=True)
+    if bits == 4 and block_size % 2:
+        raise ValueError(
+            f"{name} must be an even int in [2, inf) for 4-bit codes (two per byte, a block "
+            f"is whole bytes); got {block_size!r}."
+        )
+
+
+def check_code_format(code_format: Any, bits: int, signed: bool, name: str = "code_format") -> None:
+    """Raises unless ``code_format`` is a :class:`CodeFormat` that ``bits``-bit codes hold.
+
+    Its codes must fit the width (``exponent_bits + mantissa_bits`` at most ``bits``, one
+    less when ``signed``, whose top bit is the sign), and a signed book needs subnormals
+    (an exact 0, the sign of which is not stored).
+
+    Raises:
+      TypeError: for anything but a :class:`CodeFormat`.
+      ValueError: for a format the width does not hold, naming ``name``.
+    """
+    if not isinstance(code_format, CodeFormat):
+        raise TypeError(f"{name} must be a quantize.CodeFormat; got {code_format!r}.")
+    e_bits, m_bits, subnormals = code_format
+    room = bits - int(bool(signed))
+    if not (1 <= e_bits < 8 and 0 <= m_bits < 23 and e_bits + m_bits <= room):
+        raise ValueError(
+            f"{name}={code_format} does not fit {bits}-bit {'signed' if signed else 'unsigned'} "
+            f"codes: exponent_bits in [1, 8), mantissa_bits in [0, 23), their sum at most {room}."
+        )
+    if signed and not subnormals:
+        raise ValueError(f"{name}={code_format}: a signed code book needs subnormals (a 0).")
+
+
+def _resolve(
+    bits: Any, signed: bool, block_size: Any, code_format: CodeFormat | None
+) -> tuple[int, CodeFormat]:
+    """The checked block size and code book of a call (defaults where None)."""
+    check_bits(bits)
+    block_size = default_block_size(bits) if block_size is None else block_size
+    check_block_size(block_size, bits)
+    fmt = default_format(bits, signed) if code_format is None else code_format
+    check_code_format(fmt, bits, signed)
+    return int(block_size), fmt
 
 
 def encode_magnitudes(
@@ -215,8 +279,8 @@ def encode_magnitudes(
     the upper one with probability equal to the fraction of the way from the lower one to
     ``y``, the random bits hashed from ``y``'s bits and ``salt``. Values beyond the largest
     code get the largest code; without subnormals, values below the smallest get code 0.
-    The exact integer procedure is spelled out in the module docstring ("Encoding, bit for
-    bit").
+    The exact integer procedure is spelled out in the documentation's memory page ("The
+    code books, bit for bit").
     """
     e_bits, m_bits, bias = fmt.exponent_bits, fmt.mantissa_bits, fmt.bias
     shift = 23 - m_bits
@@ -242,11 +306,6 @@ def encode_magnitudes(
     return jnp.minimum(code, 2 ** (e_bits + m_bits) - 1)  # >= 0 already
 
 
-def _decode(k: jax.Array, signed: bool) -> jax.Array:
-    """The 8-bit code-book value (float32) of codes ``0 <= k`` (int32)."""
-    return decode_magnitudes(k, _int8_format(signed))
-
-
 def decode_magnitudes(k: jax.Array, fmt: CodeFormat) -> jax.Array:
     """The value (float32) of codes ``0 <= k`` (int32) in the code book ``fmt``."""
     e_bits, m_bits, bias = fmt.exponent_bits, fmt.mantissa_bits, fmt.bias
@@ -261,40 +320,34 @@ def decode_magnitudes(k: jax.Array, fmt: CodeFormat) -> jax.Array:
     return jnp.where(k < 2**m_bits, subnormal, x)
 
 
-def code_book(signed: bool) -> np.ndarray:
-    """All values of a code book, indexed by code, as float32 NumPy array.
+def code_book(signed: bool, bits: int = 8, code_format: CodeFormat | None = None) -> np.ndarray:
+    """All values of a code book, as a float32 NumPy array.
 
     Args:
-      signed: the signed book (index ``i`` holds code ``i - 127``, 255 values) or the
-        unsigned one (index ``i`` holds code ``i``, 256 values).
+      signed: the signed book or the unsigned one.
+      bits: 8 (index ``i`` holds code ``i - 127`` signed, 255 values; code ``i`` unsigned,
+        256 values) or 4 (indexed by the stored nibble, 16 values; signed: bit 3 is the
+        sign).
+      code_format: None (:func:`default_format`) or another :class:`CodeFormat`.
 
     Returns:
-      The values in increasing order of the code.
+      The values, indexed as above.
 
     Example:
       >>> from adamw_jax import quantize
       >>> book = quantize.code_book(signed=False)
       >>> float(book[0]), float(book[-1]), len(book)
       (0.0, 1.9375, 256)
+      >>> quantize.code_book(signed=False, bits=4)[[0, -1]]
+      array([0.125, 1.75 ], dtype=float32)
     """
+    _, fmt = _resolve(bits, signed, None, code_format)
+    if bits == 4:
+        return np.asarray(_decode_nibbles(jnp.arange(16, dtype=jnp.int32), signed, fmt))
     if signed:
-        k = jnp.arange(128, dtype=jnp.int32)
-        positive = np.asarray(_decode(k, True))
+        positive = np.asarray(decode_magnitudes(jnp.arange(128, dtype=jnp.int32), fmt))
         return np.concatenate([-positive[:0:-1], positive])
-    return np.asarray(_decode(jnp.arange(256, dtype=jnp.int32), False))
-
-
-def check_block_size(block_size: Any) -> None:
-    """Raises unless ``block_size`` is an int (a Python or NumPy integer) in [1, inf).
-
-    Raises:
-      TypeError: for anything but an integer (a bool included).
-      ValueError: for an integer below 1.
-    """
-    _validate.check_int("block_size", block_size, low=1, static=True)
-
-
-_ROUNDINGS = ("nearest", "stochastic")
+    return np.asarray(decode_magnitudes(jnp.arange(256, dtype=jnp.int32), fmt))
 
 
 def scales_shape(shape: tuple[int, ...], block_size: int = 256) -> tuple[int, ...]:
@@ -304,75 +357,67 @@ def scales_shape(shape: tuple[int, ...], block_size: int = 256) -> tuple[int, ..
     return (*shape[:-1], math.ceil(shape[-1] / block_size))
 
 
-def split_blocks(x: jax.Array, block_size: int) -> jax.Array:
-    """The blocks of ``x``: its last axis zero-padded to whole blocks and split.
-
-    Args:
-      x: an array with at least one axis.
-      block_size: elements per block along the last axis, in [1, inf).
-
-    Returns:
-      ``x`` reshaped to ``(*x.shape[:-1], ceil(x.shape[-1] / block_size), block_size)``.
-    """
-    n = x.shape[-1]
-    n_blocks = math.ceil(n / block_size)
-    pad = n_blocks * block_size - n
-    if pad:
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    return x.reshape(*x.shape[:-1], n_blocks, block_size)
-
-
-def _unblock(xb: jax.Array, n: int) -> jax.Array:
-    return xb.reshape(*xb.shape[:-2], -1)[..., :n]
+def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the packed 4-bit codes of an array of ``shape``: last axis halved, up."""
+    if not shape:
+        return ()
+    return (*shape[:-1], -(-shape[-1] // 2))
 
 
 def quantize(
     x: jax.Array,
     *,
     signed: bool,
-    block_size: int = 256,
+    bits: int = 8,
+    block_size: int | None = None,
+    code_format: CodeFormat | None = None,
     keep_nonzero: bool = False,
     rounding: str = "nearest",
     salt: jax.Array | int | None = None,
 ) -> QuantizedArray:
-    r"""Stores a float array as blockwise 8-bit codes and float32 scales.
+    r"""Stores a float array as blockwise 8-bit or 4-bit codes and float32 scales.
 
     .. math::
 
       s_b = \max_{i \in b} |x_i| / q_{\max}, \qquad
       c_i = \operatorname{argmin}_c |q_c - x_i / s_b|
 
-    where :math:`q` is the signed or unsigned code book (see the module docstring). The
-    result decodes to :math:`q_{c_i} s_b`, with an error of at most
-    :math:`2^{-5}|x_i| + 2^{-11} s_b` (signed) or :math:`2^{-5}|x_i| + 2^{-19} s_b`
-    (unsigned). Zeros stay exactly zero, and each block's largest magnitude comes back to
-    float32 rounding; a block holding a NaN or an infinity decodes to non-finite values.
+    where :math:`q` is the code book (see the module docstring). The result decodes to
+    :math:`q_{c_i} s_b`. With 8 bits the error is at most :math:`2^{-5}|x_i| + 2^{-11}
+    s_b` (signed) or :math:`2^{-5}|x_i| + 2^{-19} s_b` (unsigned); with 4 bits at most half
+    a step of the book, :math:`|x_i|/6 + s_b / 16` (signed), :math:`|x_i| / 10` above the
+    unsigned book's smallest value (and :math:`s_b / 8` below it). Zeros stay exactly zero
+    (the 4-bit unsigned book has no 0: they come back as its smallest value times the
+    scale, 0 in an all-zero block), each block's largest magnitude comes back to float32
+    rounding, and a block holding a NaN or an infinity decodes to non-finite values.
 
     ``rounding="stochastic"`` instead picks, between the two codes around :math:`x_i / s_b`,
     the upper one with probability equal to the fraction of the way from the lower one to
-    it, so that the stored value is unbiased, and the error is below one step of the book:
-    :math:`2^{-4}|x_i| + 2^{-10} s_b` (signed) or :math:`2^{-4}|x_i| + 2^{-18} s_b`
-    (unsigned). A quantity updated by steps smaller than half the book's step (an
-    exponential moving average with a decay close to 1) does not move under round to
-    nearest, since each step rounds back to the old code; stochastic rounding moves it by
-    the right amount on average. The random bits are a hash of :math:`x_i / s_b`'s float32
-    bit pattern and of ``salt``: no key, and the same inputs always give the same codes.
-    Pass a ``salt`` that changes between calls (the step count) when the same value may be
-    quantized again: otherwise it meets the same bits, and the same decision, every time.
+    it, so that the stored value is unbiased, and the error is below one step of the book.
+    A quantity updated by steps smaller than half the book's step (an exponential moving
+    average with a decay close to 1) does not move under round to nearest, since each step
+    rounds back to the old code; stochastic rounding moves it by the right amount on
+    average. The random bits are a hash of :math:`x_i / s_b`'s float32 bit pattern and of
+    ``salt``: no key, and the same inputs always give the same codes. Pass a ``salt`` that
+    changes between calls (the step count) when the same value may be quantized again.
 
     Args:
       x: a real floating array of any shape (computed in float32).
-      signed: use the signed code book (``int8`` codes); otherwise the unsigned one
-        (``uint8`` codes), which requires ``x >= 0`` (negative values are stored as 0).
-      block_size: elements per block along the last axis, in [1, inf).
+      signed: use the signed code book; otherwise the unsigned one, which requires
+        ``x >= 0`` (negative values are stored as its smallest value).
+      bits: 8 (one code per byte) or 4 (two per byte).
+      block_size: elements per block along the last axis, an int in [1, inf), even with
+        ``bits=4``; None means 256 (8 bits) or 128 (4 bits).
+      code_format: None (:func:`default_format`) or a :class:`CodeFormat` the width holds
+        (:func:`check_code_format`).
       keep_nonzero: store positive values too small for the smallest nonzero code as that
-        code rather than 0 (used for the second moment, which divides the update).
-      rounding: ``"nearest"`` (the nearest code) or ``"stochastic"`` (unbiased; see above).
+        code rather than 0 (used for the 8-bit second moment, which divides the update).
+      rounding: ``"nearest"`` (the nearest code, ties up) or ``"stochastic"``.
       salt: with ``"stochastic"``, None or an integer scalar (array or Python int, taken
         modulo ``2**32``) mixed into the random bits.
 
     Returns:
-      A :class:`QuantizedArray` with ``codes.shape == x.shape``.
+      A :class:`QuantizedArray` of ``x.shape``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -384,20 +429,28 @@ def quantize(
       Array([   0, -101,   69,  127], dtype=int8)
       >>> quantize.dequantize(q).round(2)  # nearest code-book values times the scale
       Array([ 0.  , -1.02,  0.25,  3.  ], dtype=float32)
+      >>> q4 = quantize.quantize(jnp.array([0.0, -1.0, 0.25, 3.0]), signed=True, bits=4)
+      >>> q4.codes, q4.scales  # nibbles 0, 8 + 4 (-0.5); 1 (0.125), 7 (1.5), low first
+      (Array([192, 113], dtype=uint8), Array([2.], dtype=float32))
+      >>> quantize.dequantize(q4)
+      Array([ 0.  , -1.  ,  0.25,  3.  ], dtype=float32)
 
     References:
       Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022.
+      Li, Chen & Zhu, "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023.
       Gupta et al., "Deep Learning with Limited Numerical Precision", ICML 2015
       (stochastic rounding).
     """
-    check_block_size(block_size)
+    block_size, fmt = _resolve(bits, signed, block_size, code_format)
     _validate.check_choice("rounding", rounding, _ROUNDINGS)
     absmax = block_absmax(x, signed=signed, block_size=block_size)
     return quantize_with_absmax(
         x,
         absmax,
         signed=signed,
+        bits=bits,
         block_size=block_size,
+        code_format=fmt,
         keep_nonzero=keep_nonzero,
         rounding=rounding,
         salt=salt,
@@ -413,7 +466,7 @@ def _check_floating(x: Any) -> jax.Array:
 
 def _magnitude_blocks(x: jax.Array, signed: bool, block_size: int) -> jax.Array:
     """``|x|`` (signed) or ``max(x, 0)`` in float32, split to (..., blocks, block)."""
-    xb = split_blocks(x.astype(jnp.float32).reshape(x.shape or (1,)), block_size)
+    xb = _numerics.split_blocks(x.astype(jnp.float32).reshape(x.shape or (1,)), block_size)
     return jnp.abs(xb) if signed else jnp.maximum(xb, 0.0)
 
 
@@ -440,32 +493,12 @@ def block_absmax(x: jax.Array, *, signed: bool, block_size: int = 256) -> jax.Ar
     """
     check_block_size(block_size)
     x = _check_floating(x)
-    xb = split_blocks(x.astype(jnp.float32).reshape(x.shape or (1,)), block_size)
-    largest, smallest = block_max_min(xb)
+    xb = _numerics.split_blocks(x.astype(jnp.float32).reshape(x.shape or (1,)), block_size)
+    largest, smallest = _numerics.block_max_min(xb)
     # Both results are used (the unsigned book's min(-smallest, 0) <= 0 changes nothing),
-    # which keeps this one fused two-output reduction (see block_max_min).
+    # which keeps this one fused two-output reduction (see _numerics.block_max_min).
     absmax = jnp.maximum(largest, -smallest if signed else jnp.minimum(-smallest, 0.0))
     return jnp.maximum(absmax, 0.0).reshape(scales_shape(x.shape, block_size))
-
-
-def block_max_min(xb: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The largest and smallest value along the last axis of ``xb``, in one reduction.
-
-    A two-output reduction: XLA on CPU computes it in one pass fused with whatever
-    elementwise computation produces ``xb``, where a plain ``max`` of ``|xb|`` would first
-    write ``|xb|`` out in full. NaN propagates to both results.
-    """
-    if jnp.issubdtype(xb.dtype, jnp.floating):
-        low, high = -jnp.inf, jnp.inf
-    else:
-        low, high = jnp.iinfo(xb.dtype).min, jnp.iinfo(xb.dtype).max
-    init = (jnp.array(low, xb.dtype), jnp.array(high, xb.dtype))
-
-    def combine(a, b):
-        return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
-
-    largest, smallest = jax.lax.reduce((xb, xb), init, combine, (xb.ndim - 1,))
-    return largest, smallest
 
 
 def quantize_with_absmax(
@@ -473,7 +506,9 @@ def quantize_with_absmax(
     absmax: jax.Array,
     *,
     signed: bool,
-    block_size: int = 256,
+    bits: int = 8,
+    block_size: int | None = None,
+    code_format: CodeFormat | None = None,
     keep_nonzero: bool = False,
     rounding: str = "nearest",
     salt: jax.Array | int | None = None,
@@ -486,37 +521,45 @@ def quantize_with_absmax(
     Args:
       x: a real floating array of any shape (computed in float32).
       absmax: float32, shape ``scales_shape(x.shape, block_size)``: each block's largest
-        magnitude (values above it are stored as the largest code).
-      signed: use the signed code book (``int8`` codes); otherwise the unsigned one.
-      block_size: elements per block along the last axis, in [1, inf).
-      keep_nonzero: as for :func:`quantize`.
-      rounding: ``"nearest"`` or ``"stochastic"``, as for :func:`quantize`.
-      salt: as for :func:`quantize`.
+        magnitude, or an upper bound of it (values above it get the largest code).
+      signed, bits, block_size, code_format, keep_nonzero, rounding, salt: as for
+        :func:`quantize`.
 
     Returns:
-      A :class:`QuantizedArray` with ``codes.shape == x.shape``.
+      A :class:`QuantizedArray` of ``x.shape``.
     """
-    check_block_size(block_size)
+    block_size, fmt = _resolve(bits, signed, block_size, code_format)
     _validate.check_choice("rounding", rounding, _ROUNDINGS)
     x = _check_floating(x)
-    shape = x.shape
-    fmt = _int8_format(signed)
     magnitude, code, scales = _block_codes(x, absmax, fmt, signed, block_size, rounding, salt)
     if keep_nonzero:  # a positive magnitude (positive bit pattern) gets at least code 1
         positive = jnp.minimum(jax.lax.bitcast_convert_type(magnitude, jnp.int32), 1)
         code = jnp.maximum(code, positive)
-    if signed:  # -code where x's sign bit is set: (code ^ s) - s with s = 0 or -1
+    n = (x.shape or (1,))[-1]
+    if bits == 4:
+        codes = _nibble_codes(x, code, signed, block_size)
+    elif signed:  # -code where x's sign bit is set: (code ^ s) - s with s = 0 or -1
         sign = _sign_blocks(x, block_size)
-        codes = ((code ^ sign) - sign).astype(jnp.int8)
+        codes = _numerics.unblock(((code ^ sign) - sign).astype(jnp.int8), n).reshape(x.shape)
     else:
-        codes = code.astype(jnp.uint8)
-    codes = _unblock(codes, (shape or (1,))[-1]).reshape(shape)
-    return QuantizedArray(codes, scales)
+        codes = _numerics.unblock(code.astype(jnp.uint8), n).reshape(x.shape)
+    return QuantizedArray(codes, scales, bits, bool(signed), block_size, n, fmt)
+
+
+def _nibble_codes(x: jax.Array, code: jax.Array, signed: bool, block_size: int) -> jax.Array:
+    """4-bit codes (int32, in blocks) with ``x``'s signs, packed two per byte."""
+    if signed:  # the sign bit where x's is set and the code is not 0 (no negative zero)
+        sign = _sign_blocks(x, block_size) & jnp.int32(_SIGN_NIBBLE)
+        code = code | jnp.where(code > 0, sign, 0)
+    # Blocks are whole bytes (block_size is even): pack each block's codes, then drop the
+    # padding bytes past ceil(n / 2) (the padding elements are 0: code 0).
+    n = (x.shape or (1,))[-1]
+    return _numerics.unblock(_pack_pairs(code), -(-n // 2)).reshape(packed_shape(x.shape))
 
 
 def _sign_blocks(x: jax.Array, block_size: int) -> jax.Array:
     """-1 where ``x``'s sign bit is set, else 0 (int32), split into blocks."""
-    xb = split_blocks(x.astype(jnp.float32).reshape(x.shape or (1,)), block_size)
+    xb = _numerics.split_blocks(x.astype(jnp.float32).reshape(x.shape or (1,)), block_size)
     return jax.lax.bitcast_convert_type(xb, jnp.int32) >> 31
 
 
@@ -554,19 +597,37 @@ def _block_codes(
     return magnitude, code, scales.reshape(expected)
 
 
-def dequantize(q: QuantizedArray, block_size: int = 256) -> jax.Array:
-    r"""The float32 array a :class:`QuantizedArray` stores.
+def _decode_nibbles(nibbles: jax.Array, signed: bool, fmt: CodeFormat) -> jax.Array:
+    """The code-book values (float32) of 4-bit codes (int32)."""
+    if not signed:
+        return decode_magnitudes(nibbles, fmt)
+    # The magnitude's value, the nibble's sign bit moved to the float's sign bit.
+    values = decode_magnitudes(nibbles & (_SIGN_NIBBLE - 1), fmt)
+    sign = (nibbles & _SIGN_NIBBLE) << 28
+    return jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(values, jnp.int32) | sign, jnp.float32
+    )
 
-    .. math::
 
-      x_i = q_{c_i} s_b
+def _check_quantized(q: Any) -> None:
+    if not isinstance(q, QuantizedArray):
+        raise TypeError(f"q must be a QuantizedArray; got {type(q).__name__}.")
+    expected = (jnp.int8 if q.signed else jnp.uint8) if q.bits == 8 else jnp.uint8
+    if q.codes.dtype != expected:
+        raise TypeError(
+            f"a {q.bits}-bit {'signed' if q.signed else 'unsigned'} QuantizedArray's codes "
+            f"must be {jnp.dtype(expected)}; got {q.codes.dtype}."
+        )
+
+
+def dequantize(q: QuantizedArray) -> jax.Array:
+    r"""The float32 array a :class:`QuantizedArray` stores: :math:`x_i = q_{c_i} s_b`.
 
     Args:
-      q: the codes and scales, as made by :func:`quantize`.
-      block_size: the block size it was made with, in [1, inf).
+      q: the codes, scales and metadata, as made by :func:`quantize`.
 
     Returns:
-      A float32 array of ``q.codes.shape``.
+      A float32 array of ``q.shape``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -574,183 +635,178 @@ def dequantize(q: QuantizedArray, block_size: int = 256) -> jax.Array:
       >>> q = quantize.quantize(jnp.array([4.0, 1.0, 0.0]), signed=False, block_size=2)
       >>> q.scales.shape
       (2,)
-      >>> quantize.dequantize(q, block_size=2)
+      >>> quantize.dequantize(q)
       Array([4., 1., 0.], dtype=float32)
+      >>> q4 = quantize.quantize(jnp.array([1.75, 0.5, 0.0]), signed=False, bits=4, block_size=4)
+      >>> quantize.dequantize(q4)  # no code for 0: the smallest value times the scale
+      Array([1.75 , 0.5  , 0.125], dtype=float32)
     """
-    check_block_size(block_size)
-    codes, scales = q
-    signed = codes.dtype == jnp.int8
-    if not signed and codes.dtype != jnp.uint8:
-        raise TypeError(f"codes must be int8 or uint8; got {codes.dtype}.")
-    shape = codes.shape
-    k = codes.astype(jnp.int32).reshape(shape or (1,))
-    values = _decode(jnp.abs(k), signed)
-    if signed:  # copy the code's sign bit onto the (non-negative) value
-        sign = k & jnp.int32(-(2**31))
-        values = jax.lax.bitcast_convert_type(
-            jax.lax.bitcast_convert_type(values, jnp.int32) | sign, jnp.float32
-        )
-    n = k.shape[-1]
-    s = scales.astype(jnp.float32).reshape(scales_shape(k.shape, block_size))
-    out = split_blocks(values, block_size) * s[..., None]
-    return _unblock(out, n).reshape(shape)
+    _check_quantized(q)
+    shape, n = q.shape, q.length
+    if q.bits == 4:
+        nibbles = _nibbles(q.codes, n)
+        values = _decode_nibbles(nibbles, q.signed, q.code_format)
+    else:
+        k = q.codes.astype(jnp.int32).reshape(shape or (1,))
+        values = decode_magnitudes(jnp.abs(k), q.code_format)
+        if q.signed:  # copy the code's sign bit onto the (non-negative) value
+            sign = k & jnp.int32(-(2**31))
+            values = jax.lax.bitcast_convert_type(
+                jax.lax.bitcast_convert_type(values, jnp.int32) | sign, jnp.float32
+            )
+    blocks = _numerics.split_blocks(values, q.block_size)
+    s = q.scales.astype(jnp.float32).reshape(blocks.shape[:-1])
+    return _numerics.unblock(blocks * s[..., None], n).reshape(shape)
 
 
-def stored_absmax(q: QuantizedArray, block_size: int = 256) -> jax.Array:
+def _nibbles(codes: jax.Array, n: int) -> jax.Array:
+    """The nibbles (int32, at least 1-D) of packed 4-bit codes of last-axis length ``n``."""
+    return _unpack_bytes(codes.reshape(codes.shape or (1,)), n)
+
+
+def stored_absmax(q: QuantizedArray) -> jax.Array:
     """The largest magnitude each block of ``q`` decodes to, from its codes and scales.
 
     The code-book value of the block's largest code (in magnitude) times its scale: each
-    block's largest magnitude of ``dequantize(q, block_size)``, found without decoding
-    every element.
+    block's largest magnitude of ``dequantize(q)``, found without decoding every element.
 
     Args:
-      q: the codes and scales, as made by :func:`quantize`.
-      block_size: the block size it was made with, in [1, inf).
+      q: a :class:`QuantizedArray`.
 
     Returns:
       A float32 array shaped like ``q.scales``.
     """
-    check_block_size(block_size)
-    codes, scales = q
-    blocks = split_blocks(codes.reshape(codes.shape or (1,)), block_size)
-    largest, smallest = block_max_min(blocks)
-    top = jnp.maximum(largest.astype(jnp.int32), -smallest.astype(jnp.int32))
-    value = _decode(top, signed=codes.dtype == jnp.int8)
-    return value.reshape(scales.shape) * scales.astype(jnp.float32)
+    _check_quantized(q)
+    codes = q.codes.reshape(q.codes.shape or (1,))
+    if q.bits == 4:
+        top = _largest_nibble(codes, q.signed, q.block_size)
+    else:
+        largest, smallest = _numerics.block_max_min(_numerics.split_blocks(codes, q.block_size))
+        top = jnp.maximum(largest.astype(jnp.int32), -smallest.astype(jnp.int32))
+    value = decode_magnitudes(top, q.code_format)
+    return value.reshape(q.scales.shape) * q.scales.astype(jnp.float32)
 
 
-def zeros(shape: tuple[int, ...], *, signed: bool, block_size: int = 256) -> QuantizedArray:
+def _largest_nibble(codes: jax.Array, signed: bool, block_size: int) -> jax.Array:
+    """Each block's largest 4-bit magnitude code (int32) of packed codes (at least 1-D)."""
+    # The two nibbles' larger magnitude, per byte (as bytes), then per block.
+    data = _numerics.split_blocks(codes, block_size // 2)
+    low, high = data & jnp.uint8(15), data >> jnp.uint8(4)
+    if signed:
+        low, high = low & jnp.uint8(_SIGN_NIBBLE - 1), high & jnp.uint8(_SIGN_NIBBLE - 1)
+    # Padding bytes are 0: never above. One two-output reduction (see _numerics.block_max_min).
+    zero = jnp.zeros([], jnp.uint8)
+    top_low, top_high = jax.lax.reduce(
+        (low, high),
+        (zero, zero),
+        lambda a, b: (jnp.maximum(a[0], b[0]), jnp.maximum(a[1], b[1])),
+        (low.ndim - 1,),
+    )
+    return jnp.maximum(top_low, top_high).astype(jnp.int32)
+
+
+def zeros(
+    shape: tuple[int, ...],
+    *,
+    signed: bool,
+    bits: int = 8,
+    block_size: int | None = None,
+    code_format: CodeFormat | None = None,
+) -> QuantizedArray:
     """A :class:`QuantizedArray` of zeros: zero codes and zero scales.
 
     Args:
       shape: the shape of the stored array.
-      signed: ``int8`` codes (signed code book) or ``uint8`` (unsigned).
-      block_size: elements per block along the last axis, in [1, inf).
+      signed, bits, block_size, code_format: as for :func:`quantize`.
 
     Returns:
-      A :class:`QuantizedArray` that dequantizes to ``jnp.zeros(shape)``.
+      A :class:`QuantizedArray` that dequantizes to ``jnp.zeros(shape)`` (a zero scale
+      makes every code 0, the 4-bit unsigned book's too).
     """
-    check_block_size(block_size)
-    codes = jnp.zeros(shape, jnp.int8 if signed else jnp.uint8)
-    return QuantizedArray(codes, jnp.zeros(scales_shape(tuple(shape), block_size), jnp.float32))
+    block_size, fmt = _resolve(bits, signed, block_size, code_format)
+    shape = tuple(shape)
+    if bits == 4:
+        codes = jnp.zeros(packed_shape(shape), jnp.uint8)
+    else:
+        codes = jnp.zeros(shape, jnp.int8 if signed else jnp.uint8)
+    scales = jnp.zeros(scales_shape(shape, block_size), jnp.float32)
+    return QuantizedArray(codes, scales, bits, bool(signed), block_size, (shape or (1,))[-1], fmt)
 
 
-def zeros_like(x: jax.Array, *, signed: bool, block_size: int = 256) -> QuantizedArray:
+def zeros_like(
+    x: jax.Array,
+    *,
+    signed: bool,
+    bits: int = 8,
+    block_size: int | None = None,
+    code_format: CodeFormat | None = None,
+) -> QuantizedArray:
     """A :class:`QuantizedArray` of zeros shaped, and sharded, like ``x``.
 
-    Under a mesh with explicit axes (``jax.sharding.AxisType.Explicit``) the codes carry
-    ``x``'s sharding in their type and the scales the sharding that quantizing ``x`` gives
-    them, so a state made here has the same types as one that an optimizer step returns.
+    Under a mesh with explicit axes (``jax.sharding.AxisType.Explicit``) the codes and
+    scales carry the types that quantizing ``x`` gives them (8-bit codes split like ``x``,
+    4-bit ones with their last axis halved), so a state made here has the same types as
+    one that an optimizer step returns.
 
     Args:
       x: the array (or tracer) whose shape and sharding the zeros take.
-      signed: ``int8`` codes (signed code book) or ``uint8`` (unsigned).
-      block_size: elements per block along the last axis, in [1, inf).
+      signed, bits, block_size, code_format: as for :func:`quantize`.
 
     Returns:
       A :class:`QuantizedArray` that dequantizes to ``jnp.zeros_like(x, jnp.float32)``.
     """
-    check_block_size(block_size)
-    codes = jnp.zeros_like(x, dtype=jnp.int8 if signed else jnp.uint8)
-    absmax = block_absmax(
-        jnp.zeros_like(x, dtype=jnp.float32), signed=signed, block_size=block_size
-    )
-    return QuantizedArray(codes, jnp.zeros_like(absmax))
+    block_size, fmt = _resolve(bits, signed, block_size, code_format)
+    length = (jnp.shape(x) or (1,))[-1]
+    if bits == 4:
+        if _numerics.explicit_sharding(x) is None:  # no sharding in the types: plain zeros
+            return zeros(
+                jnp.shape(x), signed=signed, bits=4, block_size=block_size, code_format=fmt
+            )
+        q = quantize(
+            jnp.zeros_like(x, dtype=jnp.float32),
+            signed=signed,
+            bits=4,
+            block_size=block_size,
+            code_format=fmt,
+        )
+        codes, scales = jnp.zeros_like(q.codes), jnp.zeros_like(q.scales)
+    else:
+        codes = jnp.zeros_like(x, dtype=jnp.int8 if signed else jnp.uint8)
+        absmax = block_absmax(
+            jnp.zeros_like(x, dtype=jnp.float32), signed=signed, block_size=block_size
+        )
+        scales = jnp.zeros_like(absmax)
+    return QuantizedArray(codes, scales, bits, bool(signed), block_size, length, fmt)
 
 
-# ---------------------------------------------------------------------------------------
-# 4-bit codes, two per byte.
+class QuantizedStorage(NamedTuple):
+    """A moment stored as blockwise codes, for ``mu_dtype``/``nu_dtype``: ``"int8"`` and
+    ``"int4"`` spelled out, with the code book and rounding open to choice.
 
-#: The signed 4-bit code book's format: 2 exponent and 1 mantissa bits with subnormals
-#: (FP4 "E2M1", halved): magnitudes 0, 0.125, 0.25, 0.375, 0.5, 0.75, 1, 1.5.
-INT4_SIGNED_FORMAT = CodeFormat(2, 1, True)
-#: The unsigned 4-bit code book's format: 2 exponent and 2 mantissa bits, no subnormals, so
-#: no code for 0: values from 0.125 to 1.75.
-INT4_UNSIGNED_FORMAT = CodeFormat(2, 2, False)
-#: The signed 4-bit code book, indexed by the stored 4-bit value (the nibble): bit 3 is the
-#: sign, bits 0-2 the magnitude's code. Nibble 8 (a negative zero) is never written.
-INT4_SIGNED_CODE_BOOK = np.array(
-    [
-        *(0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5),
-        *(-0.0, -0.125, -0.25, -0.375, -0.5, -0.75, -1.0, -1.5),
-    ],
-    np.float32,
-)
-#: The unsigned 4-bit code book (the second moment's square root), indexed by the nibble.
-INT4_UNSIGNED_CODE_BOOK = np.array(
-    [
-        *(0.125, 0.15625, 0.1875, 0.21875, 0.25, 0.3125, 0.375, 0.4375),
-        *(0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 1.75),
-    ],
-    np.float32,
-)
-#: The block size of the 4-bit functions when none is given.
-INT4_DEFAULT_BLOCK_SIZE = 128
-_SIGN_NIBBLE = 8
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["codes", "scales"],
-    meta_fields=["length", "signed", "block_size"],
-)
-@dataclasses.dataclass(frozen=True)
-class QuantizedArray4:
-    """A float32 array stored as 4-bit codes, two per byte, plus one float32 scale per block.
-
-    The codes and scales are the pytree's children (they jit, donate, shard and checkpoint
-    like any array); the rest is static metadata, part of the tree's structure.
+    ``mu_dtype="int8"`` is ``QuantizedStorage(8)`` and ``"int4"`` is
+    ``QuantizedStorage(4)``; the other fields change what those defaults choose, for
+    experiments. The fused kernel implements the defaults only: another code book or
+    rounding makes :func:`adamw_jax.fused_adamw` take its XLA code (and
+    ``backend="kernel"`` refuses it, naming it).
 
     Attributes:
-      codes: ``uint8``, shape ``(*shape[:-1], ceil(shape[-1] / 2))`` (``()`` for a 0-d
-        array): element ``2j`` of a row in the low 4 bits of byte ``j``, element
-        ``2j + 1`` in the high 4 bits (0 past an odd row's end). See :func:`pack_int4`.
-      scales: float32, ``scales_shape(shape, block_size)``: each block's largest magnitude
-        divided by the code book's largest value.
-      length: static; the stored array's last-axis length (1 for a 0-d array).
-      signed: static; the signed code book (:data:`INT4_SIGNED_CODE_BOOK`) or the unsigned
-        one (:data:`INT4_UNSIGNED_CODE_BOOK`).
-      block_size: static; elements per block along the last axis (even).
+      bits: 8 or 4.
+      rounding: None (the default: the first moment to nearest with 8 bits, stochastically
+        with 4; the second moment stochastically), ``"nearest"`` or ``"stochastic"``.
+      code_format: None (:func:`default_format`: the signed book for the first moment, the
+        unsigned one for the second moment's square root) or a :class:`CodeFormat` the
+        width holds.
+
+    Example:
+      >>> import adamw_jax
+      >>> from adamw_jax import quantize
+      >>> e3m1 = quantize.QuantizedStorage(4, code_format=quantize.CodeFormat(3, 1, False))
+      >>> tx = adamw_jax.adamw(1e-3, mu_dtype="int4", nu_dtype=e3m1)
     """
 
-    codes: jax.Array
-    scales: jax.Array
-    length: int
-    signed: bool
-    block_size: int
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The shape of the stored (unpacked) array."""
-        codes_shape = tuple(self.codes.shape)
-        return (*codes_shape[:-1], self.length) if codes_shape else ()
-
-
-def int4_format(signed: bool) -> CodeFormat:
-    """The format of the signed (first moment) or unsigned (second moment) 4-bit book."""
-    return INT4_SIGNED_FORMAT if signed else INT4_UNSIGNED_FORMAT
-
-
-def check_int4_block_size(block_size: Any, name: str = "block_size") -> None:
-    """Raises unless ``block_size`` is an even int in [2, inf): a 4-bit block is whole bytes.
-
-    Raises:
-      TypeError: for anything but an integer (a bool included).
-      ValueError: for an odd integer or one below 2.
-    """
-    _validate.check_int(name, block_size, low=None, static=True)
-    if block_size < 2 or block_size % 2:
-        raise ValueError(
-            f"{name} must be an even int in [2, inf) for 4-bit codes (two per byte, a block "
-            f"is whole bytes); got {block_size!r}."
-        )
-
-
-def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of the packed 4-bit codes of an array of ``shape``: last axis halved, up."""
-    if not shape:
-        return ()
-    return (*shape[:-1], -(-shape[-1] // 2))
+    bits: int
+    rounding: str | None = None
+    code_format: CodeFormat | None = None
 
 
 def pack_int4(nibbles: jax.Array) -> jax.Array:
@@ -819,222 +875,3 @@ def _unpack_bytes(packed: jax.Array, length: int) -> jax.Array:
     both = both.reshape(*c.shape[:-1], 2 * c.shape[-1])[..., :length]
     odd = jax.lax.broadcasted_iota(jnp.int32, both.shape, both.ndim - 1) & 1
     return (both >> (4 * odd)) & 15
-
-
-def quantize_int4(
-    x: jax.Array,
-    *,
-    signed: bool,
-    block_size: int = INT4_DEFAULT_BLOCK_SIZE,
-    rounding: str = "nearest",
-    salt: jax.Array | int | None = None,
-) -> QuantizedArray4:
-    r"""Stores a float array as blockwise 4-bit codes, two per byte, and float32 scales.
-
-    .. math::
-
-      s_b = \max_{i \in b} |x_i| / q_{\max}, \qquad
-      c_i = \operatorname{argmin}_c |q_c - x_i / s_b|
-
-    with the signed book :data:`INT4_SIGNED_CODE_BOOK` (:math:`q_{\max} = 1.5`; exact 0)
-    or the unsigned :data:`INT4_UNSIGNED_CODE_BOOK` (:math:`q_{\max} = 1.75`; no 0, its
-    smallest value :math:`0.125` stands for everything below it). The result decodes to
-    :math:`q_{c_i} s_b`. To nearest (ties up), the error is at most half a step of the
-    book: :math:`|x_i|/6 + s_b / 16` (signed), :math:`|x_i| / 10` above the unsigned
-    book's smallest value (and :math:`s_b / 8` below it); ``rounding="stochastic"`` picks
-    one of the two codes around :math:`x_i / s_b`, the upper one with probability equal to
-    the fraction of the way to it (unbiased between them), with an error below one step.
-    Each block's largest magnitude comes back to float32 rounding, an all-zero block
-    decodes to exact zeros, and a block holding a NaN or an infinity to non-finite values.
-
-    The encoding is the 8-bit one's (:func:`encode_magnitudes`) with another format, then
-    :func:`pack_int4`; the module docstring spells it out bit for bit.
-
-    Args:
-      x: a real floating array of any shape (computed in float32).
-      signed: the signed book (sign and magnitude: bit 3 of a code is the sign);
-        otherwise the unsigned one, which requires ``x >= 0`` (negatives are stored as
-        the smallest value times the scale).
-      block_size: elements per block along the last axis, an even int in [2, inf).
-      rounding: ``"nearest"`` or ``"stochastic"``.
-      salt: with ``"stochastic"``, None or an integer scalar (taken modulo ``2**32``) mixed
-        into the random bits (see :func:`quantize`).
-
-    Returns:
-      A :class:`QuantizedArray4`.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from adamw_jax import quantize
-      >>> q = quantize.quantize_int4(jnp.array([0.0, -1.0, 0.25, 3.0]), signed=True)
-      >>> q.codes, q.scales  # nibbles 0, 8 + 4 (-0.5); 1 (0.125), 7 (1.5), low first
-      (Array([192, 113], dtype=uint8), Array([2.], dtype=float32))
-      >>> quantize.dequantize_int4(q)
-      Array([ 0.  , -1.  ,  0.25,  3.  ], dtype=float32)
-
-    References:
-      Li, Chen & Zhu, "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023.
-    """
-    check_int4_block_size(block_size)
-    _validate.check_choice("rounding", rounding, _ROUNDINGS)
-    absmax = block_absmax(x, signed=signed, block_size=block_size)
-    return quantize_int4_with_absmax(
-        x, absmax, signed=signed, block_size=block_size, rounding=rounding, salt=salt
-    )
-
-
-def quantize_int4_with_absmax(
-    x: jax.Array,
-    absmax: jax.Array,
-    *,
-    signed: bool,
-    block_size: int = INT4_DEFAULT_BLOCK_SIZE,
-    rounding: str = "nearest",
-    salt: jax.Array | int | None = None,
-) -> QuantizedArray4:
-    """:func:`quantize_int4` given the blocks' largest magnitudes (:func:`block_absmax`).
-
-    Elementwise given ``absmax``, so it fuses with whatever computes ``x``.
-
-    Args:
-      x: a real floating array of any shape (computed in float32).
-      absmax: float32, shape ``scales_shape(x.shape, block_size)``: each block's largest
-        magnitude, or an upper bound of it (values above it get the largest code).
-      signed, block_size, rounding, salt: as for :func:`quantize_int4`.
-
-    Returns:
-      A :class:`QuantizedArray4`.
-    """
-    x = _check_floating(x)
-    fmt = int4_format(signed)
-    _, code, scales = _block_codes(x, absmax, fmt, signed, block_size, rounding, salt)
-    if signed:  # the sign bit where x's is set and the code is not 0 (no negative zero)
-        sign = _sign_blocks(x, block_size) & jnp.int32(_SIGN_NIBBLE)
-        code = code | jnp.where(code > 0, sign, 0)
-    # Blocks are whole bytes (block_size is even): pack each block's codes, then drop the
-    # padding bytes past ceil(n / 2) (the padding elements are 0: code 0).
-    n = (x.shape or (1,))[-1]
-    codes = _unblock(_pack_pairs(code), -(-n // 2)).reshape(packed_shape(x.shape))
-    return QuantizedArray4(codes, scales, n, bool(signed), int(block_size))
-
-
-def _decode_nibbles(nibbles: jax.Array, signed: bool) -> jax.Array:
-    """The code-book values (float32) of 4-bit codes (int32)."""
-    fmt = int4_format(signed)
-    if not signed:
-        return decode_magnitudes(nibbles, fmt)
-    # The magnitude's value, the nibble's sign bit moved to the float's sign bit.
-    values = decode_magnitudes(nibbles & (_SIGN_NIBBLE - 1), fmt)
-    sign = (nibbles & _SIGN_NIBBLE) << 28
-    return jax.lax.bitcast_convert_type(
-        jax.lax.bitcast_convert_type(values, jnp.int32) | sign, jnp.float32
-    )
-
-
-def _check_int4(q: Any) -> None:
-    if not isinstance(q, QuantizedArray4):
-        raise TypeError(f"q must be a QuantizedArray4; got {type(q).__name__}.")
-    if q.codes.dtype != jnp.uint8:
-        raise TypeError(f"codes must be uint8 (two 4-bit codes per byte); got {q.codes.dtype}.")
-
-
-def dequantize_int4(q: QuantizedArray4) -> jax.Array:
-    r"""The float32 array a :class:`QuantizedArray4` stores: :math:`x_i = q_{c_i} s_b`.
-
-    Args:
-      q: the codes, scales and metadata, as made by :func:`quantize_int4`.
-
-    Returns:
-      A float32 array of ``q.shape``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from adamw_jax import quantize
-      >>> q = quantize.quantize_int4(jnp.array([1.75, 0.5, 0.0]), signed=False, block_size=4)
-      >>> quantize.dequantize_int4(q)  # no code for 0: the smallest value times the scale
-      Array([1.75 , 0.5  , 0.125], dtype=float32)
-    """
-    _check_int4(q)
-    _check_int4(q)
-    shape = q.shape
-    n = (shape or (1,))[-1]
-    nibbles = _unpack_bytes(q.codes.reshape(q.codes.shape or (1,)), n)
-    values = split_blocks(_decode_nibbles(nibbles, q.signed), q.block_size)
-    s = q.scales.astype(jnp.float32).reshape(values.shape[:-1])
-    return _unblock(values * s[..., None], n).reshape(shape)
-
-
-def stored_absmax_int4(q: QuantizedArray4) -> jax.Array:
-    """The largest magnitude each block of ``q`` decodes to, from its largest code.
-
-    Args:
-      q: a :class:`QuantizedArray4`.
-
-    Returns:
-      A float32 array shaped like ``q.scales``.
-    """
-    _check_int4(q)
-    # The two nibbles' larger magnitude, per byte (as bytes), then per block.
-    data = split_blocks(q.codes.reshape(q.codes.shape or (1,)), q.block_size // 2)
-    low, high = data & jnp.uint8(15), data >> jnp.uint8(4)
-    if q.signed:
-        low, high = low & jnp.uint8(_SIGN_NIBBLE - 1), high & jnp.uint8(_SIGN_NIBBLE - 1)
-    # Padding bytes are 0: never above. One two-output reduction (see block_max_min).
-    zero = jnp.zeros([], jnp.uint8)
-    top_low, top_high = jax.lax.reduce(
-        (low, high),
-        (zero, zero),
-        lambda a, b: (jnp.maximum(a[0], b[0]), jnp.maximum(a[1], b[1])),
-        (low.ndim - 1,),
-    )
-    top = jnp.maximum(top_low, top_high)
-    value = decode_magnitudes(top.astype(jnp.int32), int4_format(q.signed))
-    return value.reshape(q.scales.shape) * q.scales.astype(jnp.float32)
-
-
-def zeros_int4(
-    shape: tuple[int, ...], *, signed: bool, block_size: int = INT4_DEFAULT_BLOCK_SIZE
-) -> QuantizedArray4:
-    """A :class:`QuantizedArray4` of zeros: zero codes and zero scales.
-
-    Args:
-      shape: the shape of the stored array.
-      signed: the signed or the unsigned 4-bit book.
-      block_size: elements per block along the last axis, an even int in [2, inf).
-
-    Returns:
-      A :class:`QuantizedArray4` that dequantizes to ``jnp.zeros(shape)`` (a zero scale
-      makes every code 0, the unsigned book's too).
-    """
-    check_int4_block_size(block_size)
-    shape = tuple(shape)
-    codes = jnp.zeros(packed_shape(shape), jnp.uint8)
-    scales = jnp.zeros(scales_shape(shape, block_size), jnp.float32)
-    return QuantizedArray4(codes, scales, (shape or (1,))[-1], bool(signed), int(block_size))
-
-
-def zeros_like_int4(
-    x: jax.Array, *, signed: bool, block_size: int = INT4_DEFAULT_BLOCK_SIZE
-) -> QuantizedArray4:
-    """A :class:`QuantizedArray4` of zeros shaped, and sharded, like ``x``.
-
-    Under a mesh with explicit axes the codes and scales carry the types that quantizing
-    ``x`` gives them (codes split like ``x``, their last axis halved), as
-    :func:`zeros_like` does for 8-bit codes.
-
-    Args:
-      x: the array (or tracer) whose shape and sharding the zeros take.
-      signed: the signed or the unsigned 4-bit book.
-      block_size: elements per block along the last axis, an even int in [2, inf).
-
-    Returns:
-      A :class:`QuantizedArray4` that dequantizes to ``jnp.zeros_like(x, jnp.float32)``.
-    """
-    check_int4_block_size(block_size)
-    if _numerics.explicit_sharding(x) is None:  # no sharding in the types: plain zeros
-        return zeros_int4(jnp.shape(x), signed=signed, block_size=block_size)
-    zero = jnp.zeros_like(x, dtype=jnp.float32)
-    q = quantize_int4(zero, signed=signed, block_size=block_size)
-    return QuantizedArray4(
-        jnp.zeros_like(q.codes), jnp.zeros_like(q.scales), q.length, q.signed, q.block_size
-    )

@@ -7,6 +7,7 @@ sharded model would first be materialized whole on one device. :func:`init` inst
 ``jax.jit(tx.init, out_shardings=...)``.
 """
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from adamw_jax._packing import PackedMoments
-from adamw_jax.quantize import QuantizedArray, QuantizedArray4
+from adamw_jax.quantize import QuantizedArray
 
 __all__ = ["init", "state_shardings"]
 
@@ -142,7 +143,7 @@ def _packed_codes_sharding(sharding: Sharding, shape: tuple[int, ...]) -> Shardi
 
 
 def _is_quantized(node: Any) -> bool:
-    return isinstance(node, (QuantizedArray, QuantizedArray4))
+    return isinstance(node, QuantizedArray)
 
 
 def _param_index_per_state_unit(state: Any, params: Any) -> list[int | None]:
@@ -217,7 +218,7 @@ def state_shardings(
       shard holds whole blocks (each shard's length there a multiple of ``block_size``),
       otherwise replicated over that axis (correct, but the step then communicates to find
       each block's scale);
-    * an ``"int4"`` moment (a :class:`~adamw_jax.quantize.QuantizedArray4`): its packed
+    * an ``"int4"`` moment (a :class:`~adamw_jax.quantize.QuantizedArray` of 4 bits): its packed
       codes get the param's sharding (their last axis is half the param's), except that
       a last axis whose shards would hold an odd number of the param's elements is
       replicated (a byte holds two); the scales as for ``"int8"``;
@@ -241,7 +242,7 @@ def state_shardings(
     gives the same specs for the ``"tree"`` layout with floating moments. It cannot for
     ``"int8"``/``"int4"`` moments or the ``"packed"`` layout, whose moments are not one
     array shaped like their param (Optax's helper raises a pytree structure error naming
-    ``QuantizedArray``, ``QuantizedArray4`` or ``PackedMoments``; without a spec tree it
+    ``QuantizedArray`` or ``PackedMoments``; without a spec tree it
     would apply its function to the codes and the block scales alike): use this function
     there.
 
@@ -309,17 +310,11 @@ def state_shardings(
 
     out: list[Any] = []
     for unit, index in zip(units, indices, strict=True):
-        if isinstance(unit, QuantizedArray4):  # placed as its unpacked values would be
+        if _is_quantized(unit):  # 4-bit codes: placed as their unpacked values would be
             values = like_param(unit.shape, index, last_quantum=unit.block_size)
-            codes = _packed_codes_sharding(values, unit.shape)
+            codes = values if unit.bits == 8 else _packed_codes_sharding(values, unit.shape)
             scales = _scales_sharding(codes, unit.shape, tuple(unit.scales.shape), replicated)
-            out.append(QuantizedArray4(codes, scales, unit.length, unit.signed, unit.block_size))
-        elif _is_quantized(unit):
-            codes_shape, scales_shape = tuple(unit.codes.shape), tuple(unit.scales.shape)
-            block = _block_length(codes_shape, scales_shape)
-            codes = like_param(codes_shape, index, last_quantum=block)
-            scales = _scales_sharding(codes, codes_shape, scales_shape, replicated)
-            out.append(QuantizedArray(codes, scales))
+            out.append(dataclasses.replace(unit, codes=codes, scales=scales))
         else:
             out.append(like_param(np.shape(unit), index))
     return jax.tree.unflatten(state_treedef, out)

@@ -18,7 +18,9 @@ at the end, and each one's difference from float32 with the same seed.
 
 ``lsq`` and ``quad`` have no validation set: both columns are the final loss.
 
-What the int4 storage does can be changed for a comparison:
+What the int4 storage does can be changed for a comparison (of the digits, lsq and quad
+tasks; passed to ``adamw`` as a :class:`~adamw_jax.quantize.QuantizedStorage`, which the
+fused kernel does not implement, so those runs take the XLA code):
 ``--int4-first-moment-rounding nearest`` rounds the 4-bit first moment to nearest instead
 of stochastically; ``--int4-second-moment-format e3m1`` stores the second moment's root
 with 3 exponent bits and 1 mantissa bit (range 192, steps of up to 50%) instead of 2 and 2
@@ -62,7 +64,7 @@ import memory
 import train_digits
 
 import adamw_jax
-from adamw_jax import _moment_storage, quantize
+from adamw_jax import quantize
 
 # adamw's (mu_dtype, nu_dtype) for each storage: the char LM's own table, so that every
 # task takes the same names.
@@ -73,20 +75,36 @@ SECOND_MOMENT_FORMATS = {
 }
 
 
-def _storage(moments: str, block_size: int | None = None) -> dict:
+def _storage(moments: str, block_size: int | None = None, int4: tuple | None = None) -> dict:
+    """adamw's storage keywords for ``moments``; ``int4`` replaces ``"int4"`` by the given
+    ``(first, second)`` :class:`~adamw_jax.quantize.QuantizedStorage` (the comparisons'
+    roundings and code books)."""
     mu_dtype, nu_dtype = MOMENTS[moments]
+    if int4 is not None:
+        mu_dtype = int4[0] if mu_dtype == "int4" else mu_dtype
+        nu_dtype = int4[1] if nu_dtype == "int4" else nu_dtype
     return {"mu_dtype": mu_dtype, "nu_dtype": nu_dtype, "block_size": block_size}
 
 
+def int4_storage(first_rounding: str, second_format: str) -> tuple | None:
+    """The 4-bit moments' storage for the flags; None for the library's defaults."""
+    if (first_rounding, second_format) == ("stochastic", "e2m2"):
+        return None
+    return (
+        quantize.QuantizedStorage(4, rounding=first_rounding),
+        quantize.QuantizedStorage(4, code_format=SECOND_MOMENT_FORMATS[second_format]),
+    )
+
+
 def digits_run(
-    moments: str, seed: int, steps: int, block_size: int | None = None
+    moments: str, seed: int, steps: int, block_size: int | None = None, int4: tuple | None = None
 ) -> tuple[float, float]:
     """Mean train loss of the last 100 steps and final validation loss of the digits MLP."""
     args = SimpleNamespace(
         hidden=256, seed=seed, batch_size=64, steps=steps, eval_every=100, progress=False
     )
     mask = adamw_jax.masks.by_name()
-    tx = adamw_jax.adamw(2e-3, weight_decay=1e-2, mask=mask, **_storage(moments, block_size))
+    tx = adamw_jax.adamw(2e-3, weight_decay=1e-2, mask=mask, **_storage(moments, block_size, int4))
     result = train_digits.train_one(moments, tx, train_digits.load_splits(seed), args)
     history = result["history"]
     return history["train_loss"][-1], history["val_loss"][-1]
@@ -99,12 +117,18 @@ def char_run(moments: str, seed: int, steps: int) -> tuple[float, float]:
     return float(np.mean(result["losses"][-100:])), result["val_loss"]
 
 
-def quad_run(moments: str, seed: int, block_size: int | None = None, steps: int = 400) -> float:
+def quad_run(
+    moments: str,
+    seed: int,
+    block_size: int | None = None,
+    steps: int = 400,
+    int4: tuple | None = None,
+) -> float:
     """Final loss of AdamW on a quadratic whose curvatures span two decades."""
     rng = np.random.default_rng(seed)
     curvature = jnp.asarray(10.0 ** rng.uniform(-1.0, 1.0, size=(64, 96)), jnp.float32)
     target = jnp.asarray(rng.normal(size=(64, 96)), jnp.float32)
-    tx = adamw_jax.adamw(1e-2, weight_decay=1e-2, **_storage(moments, block_size))
+    tx = adamw_jax.adamw(1e-2, weight_decay=1e-2, **_storage(moments, block_size, int4))
 
     def step(carry, _):
         w, s = carry
@@ -198,17 +222,23 @@ def main(argv: list[str] | None = None) -> dict:
         "--int4-second-moment-format", choices=tuple(SECOND_MOMENT_FORMATS), default="e2m2"
     )
     args = parser.parse_args(argv)
-    _moment_storage.INT4_FIRST_MOMENT_ROUNDING = args.int4_first_moment_rounding
-    quantize.INT4_UNSIGNED_FORMAT = SECOND_MOMENT_FORMATS[args.int4_second_moment_format]
+    int4 = int4_storage(args.int4_first_moment_rounding, args.int4_second_moment_format)
+    if int4 is not None and ("char" in args.tasks or args.shadow):
+        parser.error(
+            "--int4-first-moment-rounding and --int4-second-moment-format apply to the "
+            "digits, lsq and quad tasks (the char LM builds its optimizer from its own table)"
+        )
 
     def final_loss(run):
         return lambda moments, seed: (run(moments, seed),) * 2
 
     runners = {
-        "digits": lambda m, s: digits_run(m, s, args.digits_steps, args.block_size),
+        "digits": lambda m, s: digits_run(m, s, args.digits_steps, args.block_size, int4),
         "char": lambda m, s: char_run(m, s, args.char_steps),
-        "lsq": final_loss(lambda m, s: memory.least_squares(_storage(m, args.block_size), 1000)),
-        "quad": final_loss(lambda m, s: quad_run(m, s, args.block_size)),
+        "lsq": final_loss(
+            lambda m, s: memory.least_squares(_storage(m, args.block_size, int4), 1000)
+        ),
+        "quad": final_loss(lambda m, s: quad_run(m, s, args.block_size, int4=int4)),
     }
     results = {}
     for task in args.tasks:

@@ -9,12 +9,19 @@ traffic of the step on ``"int8"`` or ``"int4"`` moments (each block's codes and 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
+import hashlib
+import importlib.machinery
 import math
+import runpy
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,7 +31,7 @@ import optax
 
 from adamw_jax import fused, state_nbytes
 from adamw_jax.alias import adamw
-from adamw_jax.quantize import QuantizedArray, QuantizedArray4
+from adamw_jax.quantize import QuantizedArray
 
 LEARNING_RATE, WEIGHT_DECAY = 1e-3, 1e-2
 # The contender whose time is the limit, the one every ratio is to, and the fused step
@@ -189,10 +196,74 @@ def optax_step(tx: optax.GradientTransformation):
     return step
 
 
+_ROOT = Path(__file__).resolve().parent.parent
+# How many leaves one call takes, as the kernel's calls do (adamw_jax/fused.py).
+_LEAVES_PER_CALL = 64
+
+
+@functools.cache
+def _probe_library() -> ctypes.CDLL | None:
+    """The probes' extension (benchmarks/bandwidth_probe.cc), compiled on first use.
+
+    Built with the kernel's own flags (setup.py's COMPILE_ARGS) into the temporary
+    directory, once per version of the sources; None where it cannot be built (no
+    compiler, no XLA FFI headers) or does not load.
+    """
+    setup = runpy.run_path(str(_ROOT / "setup.py"), run_name="setup")
+    include = setup["_ffi_include_dir"]()
+    if include is None:
+        return None
+    sources = [_ROOT / "benchmarks" / "bandwidth_probe.cc", _ROOT / "adamw_jax/csrc/fused_adamw.cc"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    library = Path(tempfile.gettempdir()) / f"adamw_jax_probe_{digest}{suffix}"
+    if not library.exists():
+        partial = library.with_name(library.name + f".{id(library)}.tmp")
+        command = ["g++", *setup["COMPILE_ARGS"], "-shared", "-fPIC", f"-I{include}"]
+        command += [f"-I{_ROOT / 'adamw_jax/csrc'}", str(sources[0]), "-o", str(partial)]
+        try:
+            subprocess.run(command, check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        partial.replace(library)
+    try:
+        return ctypes.CDLL(str(library))
+    except OSError:
+        return None
+
+
+def _register_probe(target: str, symbol: str) -> bool:
+    """Registers the probes' handler ``symbol`` as the CPU FFI target ``target``."""
+    library = _probe_library()
+    if library is None:
+        return False
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return True
+
+
+def _aliased_call(target: str, per_leaf: list[list[jax.Array]], leading, **attributes) -> list:
+    """Calls ``target`` on every leaf's inputs as the kernel is called: outputs aliased to
+    every input but the gradient (second), at most ``_LEAVES_PER_CALL`` leaves a call,
+    ``leading(start, stop)`` the operands before the leaves'."""
+    out = []
+    for start in range(0, len(per_leaf), _LEAVES_PER_CALL):
+        stop = min(start + _LEAVES_PER_CALL, len(per_leaf))
+        operands, results, aliases = list(leading(start, stop)), [], {}
+        for ins in per_leaf[start:stop]:
+            for position, x in enumerate(ins):
+                if position != 1:
+                    aliases[len(operands) + position] = len(results)
+                    results.append(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
+            operands += ins
+        call = jax.ffi.ffi_call(target, results, input_output_aliases=aliases)
+        out += call(*operands, **attributes)
+    return out
+
+
 @functools.cache
 def probe_available() -> bool:
-    """Whether the C++ bandwidth probe loads (CPU only); registers it on first use."""
-    return fused.register_cpu_target(PROBE_TARGET, _PROBE_SYMBOL)
+    """Whether the C++ bandwidth probe builds and loads (CPU only); registers it."""
+    return _register_probe(PROBE_TARGET, _PROBE_SYMBOL)
 
 
 def _native_probe() -> bool:
@@ -212,7 +283,7 @@ def stream_probe(
     treedef = jax.tree.structure(params)
     columns = [treedef.flatten_up_to(t) for t in (params, grads, mu, nu)]
     per_leaf = [list(x) for x in zip(*columns, strict=True)]
-    out = fused.aliased_call(PROBE_TARGET, per_leaf, lambda start, stop: [])
+    out = _aliased_call(PROBE_TARGET, per_leaf, lambda start, stop: [])
     p, m, v = (jax.tree.unflatten(treedef, out[k::3]) for k in range(3))
     return p, (m, v)
 
@@ -283,26 +354,23 @@ def _fused_update_contender(params, grads) -> Contender:
     return jax_contender(FUSED_UPDATE, optax_step(opt), params, grads, state, "XLA update")
 
 
+@functools.cache
 def block_probe_available() -> bool:
     """Whether the C++ probe of the low-bit steps loads (CPU only); registers it."""
-    return fused.register_cpu_target(BLOCK_PROBE_TARGET, _BLOCK_PROBE_SYMBOL)
+    return _register_probe(BLOCK_PROBE_TARGET, _BLOCK_PROBE_SYMBOL)
 
 
 def _moment_parts(stored: Any) -> tuple[int, tuple[Any, ...]]:
     """A stored moment's kernel kind and arrays: float32 values, or codes and scales."""
-    if isinstance(stored, QuantizedArray4):
-        return _KINDS["int4"], (stored.codes, stored.scales)
     if isinstance(stored, QuantizedArray):
-        return _KINDS["int8"], tuple(stored)
+        return _KINDS[f"int{stored.bits}"], (stored.codes, stored.scales)
     return _KINDS["float32"], (stored,)
 
 
 def _moment_from(stored: Any, out) -> Any:
     """The probe's next outputs in the form of ``stored``."""
-    if isinstance(stored, QuantizedArray4):
-        return dataclasses.replace(stored, codes=next(out), scales=next(out))
     if isinstance(stored, QuantizedArray):
-        return QuantizedArray(next(out), next(out))
+        return dataclasses.replace(stored, codes=next(out), scales=next(out))
     return next(out)
 
 
@@ -328,7 +396,7 @@ def block_probe(block_size: int):
             kinds += [m_kind, v_kind]
         kinds = np.asarray(kinds, np.uint8)
         out = iter(
-            fused.aliased_call(
+            _aliased_call(
                 BLOCK_PROBE_TARGET,
                 per_leaf,
                 lambda start, stop: [kinds[2 * start : 2 * stop]],

@@ -148,7 +148,7 @@ MOMENT_DTYPES: dict[str, tuple[Any, Any]] = {
     "int4": ("int4", "int4"),
     "int8-int4": ("int8", "int4"),
 }
-QUANTIZED = (adamw_jax.QuantizedArray, adamw_jax.QuantizedArray4)
+QUANTIZED = adamw_jax.QuantizedArray
 
 
 class Block(nn.Module):
@@ -361,11 +361,7 @@ def quantized_params(opt_state: Any) -> int:
     """How many parameters have their moments stored as 8-bit or 4-bit codes in ``opt_state``."""
     leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, QUANTIZED))
     # Each quantized parameter leaf has two quantized moments (mu, nu): count one of them.
-    sizes = [
-        x.codes.size if isinstance(x, adamw_jax.QuantizedArray) else math.prod(x.shape)
-        for x in leaves
-        if isinstance(x, QUANTIZED)
-    ]
+    sizes = [math.prod(x.shape) for x in leaves if isinstance(x, QUANTIZED)]
     return sum(sizes) // 2
 
 

@@ -316,7 +316,11 @@ def check_int4(results: dict[str, Any]) -> None:
     params, state = _run(_tx("lr", "int4"), host_params, host_noise, shardings)
     out["max_abs_diff"] = _max_diff(params, ref_params)
     mu = state[0].mu["w"]
-    out["w_mu"] = [type(mu).__name__, str(mu.codes.sharding.spec), str(mu.scales.sharding.spec)]
+    out["w_mu"] = [
+        f"{type(mu).__name__}{mu.bits}",
+        str(mu.codes.sharding.spec),
+        str(mu.scales.sharding.spec),
+    ]
     zero_mesh = _mesh((8,), ("data",))
     specs = {"emb": P(), "w": P(), "b": P(), "scale": P()}
     zero_sh = {k: NamedSharding(zero_mesh, s) for k, s in specs.items()}

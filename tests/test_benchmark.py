@@ -71,7 +71,7 @@ def test_quick_run_prints_and_writes_every_column(benchmark, tmp_path, capsys):
             assert row["compile_s"] > 0 and row["peak_mb"] >= 0
         optax_row = tree["rows"][JAX_ROWS.index("optax.adamw")]
         assert optax_row["ratio_to_optax"] == 1.0
-        # the probe's loop ships in the kernel's extension: both run in C++, or neither
+        # the probe is built from the kernel's source and flags: both run in C++, or neither
         notes = {row["contender"]: row["note"] for row in tree["rows"]}
         native_probe = notes["bandwidth probe"] == "C++ same-pattern probe"
         assert native_probe == (notes["adamw_jax.fused_adamw"] == "C++ kernel")

@@ -168,8 +168,9 @@ def test_char_transformer_mixes_8_bit_first_and_4_bit_second_moments():
     params = {"dense": {"kernel": jnp.zeros((64, 128)), "bias": jnp.zeros(128)}}
     opt_state = jax.eval_shape(tx.init, params)
     adam_state = opt_state.inner_opt_state[1][0]  # (clip, (scale_by_adam, decay))
-    assert isinstance(adam_state.mu["dense"]["kernel"], adamw_jax.QuantizedArray)
-    assert isinstance(adam_state.nu["dense"]["kernel"], adamw_jax.QuantizedArray4)
+    mu, nu = adam_state.mu["dense"]["kernel"], adam_state.nu["dense"]["kernel"]
+    assert isinstance(mu, adamw_jax.QuantizedArray) and mu.bits == 8
+    assert isinstance(nu, adamw_jax.QuantizedArray) and nu.bits == 4
     assert adam_state.mu["dense"]["bias"].dtype == jnp.float32  # under min_quantize_size
     assert lm.quantized_params(opt_state) == 64 * 128
     assert "8,192 of 8,320 parameters quantized" in lm.describe_moments(

@@ -283,7 +283,7 @@ def _kernel_call(kinds, moments, block_size=4):
     """One (2, 8) leaf through the kernel's FFI target with the given moment buffers."""
     x = jnp.ones((2, 8), jnp.float32)
     hyper = jnp.ones([len(fused._KernelHyper._fields)], jnp.float32)
-    return fused.aliased_call(
+    return fused._aliased_call(
         fused._TARGET,
         [[x, x, *moments]],
         lambda start, stop: [hyper, np.ones([1], np.uint8), np.asarray(kinds, np.uint8)],
@@ -491,3 +491,45 @@ def test_every_adamw_option_reaches_the_fused_step_or_is_refused_by_name(name):
 def _default(name):
     default = inspect.signature(adamw_jax.adamw).parameters[name].default
     return 1e-2 if default is inspect.Parameter.empty else default
+
+
+# Leaf sizes at the kernel's edges: empty leaves (one with no rows, one with rows of
+# length 0), one-element leaves, odd lengths (an int4 row ending in half a byte, rows
+# ending in a short block), and the leaves of exactly one call (64) and one more (65).
+EDGE_SHAPES = [(), (1,), (1, 1), (0, 4), (4, 0), (3, 5), (2, 7), (9,), (5, 33), (2, 130)]
+EDGE_STORAGES = {
+    "float32": {},
+    "bfloat16": {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16, "amsgrad": True},
+    "int8": {"mu_dtype": "int8", "nu_dtype": "int8", "block_size": 8},
+    "int4": {"mu_dtype": "int4", "nu_dtype": "int4", "block_size": 8, "nesterov": True},
+}
+
+
+def _edge_params(num_leaves: int) -> dict:
+    rng = np.random.default_rng(num_leaves)
+    shapes = [EDGE_SHAPES[i % len(EDGE_SHAPES)] for i in range(num_leaves)]
+    return {
+        f"p{i:03d}": jnp.asarray(rng.standard_normal(s), jnp.float32) for i, s in enumerate(shapes)
+    }
+
+
+@needs_kernel
+@pytest.mark.parametrize("num_leaves", [64, 65])
+@pytest.mark.parametrize("storage", list(EDGE_STORAGES))
+def test_edge_leaf_sizes_and_the_call_boundary(storage, num_leaves):
+    """Every leaf quantized (min_quantize_size=0), the empty and one-element ones too."""
+    kwargs = {"learning_rate": 1e-2, "weight_decay": 0.1, "min_quantize_size": 0}
+    kwargs |= EDGE_STORAGES[storage]
+    kernel = fused.fused_adamw(**kwargs, backend="kernel")
+    xla = fused.fused_adamw(**kwargs, backend="xla")
+    params = _edge_params(num_leaves)
+    assert kernel.kernel_used(params, params, kernel.init(params))
+    got = _run(kernel, 4, _edge_params(num_leaves))
+    want = _run(xla, 4, _edge_params(num_leaves))
+    assert_trees_close_to_leaf_scale(got[0], want[0], ulps=8)
+    if storage in ("int8", "int4"):  # codes and scales bit for bit
+        assert_trees_bitwise_equal(got[1], want[1])
+    else:
+        assert_trees_close_to_leaf_scale(got[1], want[1], ulps=8)
+    moved = [k for k, p in params.items() if p.size and not jnp.array_equal(got[0][k], p)]
+    assert len(moved) == sum(1 for p in params.values() if p.size)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import NamedTuple
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -15,6 +19,10 @@ import adamw_jax
 from adamw_jax import quantize
 
 SIGNED_TOP, UNSIGNED_TOP = 1.5, 1.75
+
+
+def _is_int4(x) -> bool:
+    return isinstance(x, adamw_jax.QuantizedArray) and x.bits == 4
 
 
 def _book_by_code(signed: bool) -> np.ndarray:
@@ -31,7 +39,7 @@ def test_code_books_are_monotone_signed_with_zero_unsigned_without(signed):
     assert book.dtype == np.float32 and np.all(np.diff(book) > 0)
     nibbles = jnp.arange(8 if signed else 16, dtype=jnp.int32)
     table = quantize.INT4_SIGNED_CODE_BOOK[:8] if signed else quantize.INT4_UNSIGNED_CODE_BOOK
-    fmt = quantize.int4_format(signed)
+    fmt = quantize.default_format(4, signed)
     np.testing.assert_array_equal(np.asarray(quantize.decode_magnitudes(nibbles, fmt)), table)
     if signed:  # 15 values, symmetric, exact zero in the middle
         assert len(book) == 15 and book[7] == 0.0 and book[-1] == SIGNED_TOP
@@ -46,7 +54,7 @@ def test_code_books_are_monotone_signed_with_zero_unsigned_without(signed):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_encoding_picks_the_nearest_code_and_stochastically_an_unbiased_one(signed):
-    fmt = quantize.int4_format(signed)
+    fmt = quantize.default_format(4, signed)
     values = np.asarray(quantize.decode_magnitudes(jnp.arange(fmt.max_code + 1), fmt))
     y = np.linspace(0.0, float(values[-1]), 4001, dtype=np.float32)
     chosen = values[np.asarray(quantize.encode_magnitudes(jnp.asarray(y), fmt))]
@@ -111,7 +119,7 @@ def test_codes_follow_the_documented_procedure_bit_for_bit(signed):
     x = x if signed else np.abs(x)
     x[1, :5] = [0.0, -0.0, 1e-30, -1e-30, 3.0]
     for rounding, salt in (("nearest", None), ("stochastic", 12345)):
-        q = quantize.quantize_int4(jnp.asarray(x), signed=signed, rounding=rounding, salt=salt)
+        q = quantize.quantize(jnp.asarray(x), bits=4, signed=signed, rounding=rounding, salt=salt)
         expected = _numpy_int4_codes(x, signed, 128, rounding, salt or 0)
         np.testing.assert_array_equal(np.asarray(q.codes), expected)
 
@@ -153,9 +161,9 @@ def test_round_trip_error_is_bounded_per_block(kind, signed, rounding):
     x[0, 128:256] = 0.0  # an all-zero block decodes to zeros, whatever the book
     round_trip = jax.jit(
         lambda x: (
-            q := quantize.quantize_int4(x, signed=signed, rounding=rounding, salt=3),
-            quantize.dequantize_int4(q),
-            quantize.stored_absmax_int4(q),
+            q := quantize.quantize(x, bits=4, signed=signed, rounding=rounding, salt=3),
+            quantize.dequantize(q),
+            quantize.stored_absmax(q),
         )
     )
     q, back, stored = round_trip(jnp.asarray(x))
@@ -205,14 +213,14 @@ def test_int4_shadow_second_moment_is_unbiased_and_nearest_rounding_is_not():
     def run(rounding):
         def step(carry, g):
             q, v = carry
-            new = b2 * jnp.square(quantize.dequantize_int4(q)) + (1 - b2) * g * g
+            new = b2 * jnp.square(quantize.dequantize(q)) + (1 - b2) * g * g
             salt = jnp.sum(jnp.abs(g)).astype(jnp.uint32)  # varies from step to step
-            q = quantize.quantize_int4(jnp.sqrt(new), signed=False, rounding=rounding, salt=salt)
+            q = quantize.quantize(jnp.sqrt(new), bits=4, signed=False, rounding=rounding, salt=salt)
             return (q, b2 * v + (1 - b2) * g * g), None
 
-        init = (quantize.zeros_int4((16, 256), signed=False), jnp.zeros((16, 256)))
+        init = (quantize.zeros((16, 256), signed=False, bits=4), jnp.zeros((16, 256)))
         (q, v), _ = jax.lax.scan(step, init, grads)
-        return jnp.log(quantize.dequantize_int4(q) / jnp.sqrt(v))
+        return jnp.log(quantize.dequantize(q) / jnp.sqrt(v))
 
     run = jax.jit(run, static_argnums=0)
     stochastic, nearest = np.asarray(run("stochastic")), np.asarray(run("nearest"))
@@ -226,7 +234,7 @@ def test_int4_second_moment_in_adam_tracks_float32():
     grads = _shrinking_gradients()
     int4 = adamw_jax.scale_by_adam(b2=b2, nu_dtype="int4")
     s4, s32, ratios = run_side_by_side(int4, adamw_jax.scale_by_adam(b2=b2), grads)
-    root = np.asarray(quantize.dequantize_int4(s4.nu))
+    root = np.asarray(quantize.dequantize(s4.nu))
     log_ratio = np.log(root / np.sqrt(np.asarray(s32.nu)))
     assert abs(np.mean(log_ratio)) <= 0.03, np.mean(log_ratio)
     assert np.std(log_ratio) <= 0.35, np.std(log_ratio)
@@ -278,7 +286,7 @@ def test_int4_state_layout_bytes_and_mixing():
     state = tx.init(params)
     for tree, signed in ((state.mu, True), (state.nu, False), (state.nu_max, False)):
         q = tree["kernel"]
-        assert isinstance(q, adamw_jax.QuantizedArray4) and q.signed == signed
+        assert _is_int4(q) and q.signed == signed
         assert (q.codes.dtype, q.codes.shape, q.scales.shape) == (jnp.uint8, (64, 151), (64, 3))
         assert q.block_size == 128  # the 4-bit default
         for small in ("bias", "norm"):  # fewer than 4096 elements: float32
@@ -292,10 +300,11 @@ def test_int4_state_layout_bytes_and_mixing():
     # Each moment independently: int4 with int8 or bfloat16, and the shared block size.
     mixed = adamw_jax.scale_by_adam(mu_dtype="int8", nu_dtype="int4").init(params)
     assert isinstance(mixed.mu["kernel"], adamw_jax.QuantizedArray)
+    assert mixed.mu["kernel"].bits == 8
     assert mixed.mu["kernel"].scales.shape == (64, 3)  # block 128 for both
     mixed = adamw_jax.scale_by_adam(mu_dtype=jnp.bfloat16, nu_dtype="int4").init(params)
     assert mixed.mu["kernel"].dtype == jnp.bfloat16
-    assert isinstance(mixed.nu["kernel"], adamw_jax.QuantizedArray4)
+    assert _is_int4(mixed.nu["kernel"])
     big = {"w": jax.ShapeDtypeStruct((1024, 4096), jnp.float32)}
     abstract = jax.eval_shape(adamw_jax.adamw(1e-3, mu_dtype="int4", nu_dtype="int4").init, big)
     assert adamw_jax.state_nbytes(abstract) / (1024 * 4096) <= 1.07
@@ -305,7 +314,7 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match=r"block_size must be an even int"):
         adamw_jax.adamw(1e-3, mu_dtype="int4", block_size=127)
     with pytest.raises(ValueError, match=r"block_size must be an even int"):
-        quantize.quantize_int4(jnp.ones(4), signed=True, block_size=3)
+        quantize.quantize(jnp.ones(4), bits=4, signed=True, block_size=3)
     with pytest.raises(TypeError, match="block_size"):
         adamw_jax.scale_by_adam(nu_dtype="int4", block_size=64.0)
     adamw_jax.scale_by_adam(mu_dtype="int8", block_size=127)  # odd is fine for 8 bits
@@ -316,11 +325,14 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match=r"mu_dtype='int4' cannot store .* complex"):
         adamw_jax.adamw(1e-3, mu_dtype="int4").init(complex_params)
     state = adamw_jax.scale_by_adam(nu_dtype="int4").init(complex_params)  # |g|^2 is real
-    assert isinstance(state.nu, adamw_jax.QuantizedArray4)
+    assert _is_int4(state.nu)
     with pytest.raises(ValueError, match=r'moment_layout="packed".*"int4"'):
         adamw_jax.adamw(1e-3, nu_dtype="int4", moment_layout="packed")
-    with pytest.raises(TypeError, match="QuantizedArray4"):
-        quantize.dequantize_int4(quantize.quantize(jnp.ones(4), signed=True))
+    q = quantize.quantize(jnp.ones(4), signed=True)
+    with pytest.raises(TypeError, match="q must be a QuantizedArray; got tuple"):
+        quantize.dequantize((q.codes, q.scales))
+    with pytest.raises(TypeError, match="4-bit signed QuantizedArray's codes must be uint8"):
+        quantize.dequantize(dataclasses.replace(q, bits=4))
 
 
 def test_a_last_axis_split_into_odd_shards_is_refused_at_init(monkeypatch):
@@ -334,7 +346,7 @@ def test_a_last_axis_split_into_odd_shards_is_refused_at_init(monkeypatch):
     with pytest.raises(ValueError, match=r"mu_dtype=\"int4\".* shards of odd length 3"):
         adamw_jax.adamw(1e-3, mu_dtype="int4", min_quantize_size=64).init(params)
     state = adamw_jax.adamw(1e-3, mu_dtype="int8", min_quantize_size=64).init(params)
-    assert isinstance(state[0].mu["w"], adamw_jax.QuantizedArray)  # one byte per element
+    assert state[0].mu["w"].bits == 8  # one byte per element
 
 
 def test_checkpoint_round_trip_jit_donation_and_no_recompilation(tmp_path):
@@ -350,7 +362,7 @@ def test_checkpoint_round_trip_jit_donation_and_no_recompilation(tmp_path):
     step = jax.jit(chex.assert_max_traces(step, n=1), donate_argnums=(0, 1))
     p, s = step(jax.tree.map(jnp.copy, params), tx.init(params))
     p, s = step(p, s)
-    assert isinstance(s[0].mu["w"], adamw_jax.QuantizedArray4)
+    assert _is_int4(s[0].mu["w"])
     restored = checkpoint_round_trip(s, tmp_path / "state")
     p_a, s_a = step(jax.tree.map(jnp.copy, p), restored)  # the same compiled step
     p_b, s_b = step(p, s)
@@ -403,8 +415,108 @@ def test_sharding_places_packed_codes_like_their_params():
     tx = adamw_jax.adamw(1e-3, mu_dtype="int4", nu_dtype="int8")
     shardings = adamw_jax.sharding.state_shardings(tx, params)
     mu, nu = shardings[0].mu["w"], shardings[0].nu["w"]
-    assert isinstance(mu, adamw_jax.QuantizedArray4) and mu.block_size == 128
+    assert _is_int4(mu) and mu.block_size == 128
     assert mu.codes.spec == P("x", "y") and mu.scales.spec == P("x", "y")
     assert isinstance(nu, adamw_jax.QuantizedArray) and nu.codes.spec == P("x", "y")
     abstract = adamw_jax.sharding.init(tx, params)
     assert abstract[0].mu["w"].codes.shape == (64, 128)
+
+
+def test_storage_experiments_take_explicit_code_books_and_roundings():
+    """quantize.QuantizedStorage: another rounding or code book, no library global."""
+    params = {"w": jax.random.normal(jax.random.key(4), (16, 256))}
+    grads = jax.tree.map(lambda p: 0.3 * p + 0.05, params)
+    e3m1 = quantize.CodeFormat(3, 1, False)
+    runs = {}
+    for name, (mu, nu) in {
+        "default": ("int4", "int4"),
+        "spelled out": (quantize.QuantizedStorage(4), quantize.QuantizedStorage(4)),
+        "nearest": (quantize.QuantizedStorage(4, rounding="nearest"), "int4"),
+        "e3m1": ("int4", quantize.QuantizedStorage(4, code_format=e3m1)),
+    }.items():
+        tx = adamw_jax.adamw(1e-2, mu_dtype=mu, nu_dtype=nu)
+        state = run_scan(tx, params, lambda p, t: grads, 5).state
+        runs[name] = state[0]
+    chex.assert_trees_all_equal(runs["default"], runs["spelled out"])
+    # rounded to nearest, the first moment's codes differ; the second moment's do not
+    assert not np.array_equal(runs["nearest"].mu["w"].codes, runs["default"].mu["w"].codes)
+    np.testing.assert_array_equal(runs["nearest"].nu["w"].codes, runs["default"].nu["w"].codes)
+    nu = runs["e3m1"].nu["w"]
+    assert nu.code_format == e3m1 and runs["default"].nu["w"].code_format == quantize.CodeFormat(
+        2, 2, False
+    )
+    # the E3M1 codes decode with the E3M1 book: its range is 192, E2M2's 14
+    book = quantize.code_book(signed=False, bits=4, code_format=e3m1)
+    assert book[-1] / book[0] == 1.5 / 2.0**-7
+    root = np.asarray(quantize.dequantize(nu))
+    nibbles = np.asarray(quantize.unpack_int4(nu.codes, 256), np.int32)
+    np.testing.assert_array_equal(root, book[nibbles] * np.repeat(np.asarray(nu.scales), 128, -1))
+    # the fused kernel implements the defaults only: the XLA code, or refused by name
+    opt = adamw_jax.fused_adamw(
+        1e-2, mu_dtype="int4", nu_dtype=quantize.QuantizedStorage(4, code_format=e3m1)
+    )
+    assert not opt.kernel_used(params, grads, opt.init(params))
+    with pytest.raises(ValueError, match=r"does not implement nu_dtype=QuantizedStorage\(bits=4"):
+        adamw_jax.fused_adamw(
+            1e-2, nu_dtype=quantize.QuantizedStorage(4, rounding="nearest"), backend="kernel"
+        )
+    for bad, message in [
+        (quantize.QuantizedStorage(6), r"mu_dtype.bits must be 8 or 4; got 6"),
+        (quantize.QuantizedStorage(4, rounding="up"), r"mu_dtype.rounding"),
+        (
+            quantize.QuantizedStorage(4, code_format=quantize.CodeFormat(2, 1, False)),
+            r"mu_dtype.code_format.*signed code book needs subnormals",
+        ),
+        (
+            quantize.QuantizedStorage(4, code_format=quantize.CodeFormat(3, 2, True)),
+            r"does not fit 4-bit signed codes",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            adamw_jax.adamw(1e-3, mu_dtype=bad)
+
+
+class _Int8ArrayBefore(NamedTuple):
+    """The 8-bit moment's type before QuantizedArray carried its format (a named tuple)."""
+
+    codes: jax.Array
+    scales: jax.Array
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "scales"],
+    meta_fields=["length", "signed", "block_size"],
+)
+@dataclasses.dataclass(frozen=True)
+class _Int4ArrayBefore:
+    """The 4-bit moment's type before (QuantizedArray4), its fields as they were."""
+
+    codes: jax.Array
+    scales: jax.Array
+    length: int
+    signed: bool
+    block_size: int
+
+
+@pytest.mark.parametrize("moments", ["int8", "int4"])
+def test_checkpoints_of_the_earlier_types_restore_into_quantized_array(tmp_path, moments):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    params = {"w": jax.random.normal(jax.random.key(2), (64, 129)), "b": jnp.zeros(129)}
+    tx = adamw_jax.adamw(1e-3, mu_dtype=moments, nu_dtype=moments)
+    state = run_scan(tx, params, lambda p, t: jax.tree.map(lambda x: 0.1 * x + 0.01, p), 3).state
+
+    def as_before(q):
+        if moments == "int8":
+            return _Int8ArrayBefore(q.codes, q.scales)
+        return _Int4ArrayBefore(q.codes, q.scales, q.length, q.signed, q.block_size)
+
+    is_q = lambda x: isinstance(x, adamw_jax.QuantizedArray)  # noqa: E731
+    before = jax.tree.map(lambda x: as_before(x) if is_q(x) else x, state, is_leaf=is_q)
+    assert not any(is_q(x) for x in jax.tree.leaves(before, is_leaf=is_q))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "before", before)
+        ckpt.wait_until_finished()
+        restored = ckpt.restore(tmp_path / "before", jax.eval_shape(lambda: state))
+    chex.assert_trees_all_equal(restored, state)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)

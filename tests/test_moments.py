@@ -233,7 +233,7 @@ def _second_moment_after(opt, grads, params):
     if isinstance(nu, adamw_jax.PackedMoments):
         (nu,) = nu.buffers  # one leaf: its own buffer
     if isinstance(nu, adamw_jax.QuantizedArray):
-        return np.square(np.asarray(adamw_jax.quantize.dequantize(nu, 256), np.float64))
+        return np.square(np.asarray(adamw_jax.quantize.dequantize(nu), np.float64))
     return np.asarray(nu, np.float64)
 
 
@@ -266,3 +266,156 @@ def test_stochastically_rounded_second_moment_decays_under_zero_gradients(make, 
     assert abs(stored.mean() / reference.mean() - 1) < 0.02
     # Entry by entry, the decay is not stuck: the stored values follow float32's.
     assert np.median(np.abs(np.log(stored / reference))) < entry_tolerance
+
+
+# ----------------------------------------------------------------- a state's storage
+def _storage_params():
+    rng = np.random.default_rng(5)
+    return {
+        "w": jnp.asarray(rng.standard_normal((64, 300)), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal(7), jnp.float32),
+    }
+
+
+def _trained_state(tx, params, steps=12):
+    def grads(t):
+        key = jax.random.fold_in(jax.random.key(3), t)
+        return jax.tree.map(lambda p: (1 + t % 3) * jax.random.normal(key, p.shape), params)
+
+    state = tx.init(params)
+    for t in range(steps):
+        _, state = tx.update(grads(t), state, params)
+    return state
+
+
+MISFITS = [  # (state made with, optimizer configured with, what the message names)
+    (
+        {},
+        {"mu_dtype": "int8"},
+        r"\['w'\] is stored as an array of dtype float32.*mu_dtype='int8'.*8-bit codes",
+    ),
+    (
+        {"mu_dtype": "int8", "nu_dtype": "int8"},
+        {"nu_dtype": "int8"},
+        r"\['w'\] is stored as 8-bit codes.*mu_dtype=None.*an array \(floating, not quantized\)",
+    ),
+    (
+        {"nu_dtype": "int8"},
+        {"nu_dtype": "int4"},
+        r"\['w'\] is stored as 8-bit codes.*nu_dtype='int4'.*4-bit codes",
+    ),
+    (
+        {"mu_dtype": "int4"},
+        {"mu_dtype": "int8"},
+        r"stored as 4-bit codes.*mu_dtype='int8'.*8-bit codes",
+    ),
+    (
+        {"mu_dtype": "int8"},
+        {"mu_dtype": "int8", "block_size": 64},
+        r"block_size=256.*block_size=64",
+    ),
+    (
+        {"mu_dtype": jnp.bfloat16},
+        {"mu_dtype": jnp.float32},
+        r"\['b'\] is stored as an array of dtype bfloat16.*dtype float32",
+    ),
+    (
+        {},
+        {"nu_dtype": jnp.bfloat16},
+        r"\['b'\] is stored as an array of dtype float32.*nu_dtype=.*bfloat16",
+    ),
+    (
+        {"moment_layout": "packed"},
+        {},
+        r'moment_layout="packed".*configured with moment_layout="tree"',
+    ),
+    ({}, {"moment_layout": "packed"}, r'configured with moment_layout="packed"'),
+    (
+        {"moment_layout": "packed", "mu_dtype": jnp.bfloat16},
+        {"moment_layout": "packed", "mu_dtype": jnp.float32},
+        r"packed buffer .* bfloat16.*float32",
+    ),
+]
+
+
+@pytest.mark.parametrize("made, configured, message", MISFITS)
+def test_a_state_stored_otherwise_is_refused_naming_both_formats(made, configured, message):
+    """At trace time (under jit: no value is read), naming the leaf and both formats."""
+    params = _storage_params()
+    state = adamw_jax.adamw(1e-3, **made).init(params)
+    tx = adamw_jax.adamw(1e-3, **configured)
+    with pytest.raises(ValueError, match=message):
+        jax.jit(tx.update)(params, state, params)
+    updates, _ = jax.jit(tx.update)(params, tx.init(params), params)  # its own state: fine
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+# The largest error of rounding x to nearest in each format, per element: the bound of the
+# format's step around x, from x's magnitude and its block's scale s (quantize.quantize).
+BOUNDS = {
+    (8, True): lambda x, s: 2.0**-5 * np.abs(x) + 2.0**-11 * s,
+    (8, False): lambda x, s: 2.0**-5 * np.abs(x) + 2.0**-19 * s,
+    (4, True): lambda x, s: np.abs(x) / 6 + s / 16,
+    (4, False): lambda x, s: np.abs(x) / 10 + s / 8,
+}
+
+
+def _block_scales(q):
+    return np.repeat(np.asarray(q.scales), q.block_size, axis=-1)[..., : q.shape[-1]]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"mu_dtype": "int8", "nu_dtype": "int8"},
+        {"mu_dtype": "int4", "nu_dtype": "int4"},
+        {"mu_dtype": "int8", "nu_dtype": "int4", "block_size": 64},
+        {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16},
+    ],
+    ids=["int8", "int4", "int8-int4", "bf16"],
+)
+def test_convert_state_keeps_values_within_the_target_rounding(target):
+    params = _storage_params()
+    fp32 = adamw_jax.adamw(1e-3, amsgrad=True)
+    state = _trained_state(fp32, params)
+    tx = adamw_jax.adamw(1e-3, amsgrad=True, **target)
+    converted = adamw_jax.convert_state(state, tx, params)
+    assert jax.tree.structure(converted) == jax.tree.structure(tx.init(params))
+    assert int(converted[0].count) == int(state[0].count) == 12
+    adam, new = state[0], converted[0]
+    for moment, second in ((adam.mu, False), (adam.nu, True), (adam.nu_max, True)):
+        name = {id(adam.mu): "mu", id(adam.nu): "nu", id(adam.nu_max): "nu_max"}[id(moment)]
+        stored = getattr(new, name)
+        exact = np.asarray(moment["w"], np.float64)
+        exact = np.sqrt(exact) if second else exact  # the second moment's root is stored
+        q = stored["w"]
+        if isinstance(q, adamw_jax.QuantizedArray):
+            got = np.asarray(adamw_jax.quantize.dequantize(q), np.float64)
+            bound = BOUNDS[q.bits, not second](exact, _block_scales(q))
+        else:
+            got = np.asarray(q, np.float64)
+            got = np.sqrt(got) if second else got
+            bound = 2.0**-8 * np.abs(exact)  # half a bfloat16 ulp (8 significant bits)
+        err = np.abs(got - exact)
+        assert np.all(err <= bound * (1 + 1e-6)), (name, float(np.max(err - bound)))
+        assert np.max(err / np.maximum(bound, 1e-30)) > 0.1  # the format rounded something
+        if isinstance(q, adamw_jax.QuantizedArray):  # the small leaf stays float32, as it was
+            np.testing.assert_array_equal(np.asarray(stored["b"]), np.asarray(moment["b"]))
+    # the converted state trains on, and converts back to float32 exactly as it decodes
+    _, after = jax.jit(tx.update)(params, converted, params)
+    back = adamw_jax.convert_state(converted, fp32, params)
+    if isinstance(new.mu["w"], adamw_jax.QuantizedArray):
+        want = np.asarray(adamw_jax.quantize.dequantize(new.mu["w"]))
+        np.testing.assert_array_equal(np.asarray(back[0].mu["w"]), want)
+    assert int(after[0].count) == 13
+
+
+def test_convert_state_refuses_another_optimizer():
+    params = _storage_params()
+    state = adamw_jax.adamw(1e-3).init(params)
+    with pytest.raises(ValueError, match="differ other than in their Adam moments"):
+        adamw_jax.convert_state(state, adamw_jax.scale_by_adam(mu_dtype="int8"), params)
+    with pytest.raises(ValueError, match="amsgrad"):
+        adamw_jax.convert_state(state, adamw_jax.adamw(1e-3, amsgrad=True), params)
+    with pytest.raises(ValueError, match='moment_layout="tree"'):
+        adamw_jax.convert_state(state, adamw_jax.adamw(1e-3, moment_layout="packed"), params)

@@ -342,3 +342,11 @@ def test_dtype_class_under_inject_hyperparams_asks_for_static_args():
     want, _ = _inject_run(adamw_jax.adamw(1e-3, mu_dtype=jnp.bfloat16))
     chex.assert_trees_all_equal(got, want)
     assert {x.dtype for x in jax.tree.leaves(state.inner_state[0].mu)} == {jnp.dtype(jnp.bfloat16)}
+
+
+@pytest.mark.parametrize("name", ["mu_dtype", "nu_dtype"])
+@pytest.mark.parametrize("dtype, word", [(jnp.int8, "int8"), (np.int8, "int8"), (jnp.int4, "int4")])
+def test_integer_moment_dtypes_point_to_the_string(name, dtype, word):
+    """jnp.int8 is not blockwise storage: the error names the string to write instead."""
+    with pytest.raises(ValueError, match=rf"^{name} must be .* write the string {name}='{word}'"):
+        adamw_jax.adamw(1e-3, **{name: dtype})
