@@ -205,24 +205,24 @@ def _check_header(found: dict[str, Any] | None, header: dict[str, Any], path: pa
         raise ValueError(
             f"storage {str(path)!r} was written by another call: "
             + "; ".join(
-                f"{FIELDS[f]} differ ({_difference(f, found.get(f), header[f])})" for f in differ
+                f"{FIELDS[f]} differ ({difference(f, found.get(f), header[f])})" for f in differ
             )
             + ". Pass a new storage path for a new call, or this storage's own arguments."
         )
 
 
-def _difference(where: str, stored: Any, now: Any) -> str:
+def difference(where: str, stored: Any, now: Any) -> str:
     """Where two JSON values first differ, and how."""
     if isinstance(stored, dict) and isinstance(now, dict):
         for k in [*now, *(k for k in stored if k not in now)]:  # the call's own order
             if not _same(stored.get(k), now.get(k)):
-                return _difference(f"{where}[{k!r}]", stored.get(k), now.get(k))
+                return difference(f"{where}[{k!r}]", stored.get(k), now.get(k))
     if isinstance(stored, list) and isinstance(now, list):
         if len(stored) != len(now):
             return f"{where}: stored {len(stored)} entries, now {len(now)}"
         for i, (a, b) in enumerate(zip(stored, now, strict=True)):
             if not _same(a, b):
-                return _difference(f"{where}[{i}]", a, b)
+                return difference(f"{where}[{i}]", a, b)
     return f"{where}: stored {_short(stored)}, now {_short(now)}"
 
 
