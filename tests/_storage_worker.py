@@ -4,10 +4,14 @@ Usage: python _storage_worker.py {sweep,separable} STORAGE OUT_NPZ TRAINED_LOG
 
 Each member appends its (learning_rate, weight_decay, seed) to TRAINED_LOG as it is
 trained (a host callback), so a test sees which members this process trained. At the end
-the results go to OUT_NPZ (configs and metrics).
+the results go to OUT_NPZ (configs and metrics). With the environment variable
+``WORKERS_BARRIER`` (a folder), a process's first trained member waits there until two
+processes have trained one, so that both are seen working at once.
 """
 
+import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -24,6 +28,12 @@ def logged(train, log):
     def record(lr, wd, key_data, loss):
         with open(log, "a") as f:
             f.write(f"{float(lr)!r} {float(wd)!r} {np.asarray(key_data).tolist()}\n")
+        barrier = os.environ.get("WORKERS_BARRIER")
+        if barrier:
+            open(os.path.join(barrier, str(os.getpid())), "a").close()
+            deadline = time.monotonic() + 120
+            while len(os.listdir(barrier)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def run(hparams, key):
         out = train(hparams, key)

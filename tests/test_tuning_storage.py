@@ -147,14 +147,20 @@ def test_a_file_that_is_no_storage_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- processes: kill, share
-def _start(mode: str, storage: Path, out: Path, log: Path) -> subprocess.Popen:
+def _start(
+    mode: str, storage: Path, out: Path, log: Path, barrier: Path | None = None
+) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(WORKER), mode, str(storage), str(out), str(log)],
         cwd=TESTS,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env={
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            **({"WORKERS_BARRIER": str(barrier)} if barrier else {}),
+        },
     )
 
 
@@ -216,7 +222,9 @@ def test_sweep_killed_with_sigkill_resumes_bitwise_training_only_the_missing(tmp
 def test_two_processes_share_one_storage_and_train_each_member_once(tmp_path, mode):
     storage = tmp_path / "s.jsonl"
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    procs = [_start(mode, storage, tmp_path / f"w{i}.npz", logs[i]) for i in range(2)]
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [_start(mode, storage, tmp_path / f"w{i}.npz", logs[i], barrier) for i in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     trained = [_logged(log) for log in logs]

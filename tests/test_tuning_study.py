@@ -137,14 +137,18 @@ def test_optunas_log_stays_quiet_within_the_call_and_is_restored(capsys, caplog)
 
 
 # ---------------------------------------------------------------------- processes
-def _start(storage: str, n_trials: int, log: Path) -> subprocess.Popen:
+def _start(storage: str, n_trials: int, log: Path, barrier: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(WORKER), storage, "shared", str(n_trials), str(log)],
         cwd=TESTS,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env={
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            **({"WORKERS_BARRIER": str(barrier)} if barrier else {}),
+        },
     )
 
 
@@ -196,7 +200,9 @@ def test_a_study_killed_with_sigkill_ends_with_exactly_n_trials(tmp_path):
 
 def _two_workers(tmp_path: Path, storage: str, load) -> None:
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    procs = [_start(storage, 10, log) for log in logs]
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [_start(storage, 10, log, barrier) for log in logs]
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     study = load()

@@ -112,7 +112,8 @@ def optuna_search(
       n_trials: the study's trials, an int in [1, inf): this call asks only those missing.
       batch: trials proposed and trained together, an int in [1, inf).
       key: as for :func:`sweep`; it also seeds the sampler (when one is named), so a
-        search is reproducible.
+        search in memory is reproducible (a stored one adds the process's own entropy,
+        so that processes sharing or continuing a study propose different trials).
       metric: the metric to optimize, one of ``train``'s.
       mode: ``"min"`` (default) or ``"max"``.
       sampler: ``None`` or ``"tpe"`` (Optuna's TPE), ``"gp"`` (Optuna's Gaussian-process
@@ -211,6 +212,10 @@ def _quiet(optuna: Any) -> Iterator[None]:
 def _open_study(optuna, storage, study_name, mode, sampler, key, identity, grace, interval):
     opened = _study.open_storage(optuna, storage, interval, grace)
     direction = "minimize" if mode == "min" else "maximize"
+    if storage is not None:
+        # Processes sharing a study, or continuing it, must not draw the same proposals:
+        # a stored study's sampler is seeded from the key and this process's own entropy.
+        key = jax.random.fold_in(key, int.from_bytes(os.urandom(4), "little") >> 1)
     study = optuna.create_study(
         storage=opened,
         study_name=study_name,

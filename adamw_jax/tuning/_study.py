@@ -23,6 +23,7 @@ METRICS = "adamw_jax.metrics"  # a trial's metrics: name -> one value per seed
 SEARCH = "adamw_jax.search"  # the study's search: space, fixed, seeds, key, train
 NON_FINITE = "adamw_jax.non_finite"  # set on a trial told FAIL for a non-finite metric
 CONNECT_TIMEOUT_S = 10
+OPEN_ATTEMPTS = 5
 
 
 def _is_url(storage: Any) -> bool:
@@ -36,24 +37,37 @@ def open_storage(optuna: Any, storage: Any, heartbeat_interval: int, grace_perio
         return None
     if not isinstance(storage, (str, os.PathLike)):
         raise TypeError(f"storage must be a file path, a database URL or None; got {storage!r}.")
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)
-    try:
-        if not _is_url(storage):
-            backend = optuna.storages.journal.JournalFileBackend(os.fspath(storage))
-            return optuna.storages.JournalStorage(backend)
-        timeout = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
-        return optuna.storages.RDBStorage(
-            storage,
-            engine_kwargs=timeout if storage.startswith(("postgresql", "mysql")) else None,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=retry,
-        )
-    except Exception as err:  # the driver's or SQLAlchemy's errors, of every kind
-        raise ValueError(
-            f"storage {os.fspath(storage)!r} cannot be opened or reached (connect timeout "
-            f"{CONNECT_TIMEOUT_S} s): {type(err).__name__}: {err}"
-        ) from err
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            return _open(optuna, storage, heartbeat_interval, grace_period)
+        except Exception as err:  # the driver's or SQLAlchemy's errors, of every kind
+            # Processes creating a database's tables at once race (a duplicate type or
+            # table): the loser finds them made when it tries again. Nothing else retries.
+            racing = type(err).__name__ in ("IntegrityError", "ProgrammingError")
+            if racing and attempt + 1 < OPEN_ATTEMPTS:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise ValueError(
+                f"storage {os.fspath(storage)!r} cannot be opened or reached (connect "
+                f"timeout {CONNECT_TIMEOUT_S} s): {type(err).__name__}: {err}"
+            ) from err
+    raise AssertionError("unreachable")
+
+
+def _open(optuna: Any, storage: Any, heartbeat_interval: int, grace_period: int) -> Any:
+    if not _is_url(storage):
+        backend = optuna.storages.journal.JournalFileBackend(os.fspath(storage))
+        return optuna.storages.JournalStorage(backend)
+    timeout = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+    return optuna.storages.RDBStorage(
+        storage,
+        engine_kwargs=timeout if storage.startswith(("postgresql", "mysql")) else None,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=None
+        ),
+    )
 
 
 def fail_stale(optuna: Any, study: Any, grace_period: int) -> None:
