@@ -63,8 +63,29 @@ def cells(xs: np.ndarray, ys: np.ndarray, means: np.ndarray) -> tuple[np.ndarray
     return x_values, y_values, grid, filled
 
 
+def color_range(values: np.ndarray, mode: str) -> tuple[float, float, str]:
+    """The colour scale's ends and the colour bar's ``extend``: from the best value to the
+    90th percentile away from it, so a few diverged cells do not flatten the rest (they
+    take the end colour, and the bar's arrow says so)."""
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return 0.0, 1.0, "neither"
+    low, high = float(finite.min()), float(finite.max())
+    if mode == "min":
+        clip = float(np.quantile(finite, 0.9))
+        return low, max(clip, low + 1e-12), "max" if clip < high else "neither"
+    clip = float(np.quantile(finite, 0.1))
+    return min(clip, high - 1e-12), high, "min" if clip > low else "neither"
+
+
 def draw(
-    ax: Any, names: tuple[str, str, str], xs, ys, means, best: tuple[float, float] | None
+    ax: Any,
+    names: tuple[str, str, str],
+    xs,
+    ys,
+    means,
+    best: tuple[float, float] | None,
+    mode: str,
 ) -> Any:
     """Draws the cells on ``ax`` (a new figure's when None); returns the axes."""
     if ax is None:
@@ -76,8 +97,12 @@ def draw(
         name, kwargs = scale(values)
         set_scale(name, **kwargs)
     x_edges, y_edges = _edges(x_values, ax.xaxis), _edges(y_values, ax.yaxis)
-    mesh = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(grid), cmap="viridis_r")
-    ax.figure.colorbar(mesh, ax=ax, label=f"{names[2]} (mean over seeds)")
+    vmin, vmax, extend = color_range(grid, mode)
+    cmap = "viridis_r" if mode == "min" else "viridis"  # the best end is bright either way
+    mesh = ax.pcolormesh(
+        x_edges, y_edges, np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax
+    )
+    ax.figure.colorbar(mesh, ax=ax, label=f"{names[2]} (mean over seeds)", extend=extend)
     failed_y, failed_x = np.nonzero(filled & ~np.isfinite(grid))
     if len(failed_x):
         ax.scatter(
@@ -104,5 +129,5 @@ def draw(
     ax.minorticks_off()
     ax.set_xlabel(names[0])
     ax.set_ylabel(names[1])
-    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.18), ncols=2, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncols=2, frameon=False)
     return ax

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -172,7 +173,8 @@ def optuna_search(
                 break
             if trials:
                 _evaluate(optuna, study, trials, fixed, metric, evaluate, heartbeat_interval)
-    return _study_results(optuna, study, fixed)
+    results = _study_results(optuna, study, fixed)
+    return dataclasses.replace(results, wall_time=sum(p.wall_time for p in evaluate.parts))
 
 
 def _identity(train, space, fixed, metric, mode, evaluate) -> dict[str, Any]:

@@ -146,7 +146,8 @@ class Results:
     ) -> Any:
         """Draws the seed-averaged ``metric`` over hyperparameters ``x`` and ``y``.
 
-        One cell per pair of values evaluated, coloured by :meth:`mean`; a star marks the
+        One cell per pair of values evaluated, coloured by :meth:`mean` (from the best value
+        to the 90th percentile away from it: cells beyond take the end colour); a star marks the
         best configuration (:meth:`best`), a cross each configuration with a failed seed,
         and cells nothing was evaluated at stay blank (a search is not a grid). An axis is
         log where its values are positive and span a decade or more, symlog (linear from 0
@@ -177,7 +178,7 @@ class Results:
             best = (config[x], config[y])
         xs = [c[x] for c in self.configs]
         ys = [c[y] for c in self.configs]
-        ax = _heatmap.draw(ax, (x, y, metric), xs, ys, means, best)
+        ax = _heatmap.draw(ax, (x, y, metric), xs, ys, means, best, mode)
         if path is not None:
             ax.figure.savefig(path, dpi=120, bbox_inches="tight")
         return ax
