@@ -19,7 +19,9 @@ lambda times the schedule's multiplier) and for Adam + L2 (``adam(l2=...)``). Ea
 strategy picks its configuration by validation error; the table reports that
 configuration's test error, the evaluations and wall time spent, and the gap to the
 grid's best validation error. A PNG shows the best validation error found against
-evaluations; a CSV holds every run.
+evaluations; a second one (``_heatmap.png``) the grid's validation error over lr and decay
+for each method, the decoupling paper's Figure 2 (:meth:`adamw_jax.tuning.Results.heatmap`);
+a CSV holds every run.
 
 Run from the repository root::
 
@@ -238,6 +240,18 @@ def plot(found: dict[str, dict[str, tuning.Results]], out: Path, title: str) -> 
     plt.close(fig)
 
 
+def plot_heatmaps(found: dict[str, dict[str, tuning.Results]], out: Path, title: str) -> None:
+    """Each method's grid: validation error over lr and decay, the best cell starred."""
+    fig, axes = plt.subplots(1, len(found), figsize=(6.5 * len(found), 5.2))
+    for ax, (method, per_strategy) in zip(np.atleast_1d(axes), found.items(), strict=True):
+        per_strategy["grid"].heatmap("learning_rate", "weight_decay", "val_error", ax=ax)
+        ax.set_title(method)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def save_csv(found: dict[str, dict[str, tuning.Results]], out: Path) -> None:
     """Every run of every strategy and method, one row each."""
     rows = [
@@ -294,10 +308,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{args.seeds} seed(s), {args.num_lrs}x{args.num_decays} grid"
     )
     plot(found, out, title)
+    heatmap = out.with_name(out.stem + "_heatmap.png")
+    plot_heatmaps(found, heatmap, title)
     save_csv(found, out.with_suffix(".csv"))
     elapsed = time.perf_counter() - start
-    print(f"plot {out}, every run in {out.with_suffix('.csv')}; {elapsed:.0f} s in all")
-    return {"summaries": summaries, "results": found, "out": out, "csv": out.with_suffix(".csv")}
+    print(
+        f"plots {out} and {heatmap}, every run in {out.with_suffix('.csv')}; {elapsed:.0f} s in all"
+    )
+    return {
+        "summaries": summaries,
+        "results": found,
+        "out": out,
+        "heatmap": heatmap,
+        "csv": out.with_suffix(".csv"),
+    }
 
 
 if __name__ == "__main__":

@@ -8,13 +8,18 @@ import _code_shape as code_shape
 
 MAX_FUNCTION_LINES = 80
 LEVELS = {
-    "tuning": 11,  # re-exports the tuning package's names
-    "tuning._optuna": 10,  # searches, through the sweep's evaluator
-    "tuning._search": 10,
-    "tuning._sweep": 9,  # trains populations of whole runs
+    "tuning": 12,  # re-exports the tuning package's names
+    "tuning._optuna": 11,  # searches, through the sweep's evaluator
+    "tuning._search": 11,
+    "tuning._sweep": 10,  # trains populations of whole runs
+    "tuning._resume": 9,  # a population against a storage
+    "tuning._trace": 9,  # train traced before anything compiles
     "tuning._population": 8,
     "tuning._results": 8,
+    "tuning._storage": 8,
     "tuning._space": 7,
+    "tuning._heatmap": 7,
+    "tuning._study": 7,
     "fused": 6,  # builds on adamw
     "alias": 5,
     "compat": 5,

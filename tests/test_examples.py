@@ -243,6 +243,7 @@ def test_tune_weight_decay_quick_run_is_consistent(tmp_path):
     out = tmp_path / "tune.png"
     result = tune.main(["--quick", "--out", str(out), "--no-progress"])
     assert out.read_bytes()[:8] == PNG_SIGNATURE
+    assert result["heatmap"].read_bytes()[:8] == PNG_SIGNATURE
     adamw, l2 = result["results"]["AdamW (paper λ)"], result["results"]["Adam + L2"]
     assert set(adamw) == {"grid", "separable", "optuna", "tau rule"}
     assert set(l2) == {"grid", "separable", "optuna"}  # the tau rule is for decoupled decay

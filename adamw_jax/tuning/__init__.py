@@ -25,6 +25,13 @@ a dict of scalar metrics. Optax's schedules refuse a traced peak;
 :func:`adamw_jax.schedules.scale_schedule` and :func:`adamw_jax.schedules.warmup_cosine`
 build one.
 
+Before compiling, ``train`` is traced once on abstract inputs, so a hyperparameter it reads
+that no configuration gives, or a metric it does not return, is an error at once. With
+``storage=`` a sweep or search records each member as it finishes and resumes after a kill,
+and several processes can share it (Optuna's own storages for :func:`optuna_search`);
+:meth:`Results.heatmap` draws a metric over two hyperparameters, and :meth:`Results.load`
+reads what :meth:`Results.save` wrote.
+
 ``import adamw_jax`` does not import this package: write ``from adamw_jax import tuning``.
 
 Example:

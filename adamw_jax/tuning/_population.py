@@ -105,6 +105,16 @@ def _check_metrics(out: Any, batched: bool) -> None:
             )
 
 
+def member_fn(train: Train, pop: Population) -> Callable:
+    """``train`` as a function of a member's hyperparameters and seed index."""
+
+    def member(hparams, seed):
+        keys = seed_keys(_wrap(jnp.asarray(pop.key_data), pop.key_impl), pop.seeds)
+        return train(hparams, keys[seed])
+
+    return member
+
+
 def compile_runner(train: Train, members_per_call: int, mesh: Mesh | None, pop: Population):
     """The compiled program for one chunk, after checking what ``train`` returns.
 
@@ -112,10 +122,7 @@ def compile_runner(train: Train, members_per_call: int, mesh: Mesh | None, pop: 
     axis sharded over every axis of ``mesh``. Traced and compiled once, ahead of time.
     """
 
-    def member(hparams, seed):
-        keys = seed_keys(_wrap(jnp.asarray(pop.key_data), pop.key_impl), pop.seeds)
-        return train(hparams, keys[seed])
-
+    member = member_fn(train, pop)
     single = mesh is None and members_per_call == 1
     if single:
         runner = jax.jit(member)

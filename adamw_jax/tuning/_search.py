@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,6 +47,7 @@ def separable_search(
     members_per_call: int | None = None,
     mesh: Mesh | None = None,
     progress: bool | None = None,
+    storage: str | os.PathLike | None = None,
 ) -> Results:
     r"""Searches the learning rate and the weight decay one at a time.
 
@@ -78,6 +80,9 @@ def separable_search(
       members_per_call: as for :func:`sweep`.
       mesh: as for :func:`sweep`.
       progress: a bar per sweep, as for :func:`sweep`.
+      storage: a file path recording every member as it finishes, as for :func:`sweep`:
+        the same call again trains only what is missing and returns the same results;
+        several processes given one storage share the search's lines.
 
     Returns:
       :class:`Results` of every configuration evaluated, in order; ``evaluations`` counts
@@ -112,13 +117,31 @@ def separable_search(
         members_per_call=members_per_call,
         mesh=mesh,
         progress=progress,
+        storage=storage,
+        search={
+            "function": "separable_search",
+            "learning_rate": lrs,
+            "weight_decay": wds,
+            "metric": metric,
+            "mode": mode,
+            "rounds": int(rounds),
+            "start": dict(start or {}),
+            "fixed": fixed,
+        },
+        metric=metric,
     )
     current = {"learning_rate": _middle(lrs), "weight_decay": _middle(wds), **(start or {})}
-    for _ in range(int(rounds)):
-        for name, values in (("learning_rate", lrs), ("weight_decay", wds)):
-            new = evaluate.unseen([{**fixed, **current, name: v} for v in values])
-            if new:
-                evaluate(new)
-            best, _ = evaluate.results().best(metric, mode)
-            current = {"learning_rate": best["learning_rate"], "weight_decay": best["weight_decay"]}
+    try:
+        for _ in range(int(rounds)):
+            for name, values in (("learning_rate", lrs), ("weight_decay", wds)):
+                new = evaluate.unseen([{**fixed, **current, name: v} for v in values])
+                if new:
+                    evaluate(new)
+                best, _ = evaluate.results().best(metric, mode)
+                current = {
+                    "learning_rate": best["learning_rate"],
+                    "weight_decay": best["weight_decay"],
+                }
+    finally:
+        evaluate.close()
     return evaluate.results()

@@ -6,6 +6,7 @@ searches evaluate their proposals through it.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from adamw_jax import _validate
-from adamw_jax.tuning import _population
+from adamw_jax.tuning import _population, _resume, _storage, _trace
 from adamw_jax.tuning._population import Train
 from adamw_jax.tuning._results import Results, concatenate
 from adamw_jax.tuning._space import Config, check_values
@@ -103,6 +104,7 @@ def sweep(
     members_per_call: int | None = None,
     mesh: Mesh | None = None,
     progress: bool | None = None,
+    storage: str | os.PathLike | None = None,
 ) -> Results:
     r"""Trains every configuration, ``seeds`` times each, as one population.
 
@@ -134,8 +136,15 @@ def sweep(
       mesh: a ``jax.sharding.Mesh`` to split the member axis over (all its axes, so every
         device runs its share of each chunk, across hosts with ``jax.distributed``), or
         None.
-      progress: a tqdm bar over members: True (tqdm is an optional extra,
-        ``pip install 'adamw_jax[tune]'``), False, or None: a bar when tqdm is installed.
+      progress: a tqdm bar, over compilation ("compiling") and then the members: True
+        (tqdm is an optional extra, ``pip install 'adamw_jax[tune]'``), False, or None: a
+        bar when tqdm is installed.
+      storage: a file path (created if missing) where each member's metrics are appended
+        as it finishes, or None. Calling again with the same storage and arguments trains
+        only the members not recorded yet (after a kill, say), and the results are bitwise
+        those of an uninterrupted call; several processes given one storage (on a shared
+        file system) split the members between them and each returns every member. A
+        storage written by another call is refused, naming what differs.
 
     Returns:
       :class:`Results`. A member whose metric is NaN or infinite does not stop the sweep:
@@ -150,24 +159,23 @@ def sweep(
         members_per_call=members_per_call,
         mesh=mesh,
         progress=progress,
+        storage=storage,
+        search={"function": "sweep", "configs": configs},
     )
-    return evaluate(configs)
-
-
-def _run(runner, pop, configs, chunk, mesh, tqdm, start) -> Results:
-    """Runs a population with a compiled runner; the metrics as Results, timed from
-    ``start``. ``tqdm`` is the bar class, or None for no bar."""
-    bar = (
-        None
-        if tqdm is None
-        else tqdm(total=len(pop.seed), unit="member", desc="sweep", leave=False)
-    )
-    on_chunk_done = (lambda n: None) if bar is None else bar.update
     try:
-        flat = _population.run(runner, pop, chunk, mesh, on_chunk_done)
+        return evaluate(configs)
     finally:
-        if bar is not None:
-            bar.close()
+        evaluate.close()
+
+
+def _run(runner, pop, configs, chunk, mesh, bar, start, storage) -> Results:
+    """Runs a population with a compiled runner (against ``storage`` when there is one);
+    the metrics as Results, timed from ``start``. ``bar`` is a tqdm bar or None."""
+    on_chunk_done = (lambda n: None) if bar is None else bar.update
+    if storage is None:
+        flat = _population.run(runner, pop, chunk, mesh, on_chunk_done)
+    else:
+        flat = _resume.run(runner, pop, configs, chunk, mesh, storage, on_chunk_done)
     seeds = len(pop.seed) // len(configs)
     results = Results(
         configs=configs,
@@ -188,13 +196,18 @@ def _run(runner, pop, configs, chunk, mesh, tqdm, start) -> Results:
 class Evaluator:
     """Sweeps that share one compiled runner, and the record of what they evaluated."""
 
-    def __init__(self, train, *, key, seeds, members_per_call, mesh, progress):
+    def __init__(
+        self, train, *, key, seeds, members_per_call, mesh, progress, storage, search, metric=None
+    ):
         _validate.check_int("seeds", seeds, low=1)
         _check_members_per_call(members_per_call, mesh)
         _check_key(key)
+        _check_storage(storage)
         self.train, self.key, self.seeds = train, key, int(seeds)
         self.members_per_call, self.mesh = members_per_call, mesh
         self.tqdm = _bar_class(progress)
+        self.storage_path, self.search, self.metric = storage, search, metric
+        self.storage = None
         self.runner = None
         self.chunk = None
         self.parts: list[Results] = []
@@ -203,14 +216,47 @@ class Evaluator:
         """Trains ``configs``; returns their results (and keeps them)."""
         pop = _population.population(configs, self.key, self.seeds)
         start = time.perf_counter()
-        if self.runner is None:
-            self.chunk = self.members_per_call or _population.default_members_per_call(
-                len(pop.seed), self.mesh
-            )
-            self.runner = _population.compile_runner(self.train, self.chunk, self.mesh, pop)
-        part = _run(self.runner, pop, configs, self.chunk, self.mesh, self.tqdm, start)
+        bar = None
+        if self.tqdm is not None:
+            desc = "sweep" if self.runner is not None else "compiling"
+            bar = self.tqdm(total=len(pop.seed), unit="member", desc=desc, leave=False)
+        try:
+            if self.runner is None:
+                self._compile(pop)
+            if bar is not None:
+                bar.set_description("sweep")
+            part = _run(self.runner, pop, configs, self.chunk, self.mesh, bar, start, self.storage)
+        finally:
+            if bar is not None:
+                bar.close()
         self.parts.append(part)
         return part
+
+    def _compile(self, pop: _population.Population) -> None:
+        """Checks ``train``'s names on abstract inputs, opens the storage, then compiles."""
+        traced = _trace.trace(self.train, pop, () if self.metric is None else (self.metric,))
+        if self.storage_path is not None:
+            header = _storage.identity(
+                self.search,
+                train=_storage.fingerprint(traced.jaxpr),
+                hparams=list(pop.hparams),
+                metrics=traced.metrics,
+                seeds=self.seeds,
+                key_data=pop.key_data,
+                key_impl=pop.key_impl,
+                members_per_call=self.members_per_call,
+            )
+            self.storage = _storage.Storage(self.storage_path, header)
+        self.chunk = self.members_per_call or _population.default_members_per_call(
+            len(pop.seed), self.mesh
+        )
+        self.runner = _population.compile_runner(self.train, self.chunk, self.mesh, pop)
+
+    def close(self) -> None:
+        """Closes the storage, if one is open."""
+        if self.storage is not None:
+            self.storage.close()
+            self.storage = None
 
     def unseen(self, configs: list[Config]) -> list[Config]:
         """The configurations not trained yet, in order, without repeats."""
@@ -225,6 +271,23 @@ class Evaluator:
     def results(self) -> Results:
         """Everything trained so far, in order."""
         return concatenate(self.parts)
+
+
+def _check_storage(storage: Any) -> None:
+    if storage is not None and not isinstance(storage, (str, os.PathLike)):
+        raise TypeError(
+            f"storage must be a file path (str or os.PathLike) or None; got {storage!r}."
+        )
+    if isinstance(storage, str) and "://" in storage:
+        raise ValueError(
+            f"storage must be a file path here (database URLs are for optuna_search); got "
+            f"{storage!r}."
+        )
+    if storage is not None and jax.process_count() > 1:
+        raise ValueError(
+            "storage needs one process per worker: with jax.distributed, give each process "
+            "its own devices and the same storage instead of one mesh over the hosts."
+        )
 
 
 def _identity(config: Config) -> tuple[tuple[str, float], ...]:
