@@ -16,6 +16,7 @@ LEVELS = {
     "tuning": 11,  # re-exports the tuning package's names
     "tuning._optuna": 10,  # searches, through the sweep's evaluator
     "tuning._search": 10,
+    "tuning._loop": 10,  # populations in the user's loop, over the sweep's checks
     "tuning._sweep": 9,  # trains populations of whole runs
     "tuning._population": 8,
     "tuning._results": 8,

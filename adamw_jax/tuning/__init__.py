@@ -56,6 +56,7 @@ References:
   Akiba et al., "Optuna: A Next-generation Hyperparameter Optimization Framework", KDD 2019.
 """
 
+from adamw_jax.tuning._loop import LoopTrain, Population, loop_train
 from adamw_jax.tuning._optuna import optuna_search
 from adamw_jax.tuning._population import seed_keys
 from adamw_jax.tuning._results import Failure, Results
@@ -75,6 +76,8 @@ __all__ = [
     "Failure",
     "LinearRange",
     "LogRange",
+    "LoopTrain",
+    "Population",
     "Results",
     "as_hparams",
     "grid",
@@ -82,6 +85,7 @@ __all__ = [
     "linear_values",
     "log_range",
     "log_values",
+    "loop_train",
     "optuna_search",
     "seed_keys",
     "separable_search",

@@ -190,6 +190,17 @@ def _run(runner, pop, configs, chunk, mesh, tqdm, start) -> Results:
     return results
 
 
+class PopulationTrain:
+    """A ``train`` that runs each call's members itself (a training loop: see
+    :func:`adamw_jax.tuning.loop_train`) instead of being traced as one function."""
+
+    def runner(
+        self, members_per_call: int | None, mesh: Mesh | None, pop: _population.Population
+    ) -> tuple[int, Any]:
+        """Members per call and ``runner(hparams, seed) -> metrics`` for a call's chunk."""
+        raise NotImplementedError
+
+
 class Evaluator:
     """Sweeps that share one compiled runner, and the record of what they evaluated."""
 
@@ -208,6 +219,8 @@ class Evaluator:
         """Trains ``configs``; returns their results (and keeps them)."""
         pop = _population.population(configs, self.key, self.seeds)
         start = time.perf_counter()
+        if self.runner is None and isinstance(self.train, PopulationTrain):
+            self.chunk, self.runner = self.train.runner(self.members_per_call, self.mesh, pop)
         if self.runner is None:
             self.chunk = self.members_per_call or _population.default_members_per_call(
                 len(pop.seed), self.mesh
