@@ -75,7 +75,7 @@ def test_a_one_member_population_runs_its_solo_run(loop):
     losses = _run(pop, batches)
     state, solo = _solo(loop, CONFIGS[3], 2, 1, batches)
     np.testing.assert_allclose(losses[0], solo, rtol=1e-6)
-    chex.assert_trees_all_close(_member(pop, 0), state, rtol=1e-6, atol=1e-8)
+    chex.assert_trees_all_close(_member(pop, 0), state, rtol=1e-5, atol=1e-7)
 
 
 def test_one_compiled_call_per_population_size(loop):

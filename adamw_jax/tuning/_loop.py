@@ -363,11 +363,8 @@ class Population:
         _check_batch(batch, per_member, self.size)
         was_active = self.active
         run = self._program.step(self.size, per_member)
-        new_leaves, metrics = run(self._leaves, batch, self._hparams, self._keys)
-        select = self._program.select(self.size)
-        self._leaves, keep = select(
-            new_leaves, metrics, self._leaves, self._program.put(was_active)
-        )
+        active = self._program.put(was_active)
+        self._leaves, metrics, keep = run(self._leaves, batch, self._hparams, self._keys, active)
         self.active = np.asarray(keep)
         self.steps += 1
         return {k: np.where(was_active, v, np.nan) for k, v in _host(metrics).items()}
