@@ -59,10 +59,18 @@ def _merge(static: Any, leaves: Sequence[Any]) -> Any:
     return jax.tree.unflatten(static[1], leaves)
 
 
+# What tracing raises when init reads a hyperparameter's value to build a shape.
+_SHAPE_FROM_VALUE = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerArrayConversionError,
+)
+
+
 def _trace_init(init: Init, hparams: dict, key: jax.Array) -> tuple[Any, list[Any]]:
     try:
         return _split(init(hparams, key))
-    except jax.errors.ConcretizationTypeError as err:
+    except _SHAPE_FROM_VALUE as err:
         raise TypeError(
             "init must return a state whose shapes and types do not depend on hparams: "
             "every member's state is stacked along one member axis, and hparams are traced "

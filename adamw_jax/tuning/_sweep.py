@@ -128,7 +128,8 @@ def sweep(
     Args:
       train: ``train(hparams, key) -> {name: scalar}``, a whole training run, traceable by
         ``jax.jit`` and ``jax.vmap``: ``hparams`` maps each configuration's names to
-        float32 scalars.
+        float32 scalars. Or a training loop from :func:`loop_train`, whose members run as
+        a :class:`Population` per call.
       configs: a non-empty list of dicts name -> finite number, all with the same names.
       key: a PRNG key; the seed keys are ``jax.random.split(key, seeds)``.
       seeds: seeds per configuration, an int in [1, inf).
