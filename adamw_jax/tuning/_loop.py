@@ -95,15 +95,18 @@ def _check_metrics(fn: str, metrics: Any) -> None:
             )
 
 
-def _check_same_leaves(static, leaves, new_static, new_leaves) -> None:
-    same = static == new_static and [(x.shape, x.dtype) for x in leaves] == [
-        (x.shape, x.dtype) for x in new_leaves
+def _layout(leaves: Sequence[Any]) -> list[tuple[tuple[int, ...], str]]:
+    """Each leaf's shape and dtype (a Python number counts as the array it becomes)."""
+    return [
+        (tuple(np.shape(x)), str(getattr(x, "dtype", None) or jnp.asarray(x).dtype)) for x in leaves
     ]
-    if not same:
+
+
+def _check_same_leaves(static, leaves, new_static, new_leaves) -> None:
+    if static != new_static or _layout(leaves) != _layout(new_leaves):
         raise TypeError(
             "step must return (state, metrics) with the state of init's structure, shapes and "
-            f"dtypes; init's leaves are {[(x.shape, str(x.dtype)) for x in leaves]}, step "
-            f"returned {[(x.shape, str(x.dtype)) for x in new_leaves]}."
+            f"dtypes; init's leaves are {_layout(leaves)}, step returned {_layout(new_leaves)}."
         )
 
 
