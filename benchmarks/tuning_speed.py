@@ -6,7 +6,12 @@ The workload is the digits-size problem of the tuning example: a 64-128-128-10 M
 Every contender is timed from a cleared compilation cache, interleaved over rounds; the
 medians and their ratios to the loop are printed.
 
+It then times the loop-style path: one step of a ``tuning.Population`` of ``--members``
+digits-size MLPs (one compiled call) against a loop of as many separately jitted member
+steps fed the same batch, after compilation, median over ``--population-steps`` steps.
+
     python benchmarks/tuning_speed.py [--rounds 3] [--configs 16] [--steps 300]
+        [--members 16] [--population-steps 200] [--part all|sweep|population]
 """
 
 from __future__ import annotations
@@ -66,12 +71,94 @@ def user_loop(train, configs, key):
     return [float(solo(tuning.as_hparams(c), key)["train_loss"]) for c in configs]
 
 
+def make_loop():
+    """``init``, ``step`` and the batches of the same digits-size MLP, written as a loop."""
+    sizes = [64, 128, 128, 10]
+
+    def init(hparams, key):
+        keys = jax.random.split(key, len(sizes) - 1)
+        params = [
+            (jax.random.normal(k, (a, b)) * jnp.sqrt(2.0 / a), jnp.zeros(b))
+            for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)
+        ]
+        return params, adamw_jax.adamw(hparams["learning_rate"]).init(params)
+
+    def loss_fn(params, xb, yb):
+        h = xb
+        for w, b in params[:-1]:
+            h = jax.nn.relu(h @ w + b)
+        logits = h @ params[-1][0] + params[-1][1]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    def step(state, batch, hparams):
+        params, opt_state = state
+        loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+        tx = adamw_jax.adamw(hparams["learning_rate"], weight_decay=hparams["weight_decay"])
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), {"loss": loss}
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 64)).astype(np.float32)
+    y = rng.integers(0, 10, 300).astype(np.int32)
+
+    def batches(n):
+        return [(x[i], y[i]) for i in rng.integers(0, 300, (n, 128))]
+
+    return init, step, batches
+
+
+def population_race(members: int, steps: int) -> None:
+    """Seconds per step: the population's one call against the loop of solo jitted steps."""
+    init, step, batches = make_loop()
+    configs = [
+        {"learning_rate": float(lr), "weight_decay": 0.1}
+        for lr in np.geomspace(1e-4, 1e-1, members)
+    ]
+    key = jax.random.key(0)
+    pop = tuning.Population(init, step, configs, key=key)
+    solo_init, solo_step = jax.jit(init), jax.jit(step)
+    hparams = [tuning.as_hparams(c) for c in configs]
+    states = [solo_init(h, key) for h in hparams]
+
+    def loop_step(batch):
+        nonlocal states
+        out = [solo_step(s, batch, h) for s, h in zip(states, hparams, strict=True)]
+        states = [o[0] for o in out]
+        return np.asarray([o[1]["loss"] for o in out])
+
+    contenders = {"loop of solo jitted steps": loop_step, "population step": pop.step}
+    times = {name: [] for name in contenders}
+    for batch in batches(5):  # compiles both
+        for run in contenders.values():
+            run(batch)
+    for batch in batches(steps):
+        for name, run in contenders.items():  # interleaved, same batch
+            start = time.perf_counter()
+            run(batch)
+            times[name].append(time.perf_counter() - start)
+    loop = statistics.median(times["loop of solo jitted steps"])
+    print(
+        f"{members} members, one step of a digits-size MLP (batch 128), "
+        f"{jax.devices()[0].platform}, median of {steps} interleaved steps after compilation"
+    )
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:<32} {median * 1e3:7.2f} ms   {loop / median:5.2f}x faster than the loop")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--configs", type=int, default=16)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--members", type=int, default=16)
+    parser.add_argument("--population-steps", type=int, default=200)
+    parser.add_argument("--part", choices=("all", "sweep", "population"), default="all")
     args = parser.parse_args(argv)
+    if args.part != "sweep":
+        population_race(args.members, args.population_steps)
+    if args.part == "population":
+        return
     train = make_train(args.steps)
     side = int(np.ceil(np.sqrt(args.configs)))
     configs = tuning.grid(

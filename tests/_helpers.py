@@ -302,3 +302,63 @@ def load_example(name: str):
         sys.modules[module_name] = module  # dataclasses look their module up while building
         spec.loader.exec_module(module)
     return sys.modules[module_name]
+
+
+class LoopStyle(NamedTuple):
+    """A training run written as a loop: ``init(hparams, key)``, ``step(state, batch,
+    hparams)``, ``batches(steps)`` (the minibatches, a list of ``(x, y)``), ``evaluate(state)``
+    and ``train(hparams, key)``: the same run as one scan over ``batches(steps)``."""
+
+    init: Callable
+    step: Callable
+    batches: Callable
+    evaluate: Callable
+    train: Callable
+
+
+def mlp_loop(steps: int, batch_size: int = 32) -> LoopStyle:
+    """:class:`LoopStyle` for a small tanh MLP on fixed random data, ``adamw_jax.adamw`` with
+    the traced ``learning_rate`` and ``weight_decay``; metrics are the batch loss (per step)
+    and the full-data loss (``evaluate``)."""
+    x = jax.random.normal(jax.random.key(21), (96, 16))
+    y = jax.random.randint(jax.random.key(22), (96,), 0, 4)
+
+    def loss_fn(params, xb, yb):
+        logits = jnp.tanh(xb @ params["w1"] + params["b1"]) @ params["w2"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    def optimizer(hparams):
+        return adamw_jax.adamw(hparams["learning_rate"], weight_decay=hparams["weight_decay"])
+
+    def init(hparams, key):
+        k1, k2 = jax.random.split(key)
+        params = {
+            "w1": jax.random.normal(k1, (16, 32)) * 0.5,
+            "b1": jnp.zeros(32),
+            "w2": jax.random.normal(k2, (32, 4)) * 0.5,
+        }
+        return params, optimizer(hparams).init(params)
+
+    def step(state, batch, hparams):
+        params, opt_state = state
+        loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+        updates, opt_state = optimizer(hparams).update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), {"loss": loss}
+
+    def batches(n):
+        order = np.random.default_rng(5).integers(0, 96, (n, batch_size))
+        return [(x[i], y[i]) for i in order]
+
+    def evaluate(state):
+        return {"full_loss": loss_fn(state[0], x, y)}
+
+    stacked = jax.tree.map(lambda *b: jnp.stack(b), *batches(steps))
+
+    def train(hparams, key):
+        def body(state, batch):
+            return step(state, batch, hparams)[0], None
+
+        state, _ = jax.lax.scan(body, init(hparams, key), stacked)
+        return evaluate(state)
+
+    return LoopStyle(init, step, batches, evaluate, train)

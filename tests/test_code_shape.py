@@ -11,6 +11,7 @@ LEVELS = {
     "tuning": 12,  # re-exports the tuning package's names
     "tuning._optuna": 11,  # searches, through the sweep's evaluator
     "tuning._search": 11,
+    "tuning._loop": 11,  # populations in the user's loop, over the sweep's checks
     "tuning._sweep": 10,  # trains populations of whole runs
     "tuning._resume": 9,  # a population against a storage
     "tuning._trace": 9,  # train traced before anything compiles

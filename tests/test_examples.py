@@ -264,3 +264,21 @@ def test_tune_weight_decay_quick_run_is_consistent(tmp_path):
         rows = list(csv.DictReader(f))
     expected = sum(r.evaluations for found in (adamw, l2) for r in found.values())
     assert len(rows) == expected and {r["strategy"] for r in rows} == set(tune.STRATEGIES)
+
+
+@pytest.mark.slow
+def test_tune_nnx_loop_quick_run_is_consistent(tmp_path):
+    tune = load_example("tune_nnx_loop")
+    result = tune.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    results = result["results"]
+    assert results.evaluations == (8 + 8 - 1) * 2  # two lines of 8 that cross once, 2 seeds
+    assert result["heatmap"].read_bytes()[:8] == PNG_SIGNATURE
+    _, metrics = results.best("val_error")
+    assert metrics["val_error"] < 50.0  # chance is 90%
+    lrs = {c["learning_rate"] for c in results.configs}
+    wds = {c["weight_decay"] for c in results.configs}
+    assert len(lrs) == 8 and len(wds) == 8
+    # The decay line runs at the learning rate the first line found best.
+    first_line = results.metrics["val_error"][:8].mean(axis=1)
+    lr_best = results.configs[int(np.argmin(first_line))]["learning_rate"]
+    assert all(c["learning_rate"] == lr_best for c in results.configs[8:])

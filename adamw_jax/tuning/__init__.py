@@ -14,7 +14,10 @@ offers three ways to choose which:
 * :func:`optuna_search` runs Bayesian optimization (Optuna's TPE, or GP) with each batch of
   trials evaluated as one population;
 
-and :func:`adamw_jax.schedules.suggest_weight_decay` gives a starting :math:`\lambda` from
+and :class:`Population` runs many configurations inside the user's own training loop
+(``init``/``step`` functions and a Python data iterator; one compiled call per step for
+every member), which :func:`loop_train` hands to the sweep and the searches;
+:func:`adamw_jax.schedules.suggest_weight_decay` gives a starting :math:`\lambda` from
 the EMA view of weight decay, with no training at all.
 
 The training run is the user's: ``train(hparams, key)`` takes a dict of float32 scalars
@@ -63,6 +66,7 @@ References:
   Akiba et al., "Optuna: A Next-generation Hyperparameter Optimization Framework", KDD 2019.
 """
 
+from adamw_jax.tuning._loop import LoopTrain, Population, loop_train
 from adamw_jax.tuning._optuna import optuna_search
 from adamw_jax.tuning._population import seed_keys
 from adamw_jax.tuning._results import Failure, Results
@@ -82,6 +86,8 @@ __all__ = [
     "Failure",
     "LinearRange",
     "LogRange",
+    "LoopTrain",
+    "Population",
     "Results",
     "as_hparams",
     "grid",
@@ -89,6 +95,7 @@ __all__ = [
     "linear_values",
     "log_range",
     "log_values",
+    "loop_train",
     "optuna_search",
     "seed_keys",
     "separable_search",

@@ -16,11 +16,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from adamw_jax import _validate
-from adamw_jax.tuning import _population, _storage, _study, _trace
+from adamw_jax.tuning import _population, _storage, _study
 from adamw_jax.tuning._population import Train
 from adamw_jax.tuning._results import Results
 from adamw_jax.tuning._space import LinearRange, LogRange
-from adamw_jax.tuning._sweep import Evaluator, check_fixed
+from adamw_jax.tuning._sweep import Evaluator, check_fixed, identify
 
 
 def _import_optuna() -> Any:
@@ -183,7 +183,7 @@ def _identity(train, space, fixed, metric, mode, evaluate) -> dict[str, Any]:
     Tracing ``train`` here (at the low end of every range) also checks its names."""
     config = {**fixed, **{name: bounds.low for name, bounds in space.items()}}
     pop = _population.population([config], evaluate.key, evaluate.seeds)
-    traced = _trace.trace(train, pop, (metric,))
+    fingerprint, _ = identify(train, pop, (metric,))
     return {
         "space": {k: [type(v).__name__, v.low, v.high] for k, v in space.items()},
         "fixed": fixed,
@@ -191,7 +191,7 @@ def _identity(train, space, fixed, metric, mode, evaluate) -> dict[str, Any]:
         "mode": mode,
         "seeds": evaluate.seeds,
         "key": np.asarray(pop.key_data).tolist(),
-        "train": _storage.fingerprint(traced.jaxpr),
+        "train": fingerprint,
     }
 
 

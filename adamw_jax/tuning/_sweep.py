@@ -125,7 +125,8 @@ def sweep(
     Args:
       train: ``train(hparams, key) -> {name: scalar}``, a whole training run, traceable by
         ``jax.jit`` and ``jax.vmap``: ``hparams`` maps each configuration's names to
-        float32 scalars.
+        float32 scalars. Or a training loop from :func:`loop_train`, whose members run as
+        a :class:`Population` per call.
       configs: a non-empty list of dicts name -> finite number, all with the same names.
       key: a PRNG key; the seed keys are ``jax.random.split(key, seeds)``.
       seeds: seeds per configuration, an int in [1, inf).
@@ -193,6 +194,35 @@ def _run(runner, pop, configs, chunk, mesh, bar, start, storage) -> Results:
     return results
 
 
+class PopulationTrain:
+    """A ``train`` that runs each call's members itself (a training loop: see
+    :func:`adamw_jax.tuning.loop_train`) instead of being traced as one function."""
+
+    def runner(
+        self, members_per_call: int | None, mesh: Mesh | None, pop: _population.Population
+    ) -> tuple[int, Any]:
+        """Members per call and ``runner(hparams, seed) -> metrics`` for a call's chunk."""
+        raise NotImplementedError
+
+    def fingerprint(self, pop: _population.Population) -> str:
+        """A hash that changes with the training (what a storage records it by)."""
+        raise NotImplementedError
+
+
+def identify(
+    train: Any, pop: _population.Population, wanted: Sequence[str]
+) -> tuple[str, tuple[str, ...]]:
+    """``train``'s fingerprint and metric names, its names checked on abstract inputs.
+
+    A loop (a :class:`PopulationTrain`) is not traced as a whole: its fingerprint is its
+    own, and its metrics are known only once it runs.
+    """
+    if isinstance(train, PopulationTrain):
+        return train.fingerprint(pop), ()
+    traced = _trace.trace(train, pop, wanted)
+    return _storage.fingerprint(traced.jaxpr), traced.metrics
+
+
 class Evaluator:
     """Sweeps that share one compiled runner, and the record of what they evaluated."""
 
@@ -234,19 +264,23 @@ class Evaluator:
 
     def _compile(self, pop: _population.Population) -> None:
         """Checks ``train``'s names on abstract inputs, opens the storage, then compiles."""
-        traced = _trace.trace(self.train, pop, () if self.metric is None else (self.metric,))
+        wanted = () if self.metric is None else (self.metric,)
+        fingerprint, metrics = identify(self.train, pop, wanted)
         if self.storage_path is not None:
             header = _storage.identity(
                 self.search,
-                train=_storage.fingerprint(traced.jaxpr),
+                train=fingerprint,
                 hparams=list(pop.hparams),
-                metrics=traced.metrics,
+                metrics=metrics,
                 seeds=self.seeds,
                 key_data=pop.key_data,
                 key_impl=pop.key_impl,
                 members_per_call=self.members_per_call,
             )
             self.storage = _storage.Storage(self.storage_path, header)
+        if isinstance(self.train, PopulationTrain):
+            self.chunk, self.runner = self.train.runner(self.members_per_call, self.mesh, pop)
+            return
         self.chunk = self.members_per_call or _population.default_members_per_call(
             len(pop.seed), self.mesh
         )
