@@ -45,7 +45,6 @@ import numpy as np
 from adamw_jax import _numerics, _validate
 
 __all__ = [
-    "BITS",
     "INT4_DEFAULT_BLOCK_SIZE",
     "INT4_SIGNED_CODE_BOOK",
     "INT4_SIGNED_FORMAT",

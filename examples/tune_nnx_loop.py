@@ -10,7 +10,7 @@ search resumable after a kill; the validation error over the two hyperparameters
 as a heatmap.
 
     python examples/tune_nnx_loop.py --out /tmp/tune_nnx_loop
-    python examples/tune_nnx_loop.py --quick --out /tmp/tune_nnx_loop   # a few seconds
+    python examples/tune_nnx_loop.py --quick --out /tmp/tune_nnx_loop   # about 15 s of CPU
     python examples/tune_nnx_loop.py --storage /tmp/search.db          # resumable
 """
 

@@ -53,12 +53,17 @@ def build(package_dir: Path) -> Path:
 
 def sanitizer_env(site: Path) -> dict[str, str]:
     """The environment of a run against the sanitized package in ``site``."""
-    runtime = subprocess.run(
-        ["g++", "-print-file-name=libasan.so"], check=True, capture_output=True, text=True
-    ).stdout.strip()
+    # The C++ runtime is preloaded after the sanitizer's, so that the sanitizer finds the
+    # exception functions it intercepts (Python itself is C and does not load them).
+    runtimes = [
+        subprocess.run(
+            ["g++", f"-print-file-name={library}"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        for library in ("libasan.so", "libstdc++.so")
+    ]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT / "tests")])
-    env["LD_PRELOAD"] = runtime
+    env["LD_PRELOAD"] = " ".join(runtimes)
     # Python's own allocations are not the kernel's: leak reports off; any error aborts.
     env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=1"
     env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
