@@ -3,7 +3,8 @@ axis is split over a mesh of the 8 devices (2x4), against each member trained al
 
 Writes OUT/population.npz: the per-step losses (members, steps) of 8 members on 8 devices
 (mesh1) and of 16 members, two per device (mesh2), and of the same members trained alone
-(solo, solo2).
+(solo, solo2); and each member's final state leaves, raveled and joined (mesh1_state,
+solo_state: members by state size), for the one-per-device population and its solo runs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ def solo(loop, config, seeds, seed, key, batches):
     for batch in batches:
         state, metrics = step(state, batch, hparams)
         losses.append(float(metrics["loss"]))
-    return losses
+    return losses, _flat(state)
+
+
+def _flat(state):
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(state)])
 
 
 def main(out: Path) -> None:
@@ -47,9 +52,13 @@ def main(out: Path) -> None:
         pop = tuning.Population(loop.init, loop.step, configs, key=key, seeds=seeds, mesh=mesh)
         losses = np.stack([pop.step(b)["loss"] for b in batches], axis=1)
         arrays[f"mesh{name}"] = losses
-        arrays["solo" if name == "1" else "solo2"] = np.asarray(
-            [solo(loop, c, seeds, s, key, batches) for c in configs for s in range(seeds)]
-        )
+        solos = [solo(loop, c, seeds, s, key, batches) for c in configs for s in range(seeds)]
+        arrays["solo" if name == "1" else "solo2"] = np.asarray([s[0] for s in solos])
+        if name == "1":
+            arrays["mesh1_state"] = np.stack(
+                [_flat(jax.tree.map(lambda x, i=i: x[i], pop.state)) for i in range(pop.size)]
+            )
+            arrays["solo_state"] = np.stack([s[1] for s in solos])
     np.savez(out / "population.npz", **arrays)
 
 

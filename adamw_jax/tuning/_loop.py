@@ -126,20 +126,25 @@ def _member_init(init: Init) -> Callable:
 
 
 def _member_step(init: Init, step: Step) -> Callable:
-    """One member's step: its new leaves where it stays active and everything it returns
-    is finite, else its old ones (a select: a diverged update never leaves the member)."""
+    """One member's step: its new leaves and its metrics (kept or discarded by
+    :func:`_member_select`, in a call of its own)."""
 
-    def member(leaves, batch, hparams, key, active):
+    def member(leaves, batch, hparams, key):
         static, template = _trace_init(init, hparams, key)
         new_state, metrics = step(_merge(static, leaves), batch, hparams)
         _check_metrics("step", metrics)
         new_static, new_leaves = _split(new_state)
         _check_same_leaves(static, template, new_static, new_leaves)
-        keep = active & _all_finite(metrics, new_leaves)
-        kept = [jnp.where(keep, new, old) for new, old in zip(new_leaves, leaves, strict=True)]
-        return kept, dict(metrics), keep
+        return new_leaves, dict(metrics)
 
     return member
+
+
+def _member_select(old, new, metrics, active):
+    """A member's new leaves where it stays active and all it returned is finite, else its
+    old ones (a select: a diverged update never leaves the member); and whether it stays."""
+    keep = active & _all_finite(metrics, new)
+    return [jnp.where(keep, n, o) for n, o in zip(new, old, strict=True)], keep
 
 
 def _member_map(init: Init, fn: Callable) -> Callable:
@@ -152,26 +157,59 @@ def _member_map(init: Init, fn: Callable) -> Callable:
     return member
 
 
-def _over_members(member: Callable, in_axes: tuple, mesh: Mesh | None, members: int) -> Callable:
+# ------------------------------------------------------------ the members' layouts in memory
+# Vmapped members are stacked: a member leaf of shape s is stored as (members, *s). Members
+# alone on their devices are stored as rows: the leaf as (members * s[0], *s[1:]) (scalars
+# as (members,)), so that each device holds its member's leaves with their own shapes and
+# the member's step program reads them as its solo run does (a stacked block would enter
+# it through a reshape, which XLA fuses into the step and can round differently).
+def one_per_device(members: int, mesh: Mesh | None) -> bool:
+    """Whether ``members`` run one per device of ``mesh`` (or alone, without one)."""
+    return members == (1 if mesh is None else mesh.size)
+
+
+def _as_rows(stacked: Sequence[Any], shapes: Sequence[tuple]) -> list[Any]:
+    return [
+        x.reshape((x.shape[0] * s[0], *s[1:])) if s else x
+        for x, s in zip(stacked, shapes, strict=True)
+    ]
+
+
+def _as_stacked(rows: Sequence[Any], shapes: Sequence[tuple], members: int) -> list[Any]:
+    return [x.reshape((members, *s)) for x, s in zip(rows, shapes, strict=True)]
+
+
+def _over_members(
+    member: Callable, in_axes: tuple, mesh: Mesh | None, members: int, shapes: Sequence[tuple]
+) -> Callable:
     """``member`` over the member axis: vmapped, or split over ``mesh`` with ``shard_map``.
 
-    One member per device (or a one-member population) runs the unbatched program, so it
-    computes exactly what the member computes alone.
+    ``in_axes`` holds, per argument, None (shared), 0 (a leading member axis) or
+    ``"leaves"`` (the members' leaves, member leaf shapes ``shapes``, in the layout of
+    ``members`` on ``mesh``). One member per device (or a one-member population) runs the
+    unbatched ``member`` on its rows, and returns rows.
     """
-    per_device = members // (1 if mesh is None else mesh.size)
-    if per_device == 1:
+    if one_per_device(members, mesh):
 
         def body(*args):
-            one = [a if ax is None else _first(a) for a, ax in zip(args, in_axes, strict=True)]
-            return jax.tree.map(lambda x: x[None], member(*one))
+            own = [
+                _from_rows(a, shapes) if axis == "leaves" else a if axis is None else _first(a)
+                for a, axis in zip(args, in_axes, strict=True)
+            ]
+            return jax.tree.map(lambda x: x if x.ndim else x[None], member(*own))
 
     else:
-        body = jax.vmap(member, in_axes=in_axes)
+        body = jax.vmap(member, in_axes=tuple(0 if a == "leaves" else a for a in in_axes))
     if mesh is None:
         return body
     spec = PartitionSpec(mesh.axis_names)
     specs = tuple(PartitionSpec() if axis is None else spec for axis in in_axes)
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)
+
+
+def _from_rows(rows: Sequence[Any], shapes: Sequence[tuple]) -> list[Any]:
+    """One device's rows as its member's leaves (scalars arrive as one-element rows)."""
+    return [x if s else x[0] for x, s in zip(rows, shapes, strict=True)]
 
 
 def _first(tree: Any) -> Any:
@@ -185,31 +223,47 @@ class _Program:
     def __init__(self, init: Init, step: Step, mesh: Mesh | None):
         self.init_fn, self.step_fn, self.mesh = init, step, mesh
         self.compiled: dict[tuple, Callable] = {}
+        self.shapes: list[tuple] | None = None  # a member's leaf shapes, once traced
 
-    def _get(self, name: tuple, build: Callable[[], Callable]) -> Callable:
+    def _get(self, name: tuple, build: Callable[[], Callable], **jit: Any) -> Callable:
         if name not in self.compiled:
-            self.compiled[name] = jax.jit(build())
+            self.compiled[name] = jax.jit(build(), **jit)
         return self.compiled[name]
+
+    def leaf_shapes(self, hparams: dict, key: jax.Array) -> list[tuple]:
+        """A member's leaf shapes (traced once: shapes do not depend on ``hparams``)."""
+        if self.shapes is None:
+            leaves = jax.eval_shape(_member_init(self.init_fn), hparams, key)
+            self.shapes = [tuple(x.shape) for x in leaves]
+        return self.shapes
+
+    def _over(self, member: Callable, in_axes: tuple, members: int) -> Callable:
+        return _over_members(member, in_axes, self.mesh, members, self.shapes)
 
     def init(self, members: int) -> Callable:
         member = _member_init(self.init_fn)
-        return self._get(
-            ("init", members), lambda: _over_members(member, (0, 0), self.mesh, members)
-        )
+        return self._get(("init", members), lambda: self._over(member, (0, 0), members))
 
     def step(self, members: int, per_member: bool) -> Callable:
         member = _member_step(self.init_fn, self.step_fn)
-        axes = (0, 0 if per_member else None, 0, 0, 0)
+        axes = ("leaves", 0 if per_member else None, 0, 0)
+        return self._get(("step", members, per_member), lambda: self._over(member, axes, members))
+
+    def select(self, members: int) -> Callable:
+        """The freezing select, compiled apart from the step so that the step's program is
+        the member's own."""
+        axes = ("leaves", "leaves", 0, 0)
         return self._get(
-            ("step", members, per_member), lambda: _over_members(member, axes, self.mesh, members)
+            ("select", members),
+            lambda: self._over(_member_select, axes, members),
+            donate_argnums=(1,),
         )
 
     def map(self, fn: Callable, members: int, per_member: bool) -> Callable:
         member = _member_map(self.init_fn, fn)
-        axes = (0, 0 if per_member else None, 0, 0)
+        axes = ("leaves", 0 if per_member else None, 0, 0)
         return self._get(
-            ("map", fn, members, per_member),
-            lambda: _over_members(member, axes, self.mesh, members),
+            ("map", fn, members, per_member), lambda: self._over(member, axes, members)
         )
 
     def put(self, tree: Any) -> Any:
@@ -217,6 +271,18 @@ class _Program:
         if self.mesh is None:
             return tree
         return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names)))
+
+    def to_layout(self, stacked: Sequence[Any], members: int) -> list[Any]:
+        """Stacked member leaves in the layout of ``members`` on the mesh, placed there."""
+        if one_per_device(members, self.mesh):
+            stacked = _as_rows(stacked, self.shapes)
+        return self.put(list(stacked))
+
+    def to_stacked(self, leaves: Sequence[Any], members: int) -> list[Any]:
+        """Member leaves in the layout of ``members`` as stacked ones."""
+        if one_per_device(members, self.mesh):
+            return _as_stacked(leaves, self.shapes, members)
+        return list(leaves)
 
 
 def _check_callable(name: str, fn: Any, signature: str) -> None:
@@ -252,15 +318,15 @@ class Population:
     (compiled once per population size and batch layout).
 
     **Reproducing a member.** A member computes its configuration trained alone
-    (``jax.jit(init)`` once, then ``jax.jit(step)`` on the same batches) up to rounding.
-    Vmapped members run the same optimizer arithmetic, but XLA computes batched matrix
-    products with other kernels, reduction orders and fusions than unbatched ones, so a
-    member with matrix products differs from its solo run by a few ulps per step (within
-    1e-6 relative over a calm run; a chaotic run can amplify it), as in :func:`sweep`. A
-    member alone on a device (one per device of ``mesh``, or a one-member population) runs
-    the unbatched step, but inside a larger program (its state enters as a slice of the
-    member-stacked arrays and the freezing select follows the step), which XLA fuses
-    differently from the bare step: it too can differ in the last bit of some values.
+    (``jax.jit(init)`` once, then ``jax.jit(step)`` on the same batches). A member alone on
+    a device (one per device of ``mesh``, or a one-member population) is that run bitwise:
+    its leaves are stored with their own shapes on its device, its step is the unbatched
+    step, and the freezing select runs in a call of its own, so the step's program is the
+    solo run's. Vmapped members run the same optimizer arithmetic, but XLA computes batched
+    matrix products with other kernels, reduction orders and fusions than unbatched ones,
+    so a member with matrix products differs from its solo run by a few ulps per step
+    (within 1e-6 relative over a calm run; a chaotic run can amplify it), as in
+    :func:`sweep`.
 
     **Stopping.** A member is frozen — its state no longer updated — when :meth:`stop`
     stops it, or automatically on the step where any metric it returns, or any floating
@@ -320,7 +386,7 @@ class Population:
         seed = np.tile(np.arange(seeds, dtype=np.int32), len(configs))
         member_configs = [c for c in configs for _ in range(seeds)]
         self._setup(_Program(init, step, mesh), member_configs, seed, seed_keys(key, seeds)[seed])
-        self._leaves = self._program.init(self.size)(self._hparams, self._keys)
+        self._start()
 
     def _setup(self, program: _Program, configs: list, seed: np.ndarray, keys: jax.Array) -> None:
         mesh = program.mesh
@@ -339,6 +405,11 @@ class Population:
             {k: np.asarray([c[k] for c in configs], np.float32) for k in configs[0]}
         )
         self._keys = program.put(keys)
+        program.leaf_shapes(as_hparams(configs[0]), keys[0])
+
+    def _start(self) -> None:
+        """Every member's state from ``init``."""
+        self._leaves = self._program.init(self.size)(self._hparams, self._keys)
 
     @property
     def size(self) -> int:
@@ -357,7 +428,10 @@ class Population:
             return leaves
 
         jax.eval_shape(structure, as_hparams(self.configs[0]), self._keys[0])
-        return _merge(holder[0], list(self._leaves))
+        return _merge(holder[0], self._stacked())
+
+    def _stacked(self) -> list[Any]:
+        return self._program.to_stacked(self._leaves, self.size)
 
     def step(self, batch: Any, *, per_member: bool = False) -> dict[str, np.ndarray]:
         """Advances every active member by one ``step`` on ``batch``, in one compiled call.
@@ -375,8 +449,10 @@ class Population:
         _check_batch(batch, per_member, self.size)
         was_active = self.active
         run = self._program.step(self.size, per_member)
+        new, metrics = run(self._leaves, batch, self._hparams, self._keys)
+        select = self._program.select(self.size)
         active = self._program.put(was_active)
-        self._leaves, metrics, keep = run(self._leaves, batch, self._hparams, self._keys, active)
+        self._leaves, keep = select(self._leaves, new, metrics, active)
         self.active = np.asarray(keep)
         self.steps += 1
         return {k: np.where(was_active, v, np.nan) for k, v in _host(metrics).items()}
@@ -411,10 +487,10 @@ class Population:
         devices = 1 if self._program.mesh is None else self._program.mesh.size
         extra = -len(survivors) % devices
         keep = np.sort(np.concatenate([survivors, np.flatnonzero(~self.active)[:extra]]))
-        leaves, keys = [x[keep] for x in self._leaves], self._keys[keep]
+        leaves, keys = [x[keep] for x in self._stacked()], self._keys[keep]
         index, active, steps = self.index[keep], self.active[keep], self.steps
         self._setup(self._program, [self.configs[i] for i in keep], self.seed[keep], keys)
-        self._leaves = self._program.put(leaves)
+        self._leaves = self._program.to_layout(leaves, self.size)
         self.index, self.active, self.steps = index, active, steps
 
     def save(self, path: str | Path) -> None:
@@ -426,10 +502,9 @@ class Population:
         path = Path(path).absolute()
         if path.exists():
             raise FileExistsError(f"path must not exist yet (nothing is overwritten); got {path}.")
-        keys = [_is_key(x) for x in self._leaves]
-        arrays = [
-            jax.random.key_data(x) if k else x for x, k in zip(self._leaves, keys, strict=True)
-        ]
+        leaves = self._stacked()
+        keys = [_is_key(x) for x in leaves]
+        arrays = [jax.random.key_data(x) if k else x for x, k in zip(leaves, keys, strict=True)]
         meta = {
             "configs": self.configs,
             "seed": self.seed.tolist(),
@@ -438,10 +513,10 @@ class Population:
             "steps": self.steps,
             "keys": np.asarray(_key_data(self._keys)).tolist(),
             "key_impl": str(jax.random.key_impl(self._keys)) if _is_key(self._keys) else None,
-            "leaves": [[list(x.shape), str(x.dtype)] for x in self._leaves],
+            "leaves": [[list(x.shape), str(x.dtype)] for x in leaves],
             "leaf_key_impl": [
                 str(jax.random.key_impl(x)) if k else None
-                for x, k in zip(self._leaves, keys, strict=True)
+                for x, k in zip(leaves, keys, strict=True)
             ],
         }
         checkpointer = ocp.StandardCheckpointer()
@@ -467,18 +542,19 @@ class Population:
         pop._setup(
             _Program(init, step, mesh), meta["configs"], np.asarray(meta["seed"], np.int32), keys
         )
-        expected = jax.eval_shape(pop._program.init(pop.size), pop._hparams, pop._keys)
-        if [[list(x.shape), str(x.dtype)] for x in expected] != meta["leaves"]:
+        member = jax.eval_shape(_member_init(init), as_hparams(pop.configs[0]), pop._keys[0])
+        expected = [[[pop.size, *x.shape], str(x.dtype)] for x in member]
+        if expected != meta["leaves"]:
             raise ValueError(
                 f"init must build the saved state: the population at {path} has leaves "
-                f"{meta['leaves']}, init gives {[[list(x.shape), str(x.dtype)] for x in expected]}."
+                f"{meta['leaves']}, init gives {expected}."
             )
         arrays = ocp.StandardCheckpointer().restore(path / "state")
         leaves = [
             np.asarray(x) if impl is None else jax.random.wrap_key_data(np.asarray(x), impl=impl)
             for x, impl in zip(arrays, meta["leaf_key_impl"], strict=True)
         ]
-        pop._leaves = pop._program.put(leaves)
+        pop._leaves = pop._program.to_layout(leaves, pop.size)
         pop.index, pop.steps = np.asarray(meta["index"]), int(meta["steps"])
         pop.active = np.asarray(meta["active"], bool)
         return pop
@@ -529,7 +605,7 @@ class LoopTrain(PopulationTrain):
             configs = [{k: float(v[i]) for k, v in hparams.items()} for i in range(len(seed))]
             pop = Population.__new__(Population)
             pop._setup(program, configs, seed, all_keys[seed])
-            pop._leaves = program.init(pop.size)(pop._hparams, pop._keys)
+            pop._start()
             return self._train(pop)
 
         return chunk, run
