@@ -756,11 +756,11 @@ def zeros_like(
     """
     block_size, fmt = _resolve(bits, signed, block_size, code_format)
     length = (jnp.shape(x) or (1,))[-1]
+    if _numerics.explicit_sharding(x) is None and (bits == 4 or _on_one_device(x)):
+        # Plain zeros: nothing to take from x but its shape (and, eagerly, no program to
+        # compile per leaf shape).
+        return zeros(jnp.shape(x), signed=signed, bits=bits, block_size=block_size, code_format=fmt)
     if bits == 4:
-        if _numerics.explicit_sharding(x) is None:  # no sharding in the types: plain zeros
-            return zeros(
-                jnp.shape(x), signed=signed, bits=4, block_size=block_size, code_format=fmt
-            )
         q = quantize(
             jnp.zeros_like(x, dtype=jnp.float32),
             signed=signed,
@@ -776,6 +776,16 @@ def zeros_like(
         )
         scales = jnp.zeros_like(absmax)
     return QuantizedArray(codes, scales, bits, bool(signed), block_size, length, fmt)
+
+
+def _on_one_device(x: Any) -> bool:
+    """Whether ``x`` is a concrete array on one device (or a NumPy array): its zeros need
+    no sharding."""
+    if isinstance(x, np.ndarray):
+        return True
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return False
+    return len(x.sharding.device_set) == 1
 
 
 class QuantizedStorage(NamedTuple):
