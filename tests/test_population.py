@@ -220,18 +220,17 @@ def test_flax_nnx_model_and_optimizer_train_unchanged():
         optimizer.update(model, grads)
         return (model, optimizer), {"loss": loss}
 
+    @nnx.jit
+    def solo_step(model, optimizer, x, y):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+        optimizer.update(model, grads)
+        return loss
+
     batches = mlp_loop(10).batches(10)
     pop = tuning.Population(init, step, CONFIGS, key=KEY)
     losses = _run(pop, batches)
     for i, config in enumerate(CONFIGS):  # the model trained alone, the usual NNX way
         model, optimizer = init(tuning.as_hparams(config), tuning.seed_keys(KEY, 1)[0])
-
-        @nnx.jit
-        def solo_step(model, optimizer, x, y):
-            loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
-            optimizer.update(model, grads)
-            return loss
-
         solo = [float(solo_step(model, optimizer, *b)) for b in batches]
         np.testing.assert_allclose(losses[i], solo, rtol=1e-5)
     assert losses[:, -1].std() > 0
@@ -259,10 +258,10 @@ def test_linen_train_state_trains_unchanged():
     batches = mlp_loop(10).batches(10)
     pop = tuning.Population(init, step, CONFIGS, key=KEY)
     losses = _run(pop, batches)
+    solo_step = jax.jit(lambda s, b: step(s, b, None))
     for i, config in enumerate(CONFIGS):
         hparams = tuning.as_hparams(config)
         state = init(hparams, tuning.seed_keys(KEY, 1)[0])
-        solo_step = jax.jit(lambda s, b: step(s, b, None))
         solo = []
         for b in batches:
             state, metrics = solo_step(state, b)
