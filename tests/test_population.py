@@ -336,6 +336,7 @@ def test_a_member_frozen_in_a_loop_sweep_is_a_failure(loop):
 
 
 # ---------------------------------------------------------------------- several devices
+@pytest.mark.slow  # an 8-device worker process, as in test_sharding and test_tuning
 def test_members_split_over_eight_devices_are_their_solo_runs(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(TESTS / "_population_sharding_worker.py"), str(tmp_path)],

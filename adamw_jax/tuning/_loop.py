@@ -11,6 +11,7 @@ compiled away.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -163,7 +164,7 @@ def _member_map(init: Init, fn: Callable) -> Callable:
 # as (members,)), so that each device holds its member's leaves with their own shapes and
 # the member's step program reads them as its solo run does (a stacked block would enter
 # it through a reshape, which XLA fuses into the step and can round differently).
-def one_per_device(members: int, mesh: Mesh | None) -> bool:
+def _one_per_device(members: int, mesh: Mesh | None) -> bool:
     """Whether ``members`` run one per device of ``mesh`` (or alone, without one)."""
     return members == (1 if mesh is None else mesh.size)
 
@@ -189,7 +190,7 @@ def _over_members(
     ``members`` on ``mesh``). One member per device (or a one-member population) runs the
     unbatched ``member`` on its rows, and returns rows.
     """
-    if one_per_device(members, mesh):
+    if _one_per_device(members, mesh):
 
         def body(*args):
             own = [
@@ -216,54 +217,92 @@ def _first(tree: Any) -> Any:
     return jax.tree.map(lambda x: x[0], tree)
 
 
+class _Same:
+    """A user's function as a static argument of ``jax.jit``, compared by identity (as jit
+    compares the functions it compiles), so that any callable, hashable or not, can be one.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __hash__(self) -> int:
+        return id(self.fn)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.fn is self.fn
+
+
+# The compiled calls. Their static arguments name the user's functions, the mesh and a
+# member's leaf shapes, so jit's own cache compiles each once per population size (and batch
+# layout): populations of the same functions share their programs.
+_STATIC = ("init", "mesh", "shapes")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _init_call(hparams, keys, *, init, mesh, shapes):
+    member = _member_init(init.fn)
+    return _over_members(member, (0, 0), mesh, keys.shape[0], shapes)(hparams, keys)
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "step", "per_member"))
+def _step_call(leaves, batch, hparams, keys, *, init, step, mesh, shapes, per_member):
+    member = _member_step(init.fn, step.fn)
+    axes = ("leaves", 0 if per_member else None, 0, 0)
+    return _over_members(member, axes, mesh, keys.shape[0], shapes)(leaves, batch, hparams, keys)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "shapes"), donate_argnums=(1,))
+def _select_call(old, new, metrics, active, *, mesh, shapes):
+    """The freezing select, compiled apart from the step so that the step's program is the
+    member's own."""
+    axes = ("leaves", "leaves", 0, 0)
+    return _over_members(_member_select, axes, mesh, active.shape[0], shapes)(
+        old, new, metrics, active
+    )
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "fn", "per_member"))
+def _map_call(leaves, args, hparams, keys, *, init, fn, mesh, shapes, per_member):
+    member = _member_map(init.fn, fn.fn)
+    axes = ("leaves", 0 if per_member else None, 0, 0)
+    return _over_members(member, axes, mesh, keys.shape[0], shapes)(leaves, args, hparams, keys)
+
+
 class _Program:
-    """The compiled calls of one ``init``/``step`` pair on one mesh, one per population size
-    (and batch layout, and evaluation function), each compiled on first use."""
+    """The compiled calls of one ``init``/``step`` pair on one mesh."""
 
     def __init__(self, init: Init, step: Step, mesh: Mesh | None):
         self.init_fn, self.step_fn, self.mesh = init, step, mesh
-        self.compiled: dict[tuple, Callable] = {}
-        self.shapes: list[tuple] | None = None  # a member's leaf shapes, once traced
+        self.shapes: tuple[tuple[int, ...], ...] | None = None  # a member's leaf shapes
 
-    def _get(self, name: tuple, build: Callable[[], Callable], **jit: Any) -> Callable:
-        if name not in self.compiled:
-            self.compiled[name] = jax.jit(build(), **jit)
-        return self.compiled[name]
-
-    def leaf_shapes(self, hparams: dict, key: jax.Array) -> list[tuple]:
+    def leaf_shapes(self, hparams: dict, key: jax.Array) -> tuple[tuple[int, ...], ...]:
         """A member's leaf shapes (traced once: shapes do not depend on ``hparams``)."""
         if self.shapes is None:
             leaves = jax.eval_shape(_member_init(self.init_fn), hparams, key)
-            self.shapes = [tuple(x.shape) for x in leaves]
+            self.shapes = tuple(tuple(x.shape) for x in leaves)
         return self.shapes
 
-    def _over(self, member: Callable, in_axes: tuple, members: int) -> Callable:
-        return _over_members(member, in_axes, self.mesh, members, self.shapes)
+    def _static(self) -> dict[str, Any]:
+        return {"init": _Same(self.init_fn), "mesh": self.mesh, "shapes": self.shapes}
 
-    def init(self, members: int) -> Callable:
-        member = _member_init(self.init_fn)
-        return self._get(("init", members), lambda: self._over(member, (0, 0), members))
+    def init(self, hparams, keys) -> list[Any]:
+        return _init_call(hparams, keys, **self._static())
 
-    def step(self, members: int, per_member: bool) -> Callable:
-        member = _member_step(self.init_fn, self.step_fn)
-        axes = ("leaves", 0 if per_member else None, 0, 0)
-        return self._get(("step", members, per_member), lambda: self._over(member, axes, members))
-
-    def select(self, members: int) -> Callable:
-        """The freezing select, compiled apart from the step so that the step's program is
-        the member's own."""
-        axes = ("leaves", "leaves", 0, 0)
-        return self._get(
-            ("select", members),
-            lambda: self._over(_member_select, axes, members),
-            donate_argnums=(1,),
+    def step(self, leaves, batch, hparams, keys, per_member: bool):
+        step = _Same(self.step_fn)
+        return _step_call(
+            leaves, batch, hparams, keys, step=step, per_member=per_member, **self._static()
         )
 
-    def map(self, fn: Callable, members: int, per_member: bool) -> Callable:
-        member = _member_map(self.init_fn, fn)
-        axes = ("leaves", 0 if per_member else None, 0, 0)
-        return self._get(
-            ("map", fn, members, per_member), lambda: self._over(member, axes, members)
+    def select(self, old, new, metrics, active):
+        return _select_call(old, new, metrics, active, mesh=self.mesh, shapes=self.shapes)
+
+    def map(self, fn: Callable, leaves, args, hparams, keys, per_member: bool):
+        fn = _Same(fn)
+        return _map_call(
+            leaves, args, hparams, keys, fn=fn, per_member=per_member, **self._static()
         )
 
     def put(self, tree: Any) -> Any:
@@ -274,13 +313,13 @@ class _Program:
 
     def to_layout(self, stacked: Sequence[Any], members: int) -> list[Any]:
         """Stacked member leaves in the layout of ``members`` on the mesh, placed there."""
-        if one_per_device(members, self.mesh):
+        if _one_per_device(members, self.mesh):
             stacked = _as_rows(stacked, self.shapes)
         return self.put(list(stacked))
 
     def to_stacked(self, leaves: Sequence[Any], members: int) -> list[Any]:
         """Member leaves in the layout of ``members`` as stacked ones."""
-        if one_per_device(members, self.mesh):
+        if _one_per_device(members, self.mesh):
             return _as_stacked(leaves, self.shapes, members)
         return list(leaves)
 
@@ -409,7 +448,7 @@ class Population:
 
     def _start(self) -> None:
         """Every member's state from ``init``."""
-        self._leaves = self._program.init(self.size)(self._hparams, self._keys)
+        self._leaves = self._program.init(self._hparams, self._keys)
 
     @property
     def size(self) -> int:
@@ -448,11 +487,10 @@ class Population:
         """
         _check_batch(batch, per_member, self.size)
         was_active = self.active
-        run = self._program.step(self.size, per_member)
-        new, metrics = run(self._leaves, batch, self._hparams, self._keys)
-        select = self._program.select(self.size)
-        active = self._program.put(was_active)
-        self._leaves, keep = select(self._leaves, new, metrics, active)
+        program = self._program
+        new, metrics = program.step(self._leaves, batch, self._hparams, self._keys, per_member)
+        active = program.put(was_active)
+        self._leaves, keep = program.select(self._leaves, new, metrics, active)
         self.active = np.asarray(keep)
         self.steps += 1
         return {k: np.where(was_active, v, np.nan) for k, v in _host(metrics).items()}
@@ -465,8 +503,8 @@ class Population:
         """
         _check_callable("fn", fn, "(state, *args) -> metrics")
         _check_batch(args, per_member, self.size)
-        run = self._program.map(fn, self.size, per_member)
-        return _host(run(self._leaves, args, self._hparams, self._keys))
+        metrics = self._program.map(fn, self._leaves, args, self._hparams, self._keys, per_member)
+        return _host(metrics)
 
     def stop(self, member: int) -> None:
         """Freezes member ``member`` (a position in ``range(size)``)."""
