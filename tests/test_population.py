@@ -95,6 +95,9 @@ def test_one_compiled_call_per_population_size(loop):
     for batch in loop.batches(5):
         pop.step(batch)
     assert len(traces) == 2
+    # Another population of the same functions and size reuses the compiled step.
+    tuning.Population(loop.init, step, CONFIGS, key=jax.random.key(8)).step(batch)
+    assert len(traces) == 2
 
 
 def test_per_member_batches_give_each_member_its_own(loop):
