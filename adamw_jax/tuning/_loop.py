@@ -26,8 +26,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from adamw_jax import _validate
 from adamw_jax.tuning import _storage
 from adamw_jax.tuning._population import Population as _Members
-from adamw_jax.tuning._population import seed_keys
-from adamw_jax.tuning._sweep import PopulationTrain, _check_configs, _check_key, as_hparams
+from adamw_jax.tuning._population import check_key, seed_keys
+from adamw_jax.tuning._space import check_configs
+from adamw_jax.tuning._sweep import PopulationTrain, as_hparams
 
 Init = Callable[[dict[str, jax.Array], jax.Array], Any]
 Step = Callable[[Any, Any, dict[str, jax.Array]], tuple[Any, Mapping[str, jax.Array]]]
@@ -419,9 +420,9 @@ class Population:
     ):
         _check_callable("init", init, "(hparams, key) -> state")
         _check_callable("step", step, "(state, batch, hparams) -> (state, metrics)")
-        configs = _check_configs(configs)
+        configs = check_configs(configs)
         _validate.check_int("seeds", seeds, low=1)
-        _check_key(key)
+        check_key(key)
         seed = np.tile(np.arange(seeds, dtype=np.int32), len(configs))
         member_configs = [c for c in configs for _ in range(seeds)]
         self._setup(_Program(init, step, mesh), member_configs, seed, seed_keys(key, seeds)[seed])

@@ -48,6 +48,14 @@ def is_typed_key(key: Any) -> bool:
     return jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key)
 
 
+def check_key(key: Any) -> None:
+    """Raises unless ``key`` is one PRNG key: a typed key or raw uint32 data of shape (2,)."""
+    typed = is_typed_key(key)
+    raw = isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape == (2,)
+    if not ((typed and np.ndim(key) == 0) or raw):
+        raise TypeError(f"key must be one PRNG key (jax.random.key(seed)); got {key!r}.")
+
+
 def population(configs: list[dict[str, float]], key: jax.Array, seeds: int) -> Population:
     """Every configuration times every seed, as arrays with a leading member axis.
 

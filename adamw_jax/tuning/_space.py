@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -129,3 +129,28 @@ def check_values(name: str, values: Any) -> list[float]:
         if not math.isfinite(v):
             raise ValueError(f"{name} must hold finite numbers; got {v!r}.")
     return [float(v) for v in values]
+
+
+def check_configs(configs: Any) -> list[Config]:
+    """``configs`` as a list of dicts name -> float, checked: non-empty, the same names in
+    each, finite numbers."""
+    if isinstance(configs, Mapping) or not isinstance(configs, Sequence):
+        raise TypeError(f"configs must be a list of dicts name -> number; got {configs!r}.")
+    if not configs:
+        raise ValueError("configs must hold at least one configuration; got an empty list.")
+    names = None
+    for i, config in enumerate(configs):
+        if not isinstance(config, Mapping) or not config:
+            raise TypeError(
+                f"configs[{i}] must be a non-empty dict name -> number; got {config!r}."
+            )
+        if names is None:
+            names = set(config)
+        elif set(config) != names:
+            raise ValueError(
+                f"configs must all have the same names: configs[0] has {sorted(names)}, "
+                f"configs[{i}] has {sorted(config)}."
+            )
+        for name, value in config.items():
+            check_values(f"configs[{i}][{name!r}]", [value])
+    return [{k: float(v) for k, v in c.items()} for c in configs]

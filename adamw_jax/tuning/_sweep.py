@@ -14,11 +14,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from adamw_jax import _validate
-from adamw_jax.tuning import _population, _resume, _storage, _trace
+from adamw_jax.tuning import _population, _resume, _space, _storage, _trace
 from adamw_jax.tuning._population import Train
 from adamw_jax.tuning._results import Results, concatenate
 from adamw_jax.tuning._space import Config, check_values
@@ -33,29 +32,6 @@ def as_hparams(config: Mapping[str, float]) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v, jnp.float32) for k, v in config.items()}
 
 
-def _check_configs(configs: Any) -> list[Config]:
-    if isinstance(configs, Mapping) or not isinstance(configs, Sequence):
-        raise TypeError(f"configs must be a list of dicts name -> number; got {configs!r}.")
-    if not configs:
-        raise ValueError("configs must hold at least one configuration; got an empty list.")
-    names = None
-    for i, config in enumerate(configs):
-        if not isinstance(config, Mapping) or not config:
-            raise TypeError(
-                f"configs[{i}] must be a non-empty dict name -> number; got {config!r}."
-            )
-        if names is None:
-            names = set(config)
-        elif set(config) != names:
-            raise ValueError(
-                f"configs must all have the same names: configs[0] has {sorted(names)}, "
-                f"configs[{i}] has {sorted(config)}."
-            )
-        for name, value in config.items():
-            check_values(f"configs[{i}][{name!r}]", [value])
-    return [{k: float(v) for k, v in c.items()} for c in configs]
-
-
 def _check_members_per_call(members_per_call: Any, mesh: Mesh | None) -> None:
     if members_per_call is None:
         return
@@ -65,13 +41,6 @@ def _check_members_per_call(members_per_call: Any, mesh: Mesh | None) -> None:
             f"members_per_call must be a multiple of the mesh's {mesh.size} devices; got "
             f"{members_per_call}."
         )
-
-
-def _check_key(key: Any) -> None:
-    typed = _population.is_typed_key(key)
-    raw = isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape == (2,)
-    if not ((typed and np.ndim(key) == 0) or raw):
-        raise TypeError(f"key must be one PRNG key (jax.random.key(seed)); got {key!r}.")
 
 
 def _bar_class(progress: Any) -> Any:
@@ -152,7 +121,7 @@ def sweep(
       it is listed in ``Results.failures`` (and a warning says how many), and
       :meth:`Results.best` leaves its configuration out.
     """
-    configs = _check_configs(configs)
+    configs = _space.check_configs(configs)
     evaluate = Evaluator(
         train,
         key=key,
@@ -231,7 +200,7 @@ class Evaluator:
     ):
         _validate.check_int("seeds", seeds, low=1)
         _check_members_per_call(members_per_call, mesh)
-        _check_key(key)
+        _population.check_key(key)
         _check_storage(storage)
         self.train, self.key, self.seeds = train, key, int(seeds)
         self.members_per_call, self.mesh = members_per_call, mesh
