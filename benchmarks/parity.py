@@ -20,6 +20,7 @@ float32 against that float64 reference).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -85,6 +86,24 @@ def run_jax(tx: optax.GradientTransformation, problem: LeastSquares, dtype: Any)
         return {k: np.asarray(v) for k, v in run(params).items()}
 
 
+@contextlib.contextmanager
+def torch_single_threaded():
+    """PyTorch on one intra-op thread in the block, its thread count restored after.
+
+    The problem's tensors have a few dozen elements: no op is large enough to be split, and
+    a second thread only adds a hand-off per op (a 200-step run then takes 20 times the
+    CPU time of one thread, more on a busy machine).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_torch(problem: LeastSquares, bits: int, **kwargs) -> dict:
     """Final params of ``torch.optim.AdamW(**kwargs)`` after STEPS steps."""
     import torch
@@ -95,12 +114,13 @@ def run_torch(problem: LeastSquares, bits: int, **kwargs) -> dict:
         k: torch.tensor(v, dtype=dtype, requires_grad=True) for k, v in problem.params.items()
     }
     opt = torch.optim.AdamW(list(params.values()), **kwargs)
-    for _ in range(STEPS):
-        with torch.no_grad():
-            residual = x @ params["kernel"] + params["bias"] - y
-            params["kernel"].grad = x.T @ residual / len(x)
-            params["bias"].grad = residual.mean(0)
-        opt.step()
+    with torch_single_threaded():
+        for _ in range(STEPS):
+            with torch.no_grad():
+                residual = x @ params["kernel"] + params["bias"] - y
+                params["kernel"].grad = x.T @ residual / len(x)
+                params["bias"].grad = residual.mean(0)
+            opt.step()
     return {k: v.detach().numpy() for k, v in params.items()}
 
 
