@@ -69,9 +69,10 @@ class Row(NamedTuple):
     floor: float
 
 
-def run_jax(tx: optax.GradientTransformation, problem: LeastSquares, dtype: Any) -> dict:
-    """Final params of ``tx`` after STEPS steps, as one jitted scan, in ``dtype``."""
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), problem.params)
+def compiled_run(tx: optax.GradientTransformation, problem: LeastSquares) -> Callable:
+    """``params -> final params`` of ``tx`` after STEPS steps on ``problem``'s data (its
+    inputs and targets constants of the program, as the other frameworks' runs have them),
+    as one jitted scan: compiled once per dtype, whatever the initial params."""
 
     def step(carry, _):
         params, state = carry
@@ -82,8 +83,19 @@ def run_jax(tx: optax.GradientTransformation, problem: LeastSquares, dtype: Any)
     def run(params):
         return jax.lax.scan(step, (params, tx.init(params)), None, length=STEPS)[0][0]
 
+    return run
+
+
+def final_params(run: Callable, problem: LeastSquares, dtype: Any) -> dict:
+    """``run(params)`` (a :func:`compiled_run`) from ``problem``'s params in ``dtype``."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), problem.params)
     with jax.numpy_dtype_promotion("standard"):  # Optax and its schedules need it
         return {k: np.asarray(v) for k, v in run(params).items()}
+
+
+def run_jax(tx: optax.GradientTransformation, problem: LeastSquares, dtype: Any) -> dict:
+    """Final params of ``tx`` after STEPS steps, as one jitted scan, in ``dtype``."""
+    return final_params(compiled_run(tx, problem), problem, dtype)
 
 
 @contextlib.contextmanager
@@ -167,8 +179,19 @@ class Comparison(NamedTuple):
 
 
 def with_jax(make: Callable[[], optax.GradientTransformation]) -> Callable:
-    """``(problem, dtype) -> final params`` of the transformation ``make()``."""
-    return lambda problem, dtype: run_jax(make(), problem, dtype)
+    """``(problem, dtype) -> final params`` of the transformation ``make()``.
+
+    A run on the data of the previous run (the same inputs and targets, as the perturbed
+    problem of the floor has) reuses its compiled scan.
+    """
+    last = []  # [(x, y, run)]: the data of the last run and its compiled scan
+
+    def final(problem: LeastSquares, dtype: Any) -> dict:
+        if not (last and last[0][0] is problem.x and last[0][1] is problem.y):
+            last[:] = [(problem.x, problem.y, compiled_run(make(), problem))]
+        return final_params(last[0][2], problem, dtype)
+
+    return final
 
 
 def optax_comparisons() -> list[Comparison]:
@@ -201,14 +224,18 @@ TORCH_CASES = {
 
 def torch_comparisons() -> list[Comparison]:
     """``torch.optim.AdamW`` (for-loop, foreach, fused; amsgrad; maximize)."""
-    rows = []
+    rows, ports = [], {}
     for name, (torch_kwargs, port_kwargs) in TORCH_CASES.items():
         port_args = "".join(f", {k}={v}" for k, v in port_kwargs.items())
+        if port_args not in ports:  # the three implementations share one port (and its runs)
+            ports[port_args] = with_jax(
+                lambda kw=port_kwargs: compat.torch_adamw(lr=LR, weight_decay=WD, **kw)
+            )
         rows.append(
             Comparison(
                 f"`torch.optim.AdamW(lr={LR}, weight_decay={WD}, {name})`",
                 f"`compat.torch_adamw(lr={LR}, weight_decay={WD}{port_args})`",
-                with_jax(lambda kw=port_kwargs: compat.torch_adamw(lr=LR, weight_decay=WD, **kw)),
+                ports[port_args],
                 lambda problem, dtype, kw=torch_kwargs: run_torch(
                     problem, np.dtype(dtype).itemsize * 8, lr=LR, weight_decay=WD, **kw
                 ),
