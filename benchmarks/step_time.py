@@ -96,7 +96,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and rounds (tests)")
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
     args = parser.parse_args(argv)
-    defaults = (1 / 1024, 40, 2, 2, 0.0, 0.0) if args.quick else (1.0, 1000, 12, 7, 0.3, 0.05)
+    defaults = (1 / 1024, 8, 1, 2, 0.0, 0.0) if args.quick else (1.0, 1000, 12, 7, 0.3, 0.05)
     names = ("scale", "leaves", "blocks", "rounds", "round_seconds", "pause")
     for name, default in zip(names, defaults, strict=True):
         if getattr(args, name) is None:

@@ -253,7 +253,7 @@ def test_decoupled_weight_decay_defaults_to_adamws_decay():
 
 def _run_optax_protocol(tx, params, steps):
     """``steps`` jitted steps on a curved problem; returns the params and the final state."""
-    curv = jax.tree.map(lambda p: 0.5 + jnp.abs(p), params)
+    curv = jax.tree.map(lambda p: 0.5 + np.abs(p), params)  # NumPy: a constant of the scan
 
     def grads(w, t):
         return jax.tree.map(lambda c, x: c * x + 0.1 * jnp.sin(t + x), curv, w)
@@ -315,14 +315,18 @@ def test_bfloat16_sixth_is_the_first_moment_dtype_as_in_optax(factory):
     args = (1e-2, 0.9, 0.999, 1e-8, 0.0, jnp.bfloat16)
     ours, theirs = getattr(adamw_jax, factory)(*args), getattr(optax, factory)(*args)
     params = jax.tree.map(lambda x: x.astype(jnp.float32), _positional_params())
-    curv = jax.tree.map(lambda p: 0.5 + jnp.abs(p), params)
+    curv = jax.tree.map(lambda p: 0.5 + np.abs(p), params)
+
+    @jax.jit  # both updates in one program, compiled once for the 20 steps
+    def both_steps(t, w, got_state, want_state):
+        # Both see the same params and gradients; only their states are their own.
+        grads = jax.tree.map(lambda c, x: c * x + 0.1 * jnp.sin(t + x), curv, w)
+        return ours.update(grads, got_state, w), theirs.update(grads, want_state, w)
+
     w, got_state, want_state = params, ours.init(params), theirs.init(params)
     with jax.numpy_dtype_promotion("standard"):
         for t in range(20):
-            # Both see the same params and gradients; only their states are their own.
-            grads = jax.tree.map(lambda c, x: c * x + 0.1 * jnp.sin(t + x), curv, w)
-            got, got_state = ours.update(grads, got_state, w)
-            want, want_state = theirs.update(grads, want_state, w)
+            (got, got_state), (want, want_state) = both_steps(t, w, got_state, want_state)
             got_mu, want_mu = _first_moment(got_state), _first_moment(want_state)
             assert {x.dtype for x in jax.tree.leaves(got_mu)} == {jnp.dtype(jnp.bfloat16)}
             assert {x.dtype for x in jax.tree.leaves(want_mu)} == {jnp.dtype(jnp.bfloat16)}
@@ -343,11 +347,15 @@ def test_scale_by_adam_positional_call_is_optaxs():
     with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
         grads = _positional_params()
         ours, theirs = adamw_jax.scale_by_adam(*args), optax.scale_by_adam(*args)
+
+        @jax.jit  # both updates in one program, compiled once for the 5 steps
+        def both_steps(t, got_state, want_state):
+            g = jax.tree.map(lambda x: x * (t - 2.5), grads)
+            return ours.update(g, got_state), theirs.update(g, want_state)
+
         got_state, want_state = ours.init(grads), theirs.init(grads)
         for t in range(5):
-            g = jax.tree.map(lambda x: x * (t - 2.5), grads)
-            got, got_state = ours.update(g, got_state)
-            want, want_state = theirs.update(g, want_state)
+            (got, got_state), (want, want_state) = both_steps(t, got_state, want_state)
             assert max_rel_err(got, want) < 1e-9
         assert max_rel_err(got_state.mu, want_state.mu) < 1e-9
         assert max_rel_err(got_state.nu, want_state.nu) < 1e-9
@@ -361,12 +369,16 @@ def test_fused_adamw_positional_call_is_optaxs():
         params = _positional_params()
         want, _ = _run_optax_protocol(optax.adamw(*args), params, 20)
         opt = adamw_jax.fused_adamw(*args)
-        curv = jax.tree.map(lambda p: 0.5 + jnp.abs(p), params)
-        w, state = params, opt.init(params)
-        step = jax.jit(opt.step)
-        for t in range(20):
+        curv = jax.tree.map(lambda p: 0.5 + np.abs(p), params)
+
+        @jax.jit
+        def step(t, w, state):
             grads = jax.tree.map(lambda c, x: c * x + 0.1 * jnp.sin(t + x), curv, w)
-            w, state = step(w, grads, state)
+            return opt.step(w, grads, state)
+
+        w, state = params, opt.init(params)
+        for t in range(20):
+            w, state = step(t, w, state)
     assert max_rel_err(w, want) < 1e-9
     assert max_rel_err(w, params) > 1e-2
 
@@ -632,7 +644,7 @@ def test_torch_adamw_takes_the_keywords_it_is_pointed_to_for():
     kwargs = {k: PYTORCH_KEYWORDS[k] for k in ("lr", "betas", "maximize")}
     params = {"w": jnp.ones(3)}
     tx = adamw_jax.compat.torch_adamw(**kwargs, weight_decay=1e-2, amsgrad=True)
-    updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)({"w": jnp.ones(3)}, tx.init(params), params)
     assert float(jnp.max(jnp.abs(updates["w"]))) > 0
 
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _helpers import run_steps
+from _helpers import run_scan, run_steps
 
 import adamw_jax
 
@@ -79,14 +79,14 @@ def test_vmap_over_independent_optimizers():
 
 def test_chain_after_clip_by_global_norm():
     tx = optax.chain(optax.clip_by_global_norm(0.5), adamw_jax.adamw(1e-2, weight_decay=0.1))
-    got = run_steps(tx, PARAMS, lambda _, t: grads_at(t), 10).params
+    grads = jax.tree.map(lambda *g: jnp.stack(g), *[grads_at(t) for t in range(10)])
+    got = run_scan(tx, PARAMS, lambda _, g: g, grads).params
 
-    def clipped(_, t):
-        g = grads_at(t)
+    def clipped(_, g):
         norm = optax.tree.norm(g)
         return jax.tree.map(lambda x: x * jnp.minimum(1.0, 0.5 / norm), g)
 
-    want = run_steps(adamw_jax.adamw(1e-2, weight_decay=0.1), PARAMS, clipped, 10).params
+    want = run_scan(adamw_jax.adamw(1e-2, weight_decay=0.1), PARAMS, clipped, grads).params
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
 
 
@@ -115,12 +115,13 @@ def test_inject_hyperparams_changes_lr_and_wd_without_recompiling():
 
 def test_multisteps_accumulates_gradients():
     k = 4
-    with jax.numpy_dtype_promotion("standard"):  # MultiSteps itself mixes int and float
-        _multisteps(k)
-
-
-def _multisteps(k):
     tx = optax.MultiSteps(adamw_jax.adamw(1e-2, weight_decay=0.1), every_k_schedule=k)
+
+    @jax.jit  # once: called eagerly, MultiSteps' lax.cond compiles anew at every call
+    def step(grads, state, params):
+        with jax.numpy_dtype_promotion("standard"):  # MultiSteps itself mixes int and float
+            return tx.update(grads, state, params)
+
     params, state = PARAMS, tx.init(PARAMS)
     inner = adamw_jax.adamw(1e-2, weight_decay=0.1)
     ref_params, ref_state = PARAMS, inner.init(PARAMS)
@@ -128,7 +129,7 @@ def _multisteps(k):
         grads = [grads_at(outer * k + i) for i in range(k)]
         window_start = params
         for i, g in enumerate(grads):
-            updates, state = tx.update(g, state, params)
+            updates, state = step(g, state, params)
             params = optax.apply_updates(params, updates)
             if i < k - 1:  # no step until k gradients are in
                 chex.assert_trees_all_equal(params, window_start)

@@ -1,5 +1,6 @@
 """skip_spikes and cautious: against NumPy transcriptions, and under jit, vmap and wrappers."""
 
+import functools
 import inspect
 
 import chex
@@ -132,14 +133,24 @@ def _grads(scale, seed):
     }
 
 
-@pytest.mark.parametrize("bad", [1e3, np.nan, np.inf, -np.inf], ids=["spike", "nan", "inf", "-inf"])
-def test_a_spike_changes_nothing_and_is_counted(bad):
+@functools.cache
+def _thirty_clean_steps():
+    """``skip_spikes(adamw)``'s jitted update, and the params and state after 30 clean steps.
+
+    Shared by the spike tests (each feeds its own bad gradient to the same program).
+    """
     tx = adamw_jax.skip_spikes(adamw_jax.adamw(1e-2, weight_decay=0.1))
     step = jax.jit(tx.update)
     params, state = PARAMS, tx.init(PARAMS)
     for t in range(30):
         updates, state = step(_grads(1.0, t), state, params)
         params = optax.apply_updates(params, updates)
+    return step, params, state
+
+
+@pytest.mark.parametrize("bad", [1e3, np.nan, np.inf, -np.inf], ids=["spike", "nan", "inf", "-inf"])
+def test_a_spike_changes_nothing_and_is_counted(bad):
+    step, params, state = _thirty_clean_steps()
     assert int(state.accepted) == 30 and int(state.skipped) == 0
     spike = jax.tree.map(lambda g: g.at[0].set(bad * jnp.abs(g[0]) + bad), _grads(1.0, 99))
     updates, new_state = step(spike, state, params)

@@ -91,6 +91,16 @@ def test_vmapped_chunks_resume_bitwise(tmp_path):
     assert len(_records(cut)) == 12
 
 
+@pytest.fixture(scope="module")
+def written_storage(tmp_path_factory):
+    """A sweep's arguments and the storage it wrote, made once: each refusal test below
+    offers its own changed call a copy of it."""
+    storage = tmp_path_factory.mktemp("written") / "s.jsonl"
+    args = {"train": elementwise_train(20), "configs": _grid(), "key": KEY, "seeds": 2}
+    tuning.sweep(**args, progress=False, storage=storage)
+    return args, storage.read_bytes()
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
@@ -102,11 +112,10 @@ def test_vmapped_chunks_resume_bitwise(tmp_path):
         ({"members_per_call": 2}, "members_per_call differ"),
     ],
 )
-def test_a_storage_of_another_call_is_refused_by_name(tmp_path, change, named):
+def test_a_storage_of_another_call_is_refused_by_name(tmp_path, written_storage, change, named):
+    args, before = written_storage
     storage = tmp_path / "s.jsonl"
-    args = {"train": elementwise_train(20), "configs": _grid(), "key": KEY, "seeds": 2}
-    tuning.sweep(**args, progress=False, storage=storage)
-    before = storage.read_bytes()
+    storage.write_bytes(before)
     with pytest.raises(ValueError, match=r"storage .* was written by another call: .*" + named):
         tuning.sweep(**{**args, **change}, progress=False, storage=storage)
     assert storage.read_bytes() == before
