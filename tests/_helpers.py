@@ -18,9 +18,10 @@ Comparisons: closeness and value equality use chex directly, as Optax's tests do
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -364,3 +365,24 @@ def mlp_loop(steps: int, batch_size: int = 32) -> LoopStyle:
         return evaluate(state)
 
     return LoopStyle(init, step, batches, evaluate, train)
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(path: str | Path) -> Iterator[None]:
+    """JAX's persistent compilation cache in ``path`` while the block runs, then none again.
+
+    A program traced again (a new closure of the same function, an example's ``main`` run a
+    second time, another search strategy over the same ``train``) is the same XLA module:
+    it is loaded from ``path`` instead of compiled again. The executable is the one the first
+    compilation produced, so results are bit for bit those of a fresh compilation.
+    """
+    from jax.experimental.compilation_cache import compilation_cache
+
+    previous = jax.config.jax_compilation_cache_dir
+    compilation_cache.set_cache_dir(str(path))
+    compilation_cache.reset_cache()  # the cache's use is decided once, at the next compile
+    try:
+        yield
+    finally:
+        compilation_cache.set_cache_dir(previous)
+        compilation_cache.reset_cache()

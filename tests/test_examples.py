@@ -10,13 +10,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import assert_trees_bitwise_equal, load_example
+from _helpers import assert_trees_bitwise_equal, load_example, persistent_compilation_cache
 
 import adamw_jax
 
 pytestmark = pytest.mark.slow  # the examples end to end
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_each_program_once(tmp_path_factory):
+    """A program built again is loaded, not compiled again: the char model's runs (each
+    ``main`` jits its own step), the tuning strategies' members over the same ``train``."""
+    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")):
+        yield
 
 
 # --------------------------------------------------------------------------------- digits
@@ -58,7 +66,8 @@ def test_digits_quick_run_beats_chance_and_writes_png(tmp_path):
 def test_digits_out_directory_gets_the_png_inside(tmp_path):
     """``--out DIR`` (existing, or ending in a slash) writes DIR/digits_adamw.png."""
     digits = load_example("train_digits")
-    tiny = ["--steps", "2", "--eval-every", "1", "--hidden", "8", "--no-progress"]
+    # The quick run's model (hidden 64), two steps: its compiled programs serve again.
+    tiny = ["--steps", "2", "--eval-every", "1", "--hidden", "64", "--no-progress"]
     result = digits.main([*tiny, "--out", str(tmp_path)])
     png = tmp_path / digits.PLOT_NAME
     assert digits.PLOT_NAME == "digits_adamw.png"

@@ -58,11 +58,20 @@ def test_committed_notebook_holds_full_size_outputs(name):
     assert "PLACEHOLDER" not in "".join(c.source for c in nb.cells)
 
 
+@pytest.fixture(scope="module")
+def notebook_compilation_cache(tmp_path_factory):
+    """A directory for JAX's persistent compilation cache, shared by the notebooks' kernels."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_in_small_mode(name, monkeypatch):
+def test_notebook_runs_in_small_mode(name, monkeypatch, notebook_compilation_cache):
     if name == "04_pytorch_parity.ipynb":
         pytest.importorskip("torch")  # the [torch] extra; installed by [all] and in CI
     monkeypatch.setenv("ADAMW_JAX_NOTEBOOK_SMALL", "1")
+    # A program the kernel builds again (a new closure over the same computation, one an
+    # earlier notebook compiled) is loaded from JAX's persistent cache, not compiled again.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(notebook_compilation_cache))
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
     client = nbclient.NotebookClient(
         nb,
