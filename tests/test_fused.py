@@ -35,17 +35,24 @@ def _params():
     }
 
 
-def _grads(params, t):
+def _eager_grads(params, t):
+    """Step ``t``'s gradients, of the shapes of ``params`` (not their values)."""
     key = jax.random.fold_in(jax.random.PRNGKey(1), t)
     return {k: (1.0 + t % 3) * jax.random.normal(key, p.shape) for k, p in params.items()}
 
 
-def _run(opt, steps, params=None):
+# The same gradients from one compiled program per tree (t traced): a dispatch per step
+# where eager ops take two per leaf, for the long runs on _params(). The trees of many
+# leaves below take _eager_grads, whose ops compile once per leaf shape, not per tree.
+_grads = jax.jit(_eager_grads)
+
+
+def _run(opt, steps, params=None, grad_fn=_grads):
     params = _params() if params is None else params
     state = opt.init(params)
     step = jax.jit(opt.step, donate_argnums=(0, 2))
     for t in range(steps):
-        params, state = step(params, _grads(params, t), state)
+        params, state = step(params, grad_fn(params, t), state)
     return params, state
 
 
@@ -116,10 +123,10 @@ def test_kernel_matches_numpy_reference():
     params = {k: v for k, v in _params().items() if k in ("w", "b")}
     opt = fused.fused_adamw(1e-2, weight_decay=0.1, amsgrad=True, backend="kernel")
     start = {k: np.asarray(v) for k, v in params.items()}
-    got, _ = _run(opt, 30, params)  # donates params
+    got, _ = _run(opt, 30, params, _eager_grads)  # donates params
     want = reference.adamw_trajectory(
         start,
-        lambda w, t: {k: np.asarray(v) for k, v in _grads(start, t - 1).items()},
+        lambda w, t: {k: np.asarray(v) for k, v in _eager_grads(start, t - 1).items()},
         30,
         learning_rate=1e-2,
         weight_decay=0.1,
@@ -199,7 +206,7 @@ def test_bad_backend_is_refused_by_name():
 def test_many_leaves_split_over_calls_keep_their_masks():
     # more leaves than one custom call takes, with a mask that differs leaf by leaf
     def fresh():
-        return {f"p{i:03d}": jnp.full((3 + i % 5,), 1.0 + i / 100) for i in range(150)}
+        return {f"p{i:03d}": jnp.full((3 + i % 5,), 1.0 + i / 100, jnp.float32) for i in range(150)}
 
     params = fresh()
     mask = {k: i % 3 != 0 for i, k in enumerate(params)}
@@ -207,10 +214,15 @@ def test_many_leaves_split_over_calls_keep_their_masks():
     kernel = fused.fused_adamw(**kwargs, backend="kernel")
     xla = fused.fused_adamw(**kwargs, backend="xla")
     assert kernel.kernel_used(params, params, kernel.init(params))
-    got = _run(kernel, 5, fresh())
-    want = _run(xla, 5, fresh())
+    grads = [_eager_grads(params, t) for t in range(5)]  # the same for every run
+
+    def given(p, t):
+        return grads[t]
+
+    got = _run(kernel, 5, fresh(), given)
+    want = _run(xla, 5, fresh(), given)
     assert_trees_close_to_leaf_scale(got, want, ulps=8)
-    plain = _run(fused.fused_adamw(1e-2, weight_decay=0.0, backend="kernel"), 5, fresh())
+    plain = _run(fused.fused_adamw(1e-2, weight_decay=0.0, backend="kernel"), 5, fresh(), given)
     decayed = [k for k in mask if mask[k]]
     # the mask took effect: masked-out leaves match the undecayed run, decayed ones do not
     for k in mask:
@@ -532,21 +544,21 @@ def _entry(tree, key: str, name: str):
     )
 
 
-def _leaf_by_leaf(storage: str, params: dict, steps: int) -> dict:
-    """``steps`` XLA steps of each leaf alone on ``_run``'s gradients: per leaf, its run.
+def _leaf_by_leaf(storage: str, params: dict, grads: list) -> dict:
+    """The XLA steps of each leaf alone on its gradients (one tree a step): per leaf, its run.
 
     The XLA step has no arithmetic across leaves (its scalars come from the counts), so a
-    leaf alone takes the steps it takes in the tree. Alone, under one name, each leaf shape
-    compiles once for the 64- and 65-leaf cases, where the whole trees would be two
-    programs of dozens of quantized leaves each.
+    leaf alone takes the steps it takes in the tree. Alone, under the name ``"leaf"``, each
+    leaf shape compiles once for the 64- and 65-leaf cases, where each case's whole tree
+    would be one program of dozens of leaves (quantized: a few tenths of a second each).
     """
     _, xla, step = _edge_optimizers(storage)
     runs = {}
     for key, p in params.items():
         leaf = {"leaf": p}
         state = xla.init(leaf)
-        for t in range(steps):
-            leaf, state = step(leaf, _grads(leaf, t), state)
+        for g in grads:
+            leaf, state = step(leaf, {"leaf": g[key]}, state)
         runs[key] = _entry((leaf, state), "leaf", key)
     return runs
 
@@ -563,8 +575,9 @@ def test_edge_leaf_sizes_and_the_call_boundary(storage, num_leaves):
     kernel, _, _ = _edge_optimizers(storage)
     params = _edge_params(num_leaves)
     assert kernel.kernel_used(params, params, kernel.init(params))
-    got = _run(kernel, 4, _edge_params(num_leaves))
-    for key, want in _leaf_by_leaf(storage, _edge_params(num_leaves), 4).items():
+    grads = [_eager_grads(params, t) for t in range(4)]
+    got = _run(kernel, 4, _edge_params(num_leaves), lambda p, t: grads[t])
+    for key, want in _leaf_by_leaf(storage, _edge_params(num_leaves), grads).items():
         got_leaf = _entry(got, key, key)
         assert_trees_close_to_leaf_scale(got_leaf[0], want[0], ulps=8)
         if storage in ("int8", "int4"):  # codes and scales bit for bit
