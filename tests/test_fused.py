@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 
@@ -34,17 +35,24 @@ def _params():
     }
 
 
-def _grads(params, t):
+def _eager_grads(params, t):
+    """Step ``t``'s gradients, of the shapes of ``params`` (not their values)."""
     key = jax.random.fold_in(jax.random.PRNGKey(1), t)
     return {k: (1.0 + t % 3) * jax.random.normal(key, p.shape) for k, p in params.items()}
 
 
-def _run(opt, steps, params=None):
+# The same gradients from one compiled program per tree (t traced): a dispatch per step
+# where eager ops take two per leaf, for the long runs on _params(). The trees of many
+# leaves below take _eager_grads, whose ops compile once per leaf shape, not per tree.
+_grads = jax.jit(_eager_grads)
+
+
+def _run(opt, steps, params=None, grad_fn=_grads):
     params = _params() if params is None else params
     state = opt.init(params)
     step = jax.jit(opt.step, donate_argnums=(0, 2))
     for t in range(steps):
-        params, state = step(params, _grads(params, t), state)
+        params, state = step(params, grad_fn(params, t), state)
     return params, state
 
 
@@ -115,10 +123,10 @@ def test_kernel_matches_numpy_reference():
     params = {k: v for k, v in _params().items() if k in ("w", "b")}
     opt = fused.fused_adamw(1e-2, weight_decay=0.1, amsgrad=True, backend="kernel")
     start = {k: np.asarray(v) for k, v in params.items()}
-    got, _ = _run(opt, 30, params)  # donates params
+    got, _ = _run(opt, 30, params, _eager_grads)  # donates params
     want = reference.adamw_trajectory(
         start,
-        lambda w, t: {k: np.asarray(v) for k, v in _grads(start, t - 1).items()},
+        lambda w, t: {k: np.asarray(v) for k, v in _eager_grads(start, t - 1).items()},
         30,
         learning_rate=1e-2,
         weight_decay=0.1,
@@ -198,7 +206,7 @@ def test_bad_backend_is_refused_by_name():
 def test_many_leaves_split_over_calls_keep_their_masks():
     # more leaves than one custom call takes, with a mask that differs leaf by leaf
     def fresh():
-        return {f"p{i:03d}": jnp.full((3 + i % 5,), 1.0 + i / 100) for i in range(150)}
+        return {f"p{i:03d}": jnp.full((3 + i % 5,), 1.0 + i / 100, jnp.float32) for i in range(150)}
 
     params = fresh()
     mask = {k: i % 3 != 0 for i, k in enumerate(params)}
@@ -206,10 +214,15 @@ def test_many_leaves_split_over_calls_keep_their_masks():
     kernel = fused.fused_adamw(**kwargs, backend="kernel")
     xla = fused.fused_adamw(**kwargs, backend="xla")
     assert kernel.kernel_used(params, params, kernel.init(params))
-    got = _run(kernel, 5, fresh())
-    want = _run(xla, 5, fresh())
+    grads = [_eager_grads(params, t) for t in range(5)]  # the same for every run
+
+    def given(p, t):
+        return grads[t]
+
+    got = _run(kernel, 5, fresh(), given)
+    want = _run(xla, 5, fresh(), given)
     assert_trees_close_to_leaf_scale(got, want, ulps=8)
-    plain = _run(fused.fused_adamw(1e-2, weight_decay=0.0, backend="kernel"), 5, fresh())
+    plain = _run(fused.fused_adamw(1e-2, weight_decay=0.0, backend="kernel"), 5, fresh(), given)
     decayed = [k for k in mask if mask[k]]
     # the mask took effect: masked-out leaves match the undecayed run, decayed ones do not
     for k in mask:
@@ -513,23 +526,63 @@ def _edge_params(num_leaves: int) -> dict:
     }
 
 
+@functools.cache
+def _edge_optimizers(storage: str):
+    """The storage's kernel and XLA optimizers, and the XLA step jitted once for all cases."""
+    kwargs = {"learning_rate": 1e-2, "weight_decay": 0.1, "min_quantize_size": 0}
+    kwargs |= EDGE_STORAGES[storage]
+    xla = fused.fused_adamw(**kwargs, backend="xla")
+    return fused.fused_adamw(**kwargs, backend="kernel"), xla, jax.jit(xla.step)
+
+
+def _entry(tree, key: str, name: str):
+    """``tree`` with each dict in it (the params' dicts) cut to its entry ``key``, as ``name``."""
+    return jax.tree.map(
+        lambda x: {name: x[key]} if isinstance(x, dict) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, dict),
+    )
+
+
+def _leaf_by_leaf(storage: str, params: dict, grads: list) -> dict:
+    """The XLA steps of each leaf alone on its gradients (one tree a step): per leaf, its run.
+
+    The XLA step has no arithmetic across leaves (its scalars come from the counts), so a
+    leaf alone takes the steps it takes in the tree. Alone, under the name ``"leaf"``, each
+    leaf shape compiles once for the 64- and 65-leaf cases, where each case's whole tree
+    would be one program of dozens of leaves (quantized: a few tenths of a second each).
+    """
+    _, xla, step = _edge_optimizers(storage)
+    runs = {}
+    for key, p in params.items():
+        leaf = {"leaf": p}
+        state = xla.init(leaf)
+        for g in grads:
+            leaf, state = step(leaf, {"leaf": g[key]}, state)
+        runs[key] = _entry((leaf, state), "leaf", key)
+    return runs
+
+
 @needs_kernel
 @pytest.mark.parametrize("num_leaves", [64, 65])
 @pytest.mark.parametrize("storage", list(EDGE_STORAGES))
 def test_edge_leaf_sizes_and_the_call_boundary(storage, num_leaves):
-    """Every leaf quantized (min_quantize_size=0), the empty and one-element ones too."""
-    kwargs = {"learning_rate": 1e-2, "weight_decay": 0.1, "min_quantize_size": 0}
-    kwargs |= EDGE_STORAGES[storage]
-    kernel = fused.fused_adamw(**kwargs, backend="kernel")
-    xla = fused.fused_adamw(**kwargs, backend="xla")
+    """Every leaf quantized (min_quantize_size=0), the empty and one-element ones too.
+
+    The 64 or 65 leaves take each kernel step together (one call, or two); each leaf's
+    params and moments are then compared with the XLA code's for it (``_leaf_by_leaf``).
+    """
+    kernel, _, _ = _edge_optimizers(storage)
     params = _edge_params(num_leaves)
     assert kernel.kernel_used(params, params, kernel.init(params))
-    got = _run(kernel, 4, _edge_params(num_leaves))
-    want = _run(xla, 4, _edge_params(num_leaves))
-    assert_trees_close_to_leaf_scale(got[0], want[0], ulps=8)
-    if storage in ("int8", "int4"):  # codes and scales bit for bit
-        assert_trees_bitwise_equal(got[1], want[1])
-    else:
-        assert_trees_close_to_leaf_scale(got[1], want[1], ulps=8)
+    grads = [_eager_grads(params, t) for t in range(4)]
+    got = _run(kernel, 4, _edge_params(num_leaves), lambda p, t: grads[t])
+    for key, want in _leaf_by_leaf(storage, _edge_params(num_leaves), grads).items():
+        got_leaf = _entry(got, key, key)
+        assert_trees_close_to_leaf_scale(got_leaf[0], want[0], ulps=8)
+        if storage in ("int8", "int4"):  # codes and scales bit for bit
+            assert_trees_bitwise_equal(got_leaf[1], want[1])
+        else:
+            assert_trees_close_to_leaf_scale(got_leaf[1], want[1], ulps=8)
     moved = [k for k, p in params.items() if p.size and not jnp.array_equal(got[0][k], p)]
     assert len(moved) == sum(1 for p in params.values() if p.size)

@@ -366,7 +366,9 @@ def test_small_leaves_of_int8_moments_stay_float32_for_low_precision_params():
     assert state[0].mu["b"].dtype == jnp.float32 and state[0].nu["b"].dtype == jnp.float32
     assert isinstance(state[0].mu["w"], adamw_jax.QuantizedArray)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
-    updates, state = tx.update(grads, state, params)
+    # jitted: one program, where eager int8 code compiles each of its ops (the dtypes and
+    # the strict promotion are the same at trace time)
+    updates, state = jax.jit(tx.update)(grads, state, params)
     assert updates["b"].dtype == jnp.bfloat16
     # direction 1 (constant gradients), plus the default decay 1e-4 on params of 1
     np.testing.assert_allclose(np.asarray(updates["b"], np.float32), -1e-2 * (1 + 1e-4), rtol=1e-2)
