@@ -12,6 +12,7 @@ processes have trained one, so that both are seen working at once.
 import os
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -28,6 +29,9 @@ def logged(train, log):
     def record(lr, wd, key_data, loss):
         with open(log, "a") as f:
             f.write(f"{float(lr)!r} {float(wd)!r} {np.asarray(key_data).tolist()}\n")
+        hold = os.environ.get("WORKER_HOLD_AFTER")  # members; then wait here to be killed
+        if hold and len(Path(log).read_text().splitlines()) >= int(hold):
+            time.sleep(120)
         barrier = os.environ.get("WORKERS_BARRIER")
         if barrier:
             open(os.path.join(barrier, str(os.getpid())), "a").close()

@@ -137,7 +137,11 @@ def test_optunas_log_stays_quiet_within_the_call_and_is_restored(capsys, caplog)
 
 
 # ---------------------------------------------------------------------- processes
-def _start(storage: str, n_trials: int, log: Path, barrier: Path | None = None) -> subprocess.Popen:
+def _start(
+    storage: str, n_trials: int, log: Path, barrier: Path | None = None, hold: int | None = None
+) -> subprocess.Popen:
+    """The worker; with ``hold``, it stops after training that many members (inside their
+    batch, its trials running) until it is killed."""
     return subprocess.Popen(
         [sys.executable, str(WORKER), storage, "shared", str(n_trials), str(log)],
         cwd=TESTS,
@@ -148,6 +152,7 @@ def _start(storage: str, n_trials: int, log: Path, barrier: Path | None = None) 
             **os.environ,
             "JAX_PLATFORMS": "cpu",
             **({"WORKERS_BARRIER": str(barrier)} if barrier else {}),
+            **({"WORKER_HOLD_AFTER": str(hold)} if hold else {}),
         },
     )
 
@@ -170,10 +175,10 @@ def _journal(path: str):
 def test_a_study_killed_with_sigkill_ends_with_exactly_n_trials(tmp_path):
     path = str(tmp_path / "journal.log")
     log = tmp_path / "trained.log"
-    proc = _start(path, 12, log)
+    proc = _start(path, 12, log, hold=5)  # held, then killed, in the third batch
     deadline = time.monotonic() + 240
     try:
-        while len(_trained(log)) < 5:  # killed in the third batch
+        while len(_trained(log)) < 5:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
